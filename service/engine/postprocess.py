@@ -1,0 +1,261 @@
+"""Turn a model anomaly map into what an operator sees: heatmap, binary mask, overlay and defect regions.
+
+The model scores an image squashed to a T x T square (aspect ratio not kept) and returns a service anomaly map
+``score_map`` of shape (T, T), float32, values in [0, 1]. The values are probabilities on an absolute scale, never
+min-max normalised per image, so a good part stays blue in the heatmap and a threshold means the same on every image.
+
+Pipeline for one image of size (H, W)::
+
+    map_full = bilinear_resize(score_map, W, H)          # (H, W) float32, undoes the square squash
+    mask     = map_full >= pixel_threshold                # (H, W) bool
+    regions  = 8-connected components of mask with area >= min_region_area
+    mask     = union of the kept regions                  # small specks are removed from the mask as well
+    heat     = JET(round(255 * clip(map_full, 0, 1)))     # (H, W, 3) uint8 RGB, fixed scale 0..1
+    overlay  = (1 - alpha) * image + alpha * heat, with the region outlines drawn on top
+
+All PNGs are produced at the original image size. No torch and no HTTP here: numpy and OpenCV only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+ARTEFACT_KINDS = ("heatmap", "mask", "overlay")
+MAX_POLYGON_POINTS = 64
+OUTLINE_RGB = (255, 255, 255)
+OUTLINE_THICKNESS = 2
+PNG_COMPRESSION = 1  # zlib level: 1 is several times faster than the default 3 for a few % larger files
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected defect region, in original image pixels.
+
+    ``bbox`` is (x, y, w, h) of the component; ``area`` its pixel count; ``area_ratio = area / (H * W)``;
+    ``max_score`` / ``mean_score`` are taken over the component pixels of the resized map; ``polygon`` is the
+    simplified outer contour as (x, y) pixel coordinates lying inside the bbox.
+    """
+
+    bbox: tuple[int, int, int, int]
+    area: int
+    area_ratio: float
+    max_score: float
+    mean_score: float
+    polygon: list[tuple[int, int]]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: tuples become lists."""
+        return {
+            "bbox": list(self.bbox),
+            "area": self.area,
+            "area_ratio": self.area_ratio,
+            "max_score": self.max_score,
+            "mean_score": self.mean_score,
+            "polygon": [list(p) for p in self.polygon],
+        }
+
+
+@dataclass(frozen=True)
+class PostResult:
+    """Everything derived from one anomaly map. A PNG field is None when its kind was not in ``include``.
+
+    ``defect_area_ratio`` is the fraction of image pixels in the final mask (after ``min_region_area``);
+    ``map_max`` is the maximum of the resized (H, W) map, the one the mask is thresholded on, so
+    ``map_max >= pixel_threshold`` exactly when the unfiltered mask is non-empty.
+    """
+
+    heatmap_png: bytes | None
+    mask_png: bytes | None
+    overlay_png: bytes | None
+    regions: list[Region]
+    defect_area_ratio: float
+    map_max: float
+
+
+def _check_map(score_map: np.ndarray, name: str = "score_map") -> np.ndarray:
+    arr = np.asarray(score_map)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} must be a non-empty 2-D array, got shape {arr.shape}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return np.ascontiguousarray(arr)
+
+
+def _check_image(image_rgb: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image_rgb)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"image_rgb must have shape (H, W, 3), got {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image_rgb must be uint8, got {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def resize_map(score_map: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of a (T, T) map back to the original (height, width); returns (H, W) float32.
+
+    OpenCV samples pixel centres: ``dst(x) = src((x + 0.5) * T / W - 0.5)`` with edge replication, so a
+    constant map stays constant and values never leave the input range.
+    """
+    src = _check_map(score_map)
+    if int(width) < 1 or int(height) < 1:
+        raise ValueError(f"target size must be at least 1x1, got width={width} height={height}")
+    return cv2.resize(src, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+
+def colorize(map_full: np.ndarray) -> np.ndarray:
+    """JET colours of a map on the fixed scale 0..1: (H, W) float -> (H, W, 3) uint8 RGB.
+
+    ``level = round(255 * clip(v, 0, 1))``; 0 is dark blue (0, 0, 128), 1 is dark red (128, 0, 0).
+    """
+    arr = _check_map(map_full, "map")
+    levels = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    bgr = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _outer_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Outer contours of a (H, W) bool/uint8 mask, each (N, 1, 2) int32 of (x, y) pixel coordinates."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return list(contours)
+
+
+def overlay(
+    image_rgb: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.5, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Blend ``out = (1 - alpha) * image + alpha * heat`` (rounded) and outline the mask regions.
+
+    image_rgb, heat_rgb: (H, W, 3) uint8; mask: optional (H, W) bool whose outer contours are drawn in
+    white, 2 px wide, so the operator sees where the defect is. Returns (H, W, 3) uint8 RGB.
+    """
+    image = _check_image(image_rgb)
+    heat = _check_image(heat_rgb)
+    if heat.shape != image.shape:
+        raise ValueError(f"heat_rgb shape {heat.shape} differs from image_rgb shape {image.shape}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = cv2.addWeighted(image, 1.0 - float(alpha), heat, float(alpha), 0.0)
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.shape != image.shape[:2]:
+            raise ValueError(f"mask shape {m.shape} differs from image size {image.shape[:2]}")
+        contours = _outer_contours(m)
+        if contours:
+            cv2.drawContours(out, contours, -1, OUTLINE_RGB, OUTLINE_THICKNESS, lineType=cv2.LINE_8)
+    return out
+
+
+def _components(mask: np.ndarray, min_area_px: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """8-connected labelling: returns labels (H, W) int32, stats (K+1, 5) and the kept labels (area >= min)."""
+    if min_area_px < 0:
+        raise ValueError(f"min_area_px must be >= 0, got {min_area_px}")
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    kept = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_area_px]
+    return labels, stats, kept
+
+
+def _polygon(component: np.ndarray, x0: int, y0: int) -> list[tuple[int, int]]:
+    """Simplified outer contour of a cropped component mask, shifted by (x0, y0) to image coordinates.
+
+    Douglas-Peucker with ``eps = max(1 px, 0.5% of the perimeter)``, doubled until at most 64 points remain.
+    """
+    contours = _outer_contours(component)
+    contour = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))  # one outer contour per 8-component
+    eps = max(1.0, 0.005 * cv2.arcLength(contour, True))
+    poly = cv2.approxPolyDP(contour, eps, True)
+    while len(poly) > MAX_POLYGON_POINTS:
+        eps *= 2.0
+        poly = cv2.approxPolyDP(contour, eps, True)
+    return [(int(p[0][0]) + x0, int(p[0][1]) + y0) for p in poly]
+
+
+def _regions_from(map_full: np.ndarray, labels: np.ndarray, stats: np.ndarray, kept: list[int]) -> list[Region]:
+    total = float(map_full.shape[0] * map_full.shape[1])
+    regions = []
+    for i in kept:
+        x, y, w, h, area = (int(v) for v in stats[i, :5])
+        comp = labels[y : y + h, x : x + w] == i  # (h, w) bool, crop keeps the cost O(bbox) per component
+        scores = map_full[y : y + h, x : x + w][comp]
+        regions.append(
+            Region(
+                bbox=(x, y, w, h),
+                area=area,
+                area_ratio=area / total,
+                max_score=float(scores.max()),
+                mean_score=float(scores.mean(dtype=np.float64)),
+                polygon=_polygon(comp, x, y),
+            )
+        )
+    regions.sort(key=lambda r: (-r.max_score, -r.area, r.bbox[1], r.bbox[0]))
+    return regions
+
+
+def find_regions(map_full: np.ndarray, mask: np.ndarray, min_area_px: int = 0) -> list[Region]:
+    """Connected defect regions of ``mask`` (8-connectivity), sorted by ``max_score`` descending.
+
+    map_full: (H, W) float scores; mask: (H, W) bool. Components with fewer than ``min_area_px`` pixels are
+    dropped (default 0 keeps every component, even a single pixel).
+    """
+    scores = _check_map(map_full, "map_full")
+    m = np.asarray(mask)
+    if m.shape != scores.shape:
+        raise ValueError(f"mask shape {m.shape} differs from map shape {scores.shape}")
+    labels, stats, kept = _components(m, int(min_area_px))
+    return _regions_from(scores, labels, stats, kept)
+
+
+def encode_png(image: np.ndarray, rgb: bool) -> bytes:
+    """PNG bytes of a (H, W) uint8 grey image (mode L) or a (H, W, 3) uint8 RGB image (converted to BGR)."""
+    arr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb else image
+    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for an image of shape {image.shape}")
+    return buf.tobytes()
+
+
+def postprocess(
+    score_map: np.ndarray,
+    image_rgb: np.ndarray,
+    pixel_threshold: float = 0.5,
+    min_region_area: int = 0,
+    include: Iterable[str] = ARTEFACT_KINDS,
+    alpha: float = 0.5,
+) -> PostResult:
+    """Build the operator artefacts of one image from its (T, T) anomaly map.
+
+    score_map: (T, T) float in [0, 1]; image_rgb: (H, W, 3) uint8 original image. The mask PNG is 8-bit L with
+    values {0, 255}; heatmap and overlay PNGs are RGB; all are H x W. ``include`` picks which PNGs to encode
+    (any of "heatmap", "mask", "overlay"); regions and ratios are always computed.
+    """
+    image = _check_image(image_rgb)
+    src = _check_map(score_map)
+    if src.min() < -1e-6 or src.max() > 1.0 + 1e-6:
+        raise ValueError(f"score_map must lie in [0, 1], got range [{src.min():.4g}, {src.max():.4g}]")
+    if not np.isfinite(pixel_threshold):
+        raise ValueError(f"pixel_threshold must be finite, got {pixel_threshold}")
+    kinds = set(include)
+    unknown = kinds - set(ARTEFACT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown artefact kinds {sorted(unknown)}; expected a subset of {list(ARTEFACT_KINDS)}")
+
+    height, width = image.shape[:2]
+    map_full = resize_map(src, width, height)  # (H, W) float32
+    labels, stats, kept = _components(map_full >= float(pixel_threshold), int(min_region_area))
+    keep_lut = np.zeros(stats.shape[0], dtype=bool)
+    keep_lut[kept] = True
+    mask = keep_lut[labels]  # (H, W) bool, components below min_region_area removed
+    regions = _regions_from(map_full, labels, stats, kept)
+
+    heat = colorize(map_full) if kinds & {"heatmap", "overlay"} else None
+    return PostResult(
+        heatmap_png=encode_png(heat, rgb=True) if "heatmap" in kinds else None,
+        mask_png=encode_png(mask.astype(np.uint8) * 255, rgb=False) if "mask" in kinds else None,
+        overlay_png=encode_png(overlay(image, heat, alpha, mask), rgb=True) if "overlay" in kinds else None,
+        regions=regions,
+        defect_area_ratio=float(np.count_nonzero(mask)) / float(height * width),
+        map_max=float(map_full.max()),
+    )

@@ -1,0 +1,116 @@
+"""DHR-CLIP inference: views in, image scores and anomaly maps out.
+
+Per image (spec B §11): one whole view (S) and four crops (P) through the V-V vision tower (one batch of 5B views
+when S == P), token probabilities against the two text features, per-view maps upsampled to the view size, the
+whole-view map upsampled again to T, crops stitched, ``M_l = alpha A_g + (1 - alpha) R(crops)``, ``M = sum_l M_l``,
+then smoothed with a Gaussian of sigma and scored.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DHRConfig
+from .preprocess import normalize
+from .scoring import (anomaly_channel, gaussian_blur, grid_maps, map_max, map_topk, minmax, reference_image_score,
+                      token_probs)
+from .tiling import dhr_mix, upsample
+from .vision import DHRVisionTower, VisionFeatures
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DHROutput(NamedTuple):
+    image_score: torch.Tensor  # (B,) reference score (Part A item 1)
+    map_max: torch.Tensor  # (B,) max of anomaly_map
+    map_topk: torch.Tensor  # (B,) mean of the top 1 % of anomaly_map
+    anomaly_map: torch.Tensor  # (B, T, T) service map: gaussian(M / n_layers), a probability in [0, 1]
+    eval_map: torch.Tensor  # (B, T, T) paper protocol: minmax(gaussian(M)) per image
+    raw_map: torch.Tensor  # (B, T, T) M summed over layers, reference scale [0, n_layers], before smoothing
+
+
+def view_maps(tokens: torch.Tensor, text: torch.Tensor, size: int, temperature: float,
+              anomaly: bool) -> torch.Tensor:
+    """(N, nl, L, D) tokens -> (N, nl, C, size, size) maps; C = 1 anomaly channel, or 2 probabilities."""
+    n, nl, length, d = tokens.shape
+    m = upsample(grid_maps(token_probs(tokens.reshape(n * nl, length, d), text, temperature)), size)
+    if anomaly:
+        m = anomaly_channel(m)
+    return m.reshape(n, nl, m.shape[1], size, size)
+
+
+def dhr_maps(whole_tokens: torch.Tensor, crop_tokens: torch.Tensor, text: torch.Tensor, cfg: DHRConfig,
+             anomaly: bool = True) -> torch.Tensor:
+    """Stitched, mixed maps per layer.
+
+    whole_tokens (B, nl, Ls, D), crop_tokens (B, 4, nl, Lp, D), text (2, D) unit rows -> (B, nl, C, T, T).
+    """
+    p = cfg.preset
+    b, nl = whole_tokens.shape[:2]
+    whole = view_maps(whole_tokens, text, p.image_size, cfg.temperature, anomaly)  # (B, nl, C, S, S)
+    crops = view_maps(crop_tokens.flatten(0, 1), text, p.patch_size, cfg.temperature, anomaly)  # (4B, nl, C, P, P)
+    c = whole.shape[2]
+    mixed = dhr_mix(whole.reshape(b, nl * c, p.image_size, p.image_size),
+                    crops.reshape(b, 4, nl * c, p.patch_size, p.patch_size), p, cfg.alpha)
+    return mixed.reshape(b, nl, c, p.target_size, p.target_size)
+
+
+class DHRCLIP(nn.Module):
+    """Vision tower + two cached unit text vectors; nothing of the text tower stays here."""
+
+    def __init__(self, visual: nn.Module, text_features: torch.Tensor, cfg: DHRConfig,
+                 precision: str = "fp32"):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.cfg = cfg
+        self.precision = precision
+        self.tower = DHRVisionTower(visual, cfg)
+        if precision != "fp32":
+            visual.to(PRECISIONS[precision])
+            for mod in visual.modules():  # LayerNorm parameters stay fp32; the tower normalises in fp32
+                if isinstance(mod, nn.LayerNorm):
+                    mod.float()
+        self.register_buffer("text_features", F.normalize(text_features.detach().float(), dim=-1))  # (2, D)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_features.device
+
+    def encode_views(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor) -> tuple[VisionFeatures, VisionFeatures]:
+        """whole (B, S, S, 3) and crops (B, 4, P, P, 3) uint8 -> features of (B,) whole views and (B, 4) crops.
+
+        Tokens: (B, nl, L, D) and (B, 4, nl, L, D); cls: (B, D) and (B, 4, D).
+        """
+        dtype, dev = PRECISIONS[self.precision], self.device
+        b = whole_u8.shape[0]
+        whole = normalize(whole_u8.to(dev, non_blocking=True), dtype)  # (B, 3, S, S)
+        crops = normalize(crops_u8.to(dev, non_blocking=True), dtype).flatten(0, 1)  # (4B, 3, P, P)
+        if self.cfg.preset.one_batch:
+            feats = self.tower(torch.cat([whole.unsqueeze(1), crops.view(b, 4, *crops.shape[1:])], 1).flatten(0, 1))
+            tokens = feats.tokens.view(b, 5, *feats.tokens.shape[1:])  # (B, 5, nl, L, D)
+            cls = feats.cls.view(b, 5, -1)
+            return VisionFeatures(tokens[:, 0], cls[:, 0]), VisionFeatures(tokens[:, 1:], cls[:, 1:])
+        fw, fc = self.tower(whole), self.tower(crops)
+        return fw, VisionFeatures(fc.tokens.view(b, 4, *fc.tokens.shape[1:]), fc.cls.view(b, 4, -1))
+
+    def score(self, whole: VisionFeatures, crops: VisionFeatures) -> DHROutput:
+        cfg = self.cfg
+        m = dhr_maps(whole.tokens, crops.tokens, self.text_features, cfg)[:, :, 0]  # (B, nl, T, T)
+        n_layers = len(cfg.features_list)
+        raw = m.sum(dim=1) if m.shape[1] == n_layers else m[:, 0] * n_layers  # "final": n identical layers
+        smooth = gaussian_blur(raw, cfg.sigma)
+        service = smooth / n_layers
+        return DHROutput(
+            image_score=reference_image_score(whole.cls, crops.cls, self.text_features, cfg.alpha, cfg.temperature),
+            map_max=map_max(service), map_topk=map_topk(service, cfg.topk_fraction),
+            anomaly_map=service, eval_map=minmax(smooth), raw_map=raw)
+
+    @torch.inference_mode()
+    def forward(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor) -> DHROutput:
+        """whole (B, S, S, 3) uint8, crops (B, 4, P, P, 3) uint8 -> DHROutput on the model's device."""
+        return self.score(*self.encode_views(whole_u8, crops_u8))

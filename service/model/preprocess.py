@@ -1,0 +1,77 @@
+"""Image normalisation and the DHR views, as uint8 arrays (PIL resizes, for bit parity with the reference).
+
+Pipeline (spec B §1, Part A item 10): mode fix-up -> squash-resize to T x T (PIL default filter, bicubic) ->
+whole view = T x T resized to S x S -> four P x P crops at offsets (0, T - P) -> RGB. Normalisation to the
+OpenAI mean/std happens on the device (:func:`normalize`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import Preset
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Views(NamedTuple):
+    whole: np.ndarray  # (S, S, 3) uint8
+    crops: np.ndarray  # (4, P, P, 3) uint8, row-major: top-left, top-right, bottom-left, bottom-right
+
+
+def prepare_image(img: Image.Image) -> Image.Image:
+    """An ``L`` or ``RGB`` image from any Pillow mode (Part A item 10); 8-bit L and RGB pass through unchanged.
+
+    EXIF orientation is applied; 16-bit grey is scaled by 1/257 (never clipped); alpha is composited on black;
+    palette, CMYK, YCbCr, 1-bit images become RGB or L.
+    """
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F" or mode == "I" and arr.max() > 65535:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        else:
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        out = Image.alpha_composite(black, rgba).convert("RGB")
+        return out.convert("L") if mode in ("LA", "La") else out
+    if mode == "1":
+        return img.convert("L")
+    return img.convert("RGB")
+
+
+def make_views(img: Image.Image, preset: Preset) -> Views:
+    """Whole view and four crops of an image prepared by :func:`prepare_image`."""
+    s, p, t = preset.image_size, preset.patch_size, preset.target_size
+    squashed = img.resize((t, t))  # PIL default filter: bicubic for L/RGB, antialiased
+    whole = squashed if s == t else squashed.resize((s, s), Image.Resampling.BICUBIC)
+    offs = preset.crop_offsets
+    crops = [squashed.crop((x0, y0, x0 + p, y0 + p)) for y0 in offs for x0 in offs]
+    return Views(np.asarray(whole.convert("RGB")), np.stack([np.asarray(c.convert("RGB")) for c in crops]))
+
+
+def load_views(img: Image.Image, preset: Preset) -> Views:
+    return make_views(prepare_image(img), preset)
+
+
+def normalize(u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) normalised float: (x / 255 - mean) / std, as ToTensor + Normalize."""
+    x = u8.movedim(-1, -3).to(torch.float32).div(255.0)
+    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=x.device).view(3, 1, 1)
+    return x.sub(mean).div(std).to(dtype)

@@ -1,0 +1,196 @@
+"""Inspection storage data model: public dataclasses, ORM tables, time-sortable ids and UTC datetimes.
+
+Ids are 28 lowercase hex digits: a 12-digit millisecond Unix timestamp followed by 16 random digits. Within one
+process they are strictly increasing (same millisecond: the random part is incremented), so sorting ids sorts by
+creation time. Datetimes are stored in UTC and always come back tz-aware, also from SQLite, which drops tzinfo.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, String
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+VERDICTS = ("ok", "defect")
+ID_RE = re.compile(r"^[0-9a-f]{28}$")
+KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+_id_lock = threading.Lock()
+_last_id = [0, 0]  # [ms timestamp, 64-bit random part] of the last id handed out
+
+
+def utcnow() -> datetime:
+    """Current time, tz-aware UTC."""
+    return datetime.now(UTC)
+
+
+def new_inspection_id(now: datetime | None = None) -> str:
+    """Time-sortable unique id: ``f"{ms:012x}{rand:016x}"`` (28 hex digits).
+
+    Without ``now`` the wall clock is used and ids are strictly increasing within the process (same millisecond
+    or a clock step back: the previous random part + 1). With an explicit ``now`` the id just encodes that time.
+    """
+    if now is not None:
+        return f"{int(as_utc(now, 'now').timestamp() * 1000):012x}{secrets.randbits(64):016x}"
+    ms = int(time.time() * 1000)
+    with _id_lock:
+        last_ms, last_rand = _last_id
+        if ms <= last_ms:
+            ms, rand = last_ms, last_rand + 1
+            if rand >= 1 << 64:
+                ms, rand = last_ms + 1, secrets.randbits(63)
+        else:
+            rand = secrets.randbits(63)  # 63 bits leave room to increment within the millisecond
+        _last_id[0], _last_id[1] = ms, rand
+    return f"{ms:012x}{rand:016x}"
+
+
+def as_utc(value: datetime, name: str = "datetime") -> datetime:
+    """Convert a tz-aware datetime to UTC; a naive one is an error (its zone would be a guess)."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
+    return value.astimezone(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """DateTime column that stores UTC and returns tz-aware UTC on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(kw_only=True)
+class InspectionRecord:
+    """One inspection result. ``regions`` are ``Region.to_dict()`` entries; ``artefacts`` the stored PNG kinds."""
+
+    id: str = field(default_factory=new_inspection_id)
+    created_at: datetime = field(default_factory=utcnow)
+    product: str | None = None
+    line: str | None = None
+    part_id: str | None = None
+    filename: str | None = None
+    width: int
+    height: int
+    score: float
+    threshold: float
+    verdict: str
+    image_score: str
+    pixel_threshold: float
+    defect_area_ratio: float
+    regions: list[dict] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    timing_ms: dict = field(default_factory=dict)
+    artefacts: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class ProductProfile:
+    """Per-product decision settings; ``image_score`` names the image-score variant the thresholds belong to."""
+
+    name: str
+    image_threshold: float
+    pixel_threshold: float
+    image_score: str
+    updated_at: datetime = field(default_factory=utcnow)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class InspectionRow(Base):
+    __tablename__ = "inspections"
+
+    id: Mapped[str] = mapped_column(String(28), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    product: Mapped[str | None] = mapped_column(String(200), index=True)
+    line: Mapped[str | None] = mapped_column(String(200), index=True)
+    part_id: Mapped[str | None] = mapped_column(String(200))
+    filename: Mapped[str | None] = mapped_column(String(1000))
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    score: Mapped[float] = mapped_column(Float, nullable=False)
+    threshold: Mapped[float] = mapped_column(Float, nullable=False)
+    verdict: Mapped[str] = mapped_column(String(8), nullable=False, index=True)
+    image_score: Mapped[str] = mapped_column(String(64), nullable=False)
+    pixel_threshold: Mapped[float] = mapped_column(Float, nullable=False)
+    defect_area_ratio: Mapped[float] = mapped_column(Float, nullable=False)
+    regions: Mapped[list] = mapped_column(JSON, nullable=False)
+    model: Mapped[dict] = mapped_column(JSON, nullable=False)
+    timing_ms: Mapped[dict] = mapped_column(JSON, nullable=False)
+    artefacts: Mapped[list] = mapped_column(JSON, nullable=False)
+
+    __table_args__ = (Index("ix_inspections_created_id", "created_at", "id"),)
+
+
+class ProductRow(Base):
+    __tablename__ = "products"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    image_threshold: Mapped[float] = mapped_column(Float, nullable=False)
+    pixel_threshold: Mapped[float] = mapped_column(Float, nullable=False)
+    image_score: Mapped[str] = mapped_column(String(64), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+RECORD_FIELDS = tuple(InspectionRecord.__dataclass_fields__)
+PROFILE_FIELDS = tuple(ProductProfile.__dataclass_fields__)
+
+
+def record_to_row(record: InspectionRecord) -> InspectionRow:
+    return InspectionRow(**{name: getattr(record, name) for name in RECORD_FIELDS})
+
+
+def row_to_record(row: InspectionRow) -> InspectionRecord:
+    return InspectionRecord(**{name: getattr(row, name) for name in RECORD_FIELDS})
+
+
+def row_to_profile(row: ProductRow) -> ProductProfile:
+    return ProductProfile(**{name: getattr(row, name) for name in PROFILE_FIELDS})
+
+
+def validate_record(record: InspectionRecord) -> None:
+    """Raise ValueError naming the first field that cannot be stored."""
+    if not ID_RE.match(record.id or ""):
+        raise ValueError(f"record id must be 28 lowercase hex digits, got {record.id!r}")
+    as_utc(record.created_at, "created_at")
+    if record.verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {record.verdict!r}")
+    if record.width < 1 or record.height < 1:
+        raise ValueError(f"width and height must be >= 1, got {record.width}x{record.height}")
+    if not record.image_score:
+        raise ValueError("image_score must name the image-score variant")
+    for name in ("score", "threshold", "pixel_threshold", "defect_area_ratio"):
+        if not math.isfinite(getattr(record, name)):
+            raise ValueError(f"{name} must be a finite number, got {getattr(record, name)!r}")
+
+
+def validate_profile(profile: ProductProfile) -> None:
+    """Raise ValueError naming the first field of a product profile that cannot be stored."""
+    if not profile.name or len(profile.name) > 200:
+        raise ValueError(f"product name must have 1 to 200 characters, got {profile.name!r}")
+    if not profile.image_score:
+        raise ValueError("image_score must name the image-score variant")
+    if not math.isfinite(profile.image_threshold):
+        raise ValueError(f"image_threshold must be finite, got {profile.image_threshold!r}")
+    if not 0.0 <= profile.pixel_threshold <= 1.0:
+        raise ValueError(f"pixel_threshold must be in [0, 1], got {profile.pixel_threshold!r}")

@@ -1,0 +1,274 @@
+"""InspectionStore on SQLite: round trips, restart, filters, keyset pagination, profiles, retention, failed writes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from service.storage import InspectionRecord, InspectionStore, ProductProfile, new_inspection_id
+from service.storage.models import utcnow
+
+T0 = datetime(2024, 3, 10, 12, 0, 0, 123456, tzinfo=UTC)
+PNG_A = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+PNG_B = b"\x89PNG\r\n\x1a\n" + b"mask" * 100
+
+
+def _record(created_at: datetime = T0, **overrides) -> InspectionRecord:
+    fields = {
+        "id": new_inspection_id(created_at),
+        "created_at": created_at,
+        "product": "bottle",
+        "line": "L1",
+        "part_id": "P-0001",
+        "filename": "part.png",
+        "width": 640,
+        "height": 480,
+        "score": 0.8125,
+        "threshold": 0.5,
+        "verdict": "defect",
+        "image_score": "max",
+        "pixel_threshold": 0.45,
+        "defect_area_ratio": 0.0123,
+        "regions": [{"bbox": [1, 2, 3, 4], "area": 12, "max_score": 0.9, "polygon": [[1, 2], [3, 5]]}],
+        "model": {"backbone": "ViT-L-14-336", "checkpoint": "abc123"},
+        "timing_ms": {"decode": 1.5, "model": 40.25},
+    }
+    fields.update(overrides)
+    return InspectionRecord(**fields)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> tuple[str, Path]:
+    return f"sqlite:///{tmp_path / 'db' / 'inspections.db'}", tmp_path / "artefacts"
+
+
+@pytest.fixture
+def store(paths):
+    s = InspectionStore(*paths)
+    yield s
+    s.close()
+
+
+def test_add_get_round_trip_and_artefacts(store, paths):
+    rec = _record(created_at=datetime(2024, 3, 10, 13, 0, 0, 5, tzinfo=timezone(timedelta(hours=1))))
+    stored = store.add(rec, {"heatmap": PNG_A, "mask": PNG_B})
+    assert stored.artefacts == ["heatmap", "mask"]
+    got = store.get(rec.id)
+    assert got == stored  # dataclass equality: every field
+    assert got.created_at.tzinfo == UTC and got.created_at == datetime(2024, 3, 10, 12, 0, 0, 5, tzinfo=UTC)
+    heat = store.artefact_path(rec.id, "heatmap")
+    assert heat == paths[1] / "2024" / "03" / "10" / rec.id / "heatmap.png"
+    assert heat.read_bytes() == PNG_A
+    assert store.artefact_path(rec.id, "mask").read_bytes() == PNG_B
+    assert store.artefact_path(rec.id, "overlay") is None
+    assert store.artefact_path(rec.id, "../../etc") is None
+    assert store.artefact_path("0" * 28, "heatmap") is None
+    assert store.get("0" * 28) is None
+    assert not list(heat.parent.glob("*.tmp"))
+    assert store.count() == 1
+
+
+def test_wal_mode_and_restart_sees_same_data(paths):
+    first = InspectionStore(*paths)
+    rec = first.add(_record(), {"overlay": PNG_A})
+    first.put_product(ProductProfile(name="bottle", image_threshold=0.6, pixel_threshold=0.4, image_score="max"))
+    first.close()
+    db_file = paths[0].removeprefix("sqlite:///")
+    assert sqlite3.connect(db_file).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    second = InspectionStore(*paths)
+    assert second.get(rec.id) == rec
+    assert second.artefact_path(rec.id, "overlay").read_bytes() == PNG_A
+    assert second.get_product("bottle").image_threshold == 0.6
+    assert second.count() == 1
+    second.close()
+
+
+def test_list_filters(store):
+    recs = [
+        _record(T0 + timedelta(minutes=0), product="bottle", line="L1", verdict="ok"),
+        _record(T0 + timedelta(minutes=1), product="bottle", line="L2", verdict="defect"),
+        _record(T0 + timedelta(minutes=2), product="cable", line="L1", verdict="defect"),
+        _record(T0 + timedelta(minutes=3), product="bottle", line="L1", verdict="defect"),
+        _record(T0 + timedelta(minutes=4), product=None, line=None, verdict="ok"),
+    ]
+    for r in recs:
+        store.add(r, {})
+
+    def ids(**kw):
+        page, cursor = store.list(**kw)
+        assert cursor is None
+        return [r.id for r in page]
+
+    assert ids() == [r.id for r in reversed(recs)]
+    assert ids(product="bottle") == [recs[3].id, recs[1].id, recs[0].id]
+    assert ids(product="bottle", line="L1") == [recs[3].id, recs[0].id]
+    assert ids(product="bottle", line="L1", verdict="defect") == [recs[3].id]
+    assert ids(verdict="ok") == [recs[4].id, recs[0].id]
+    assert ids(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3)) == [recs[2].id, recs[1].id]
+    # same instant written in another zone: since is inclusive
+    assert ids(since=(T0 + timedelta(minutes=3)).astimezone(timezone(timedelta(hours=-5)))) == [
+        recs[4].id,
+        recs[3].id,
+    ]
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.list(since=datetime(2024, 1, 1))
+    with pytest.raises(ValueError, match="verdict"):
+        store.list(verdict="bad")
+    with pytest.raises(ValueError, match="limit"):
+        store.list(limit=0)
+
+
+def test_keyset_pagination_visits_every_record_once(store):
+    # 7 records, two pairs share a created_at so the id tie-breaker matters
+    stamps = [T0, T0 + timedelta(seconds=1), T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)]
+    stamps += [T0 + timedelta(seconds=3)] * 2 + [T0 + timedelta(seconds=4)]
+    recs = [_record(ts) for ts in stamps]
+    for r in recs:
+        store.add(r, {})
+    expected = [r.id for r in sorted(recs, key=lambda r: (r.created_at, r.id), reverse=True)]
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        page, cursor = store.list(limit=3, cursor=cursor)
+        pages += 1
+        seen += [r.id for r in page]
+        if cursor is None:
+            break
+    assert pages == 3 and seen == expected
+    with pytest.raises(ValueError, match="invalid cursor"):
+        store.list(cursor="not-a-cursor")
+
+
+def test_limit_is_capped(store):
+    for i in range(3):
+        store.add(_record(T0 + timedelta(seconds=i)), {})
+    page, cursor = store.list(limit=10_000)
+    assert len(page) == 3 and cursor is None
+
+
+def test_product_upsert(store):
+    assert store.get_product("bottle") is None
+    before = utcnow()
+    p1 = store.put_product(ProductProfile(name="bottle", image_threshold=0.6, pixel_threshold=0.4, image_score="max"))
+    assert p1.updated_at >= before
+    store.put_product(ProductProfile(name="cable", image_threshold=0.7, pixel_threshold=0.5, image_score="mean"))
+    p2 = store.put_product(ProductProfile(name="bottle", image_threshold=0.65, pixel_threshold=0.35, image_score="x"))
+    got = store.get_product("bottle")
+    assert got == p2 and got.image_threshold == 0.65 and got.image_score == "x"
+    assert got.updated_at >= p1.updated_at and got.updated_at.tzinfo == UTC
+    assert [p.name for p in store.list_products()] == ["bottle", "cable"]
+    with pytest.raises(ValueError, match="pixel_threshold"):
+        store.put_product(ProductProfile(name="bad", image_threshold=0.5, pixel_threshold=1.5, image_score="max"))
+
+
+def test_retention_by_age_and_count(store, paths):
+    now = datetime(2024, 3, 20, tzinfo=UTC)
+    recs = [_record(now - timedelta(days=d)) for d in (10, 8, 6, 4, 2, 1)]  # oldest first
+    for r in recs:
+        store.add(r, {"heatmap": PNG_A})
+    dirs = {r.id: store.artefact_path(r.id, "heatmap").parent for r in recs}
+
+    assert store.enforce_retention(max_age_days=7, max_count=None, now=now) == 2
+    assert store.get(recs[0].id) is None and store.get(recs[1].id) is None
+    assert not dirs[recs[0].id].exists() and not dirs[recs[1].id].exists()
+    assert not (paths[1] / "2024" / "03" / "10").exists()  # empty date folder pruned
+    assert dirs[recs[2].id].exists()
+
+    assert store.enforce_retention(max_age_days=None, max_count=3, now=now) == 1
+    assert store.get(recs[2].id) is None and not dirs[recs[2].id].exists()
+    assert [r.id for r in store.list()[0]] == [recs[5].id, recs[4].id, recs[3].id]
+
+    assert store.enforce_retention(max_age_days=3, max_count=1, now=now) == 2  # age hits rec 3, count hits 3 and 4
+    assert store.count() == 1 and store.get(recs[5].id) is not None
+    assert store.enforce_retention(max_age_days=None, max_count=None, now=now) == 0
+    assert store.artefact_path(recs[5].id, "heatmap").read_bytes() == PNG_A
+
+
+def test_failed_artefact_write_leaves_no_row_and_no_files(store, paths, monkeypatch):
+    rec = _record()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        store.add(rec, {"heatmap": PNG_A, "mask": PNG_B})
+    monkeypatch.undo()
+    assert store.get(rec.id) is None and store.count() == 0
+    assert [p for p in paths[1].rglob("*")] == []  # no temp files, no folders left behind
+
+
+def test_failed_insert_removes_written_files(store, paths):
+    rec = store.add(_record(), {})
+    clash = _record(id=rec.id, created_at=T0 + timedelta(days=1))  # same id, other folder
+    with pytest.raises(ValueError, match="already exists"):
+        store.add(clash, {"heatmap": PNG_A})
+    assert store.count() == 1
+    assert [p for p in paths[1].rglob("*")] == []
+
+
+def test_unwritable_data_dir_leaves_no_row(store, paths):
+    rec = _record()
+    (paths[1] / "2024").write_bytes(b"")  # a file where the year folder must go: mkdir fails, also as root
+    with pytest.raises(OSError):
+        store.add(rec, {"heatmap": PNG_A})
+    assert store.get(rec.id) is None and store.count() == 0
+    assert [p.name for p in paths[1].iterdir()] == ["2024"]
+
+
+def test_concurrent_adds_from_a_thread_pool(store):
+    def work(worker: int) -> list[str]:
+        out = []
+        for i in range(15):
+            rec = _record(T0 + timedelta(seconds=i), id=new_inspection_id(), line=f"L{worker}")
+            out.append(store.add(rec, {"mask": PNG_B}).id)
+            assert store.get(out[-1]) is not None
+        return out
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        written = [i for ids in pool.map(work, range(4)) for i in ids]
+    assert store.count() == 60 and len(set(written)) == 60
+    page, _ = store.list(line="L2", limit=500)
+    assert len(page) == 15
+
+
+def test_invalid_records_are_rejected(store):
+    with pytest.raises(ValueError, match="verdict"):
+        store.add(_record(verdict="maybe"), {})
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.add(_record(created_at=datetime(2024, 1, 1)), {})
+    with pytest.raises(ValueError, match="artefact kind"):
+        store.add(_record(), {"../x": PNG_A})
+    with pytest.raises(ValueError, match="differ"):
+        store.add(_record(artefacts=["heatmap"]), {"mask": PNG_B})
+    with pytest.raises(ValueError, match="score"):
+        store.add(_record(score=float("nan")), {})
+    assert store.count() == 0
+
+
+def test_ids_are_unique_and_time_ordered():
+    ids = [new_inspection_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(i) == 28 and int(i, 16) >= 0 for i in ids)
+    early = new_inspection_id(datetime(2020, 1, 1, tzinfo=UTC))
+    late = new_inspection_id(datetime(2020, 1, 1, 0, 0, 0, 1000, tzinfo=UTC))
+    assert early[:12] == f"{1577836800000:012x}" and late[:12] == f"{1577836800001:012x}"
+    assert early < late < ids[0]
+    default = InspectionRecord(
+        width=1,
+        height=1,
+        score=0.0,
+        threshold=0.5,
+        verdict="ok",
+        image_score="max",
+        pixel_threshold=0.5,
+        defect_area_ratio=0.0,
+    )
+    assert default.id > ids[-1] and default.created_at.tzinfo is UTC
