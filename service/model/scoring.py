@@ -46,24 +46,36 @@ def _symmetric_index(n: int, radius: int, device) -> torch.Tensor:
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
 
 
+_OPERATORS: dict[tuple, torch.Tensor] = {}
+
+
+def blur_operator(n: int, sigma: float, truncate: float = 4.0, device=None) -> torch.Tensor:
+    """(n, n) float64 matrix G with (G x)_i = sum_k w_k x[reflect(i + k - r)]: the 1-D filter as one matmul."""
+    key = (n, float(sigma), float(truncate), str(device))
+    if key not in _OPERATORS:
+        k = gaussian_kernel1d(sigma, truncate)
+        r = (k.numel() - 1) // 2
+        cols = _symmetric_index(n, r, None).unfold(0, 2 * r + 1, 1)  # (n, 2r+1): source index of each tap
+        op = torch.zeros(n, n, dtype=torch.float64)
+        op.scatter_add_(1, cols, k.expand(n, -1).contiguous())
+        _OPERATORS[key] = op.to(device)
+    return _OPERATORS[key]
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """(B, H, W) float32 -> (B, H, W) float32 = scipy.ndimage.gaussian_filter(m, sigma) per image.
 
     Separable, axis 0 then axis 1, float64 accumulation rounded to float32 after each axis (as scipy does for
-    float32 input), half-sample symmetric padding. sigma <= 0 returns the input.
+    float32 input), half-sample symmetric padding ('reflect'), radius int(truncate * sigma + 0.5). Each axis is one
+    float64 matmul with a banded operator (:func:`blur_operator`). sigma <= 0 returns the input.
     """
     if sigma <= 0:
         return maps
-    b, h, w = maps.shape
-    dev = maps.device
-    k = gaussian_kernel1d(sigma, truncate, device=dev)
-    r = (k.numel() - 1) // 2
-    x = maps.to(torch.float64)
-    x = x[:, _symmetric_index(h, r, dev), :]  # (B, H + 2r, W)
-    x = F.conv2d(x.unsqueeze(1), k.view(1, 1, -1, 1)).squeeze(1).to(torch.float32).to(torch.float64)
-    x = x[:, :, _symmetric_index(w, r, dev)]  # (B, H, W + 2r)
-    x = F.conv2d(x.unsqueeze(1), k.view(1, 1, 1, -1)).squeeze(1)
-    return x.to(torch.float32)
+    _, h, w = maps.shape
+    gh = blur_operator(h, sigma, truncate, maps.device)
+    gw = blur_operator(w, sigma, truncate, maps.device)
+    x = (gh @ maps.to(torch.float64)).to(torch.float32)  # axis 0
+    return (x.to(torch.float64) @ gw.t()).to(torch.float32)  # axis 1
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:

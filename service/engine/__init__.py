@@ -1,0 +1,1 @@
+"""Inference engine: decode/preprocess, dynamic batcher, runner (device, precision, warm-up), postprocess."""

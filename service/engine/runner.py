@@ -1,0 +1,135 @@
+"""The runner owns the model, its device and precision; the engine wires decode -> batcher -> runner -> postprocess.
+
+Nothing here knows HTTP. Blocking work (decode, preprocess, postprocess) runs in a thread pool; the model runs in
+the batcher's single worker thread, so the event loop only awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.model import DHRCLIP, ModelInfo, Views
+
+from .batcher import BatchStats, DynamicBatcher
+from .decode import DecodedImage, decode_image, views_for
+from .postprocess import PostResult, postprocess
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+    queue_size: int = 64
+    workers: int = 2  # threads for decode / preprocess / postprocess
+    max_pixels: int = 40_000_000
+    warmup: bool = True
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's model output on the CPU."""
+
+    image_score: float  # reference variant
+    map_max: float
+    map_topk: float
+    anomaly_map: np.ndarray  # (T, T) float32 in [0, 1], squashed-square geometry
+
+    def score(self, variant: str) -> float:
+        return {"reference": self.image_score, "map_max": self.map_max, "map_topk": self.map_topk}[variant]
+
+
+class ModelRunner:
+    """Runs batches of views through the model; the only code that touches the device."""
+
+    def __init__(self, model: DHRCLIP):
+        self.model = model
+        self.preset = model.cfg.preset
+
+    def run(self, batch: list[Views]) -> list[ImageResult]:
+        whole = torch.from_numpy(np.stack([v.whole for v in batch]))  # (B, S, S, 3) uint8
+        crops = torch.from_numpy(np.stack([v.crops for v in batch]))  # (B, 4, P, P, 3) uint8
+        out = self.model(whole, crops)
+        maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()
+        scores = torch.stack([out.image_score, out.map_max, out.map_topk], 1).float().cpu().numpy()
+        return [ImageResult(float(s[0]), float(s[1]), float(s[2]), m) for s, m in zip(scores, maps, strict=True)]
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
+        """Run dummy batches once (allocations, kernel selection); returns seconds spent."""
+        p = self.preset
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for b in batch_sizes:
+            views = [Views(rng.integers(0, 256, (p.image_size, p.image_size, 3), dtype=np.uint8),
+                           rng.integers(0, 256, (4, p.patch_size, p.patch_size, 3), dtype=np.uint8))
+                     for _ in range(b)]
+            self.run(views)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+class Engine:
+    """Async facade used by the API: ``decode`` -> ``infer`` -> ``postprocess``."""
+
+    def __init__(self, model: DHRCLIP, info: ModelInfo, cfg: EngineConfig = EngineConfig(),
+                 on_batch=None):
+        self.model, self.info, self.cfg = model, info, cfg
+        self.runner = ModelRunner(model)
+        self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="dhr-cpu")
+        self.batcher: DynamicBatcher[Views, ImageResult] = DynamicBatcher(
+            self.runner.run, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
+            queue_size=cfg.queue_size, on_batch=self._on_batch)
+        self._user_on_batch = on_batch
+        self.ready = False
+        self.warmup_s: float | None = None
+        self.last_inference_at: float | None = None
+        self.last_batch: BatchStats | None = None
+
+    def _on_batch(self, stats: BatchStats) -> None:
+        self.last_inference_at = time.time()
+        self.last_batch = stats
+        if self._user_on_batch is not None:
+            self._user_on_batch(stats)
+
+    async def start(self) -> None:
+        if self.cfg.warmup:
+            loop = asyncio.get_running_loop()
+            sizes = (1, self.cfg.max_batch_size) if self.model.device.type == "cuda" else (1,)
+            self.warmup_s = await loop.run_in_executor(self.pool, self.runner.warm_up, sizes)
+        await self.batcher.start()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop(drain=True)
+        self.pool.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.queue_depth
+
+    async def decode(self, data: bytes, name: str) -> tuple[DecodedImage, Views]:
+        """Decode + DHR views in the thread pool (raises ImageError)."""
+        loop = asyncio.get_running_loop()
+
+        def work():
+            decoded = decode_image(data, name, self.cfg.max_pixels)
+            return decoded, views_for(decoded, self.runner.preset)
+
+        return await loop.run_in_executor(self.pool, work)
+
+    async def infer(self, views: Views, timings: dict | None = None) -> ImageResult:
+        """Queue one image for the next batch (raises QueueFullError when the queue is full)."""
+        return await self.batcher.submit(views, timings)
+
+    async def postprocess(self, result: ImageResult, decoded: DecodedImage, pixel_threshold: float,
+                          include=("heatmap", "mask", "overlay")) -> PostResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.pool, lambda: postprocess(result.anomaly_map, decoded.rgb(), pixel_threshold, include=include))
