@@ -1,6 +1,6 @@
 """DHR-CLIP in plain torch + open_clip: backbone, V-V attention, prompts, tiling, scoring, checkpoints."""
 
-from .backbone import BackboneError, BackboneInfo, load_backbone, random_backbone
+from .backbone import BackboneError, BackboneInfo, load_backbone, random_backbone, tiny_backbone
 from .checkpoint import CheckpointError, PromptCheckpoint, import_reference, load_checkpoint, save_checkpoint
 from .config import IMAGE_SCORES, PRESETS, DHRConfig, Preset, get_preset
 from .dhrclip import DHRCLIP, PRECISIONS, DHROutput, dhr_maps
@@ -8,8 +8,8 @@ from .loader import ModelInfo, build_model, load_model, text_features_for
 from .preprocess import Views, load_views, make_views, prepare_image
 
 __all__ = [
-    "BackboneError", "BackboneInfo", "load_backbone", "random_backbone", "CheckpointError", "PromptCheckpoint",
-    "import_reference", "load_checkpoint", "save_checkpoint", "IMAGE_SCORES", "PRESETS", "DHRConfig", "Preset",
-    "get_preset", "DHRCLIP", "PRECISIONS", "DHROutput", "dhr_maps", "ModelInfo", "build_model", "load_model",
-    "text_features_for", "Views", "load_views", "make_views", "prepare_image",
+    "BackboneError", "BackboneInfo", "load_backbone", "random_backbone", "tiny_backbone", "CheckpointError",
+    "PromptCheckpoint", "import_reference", "load_checkpoint", "save_checkpoint", "IMAGE_SCORES", "PRESETS",
+    "DHRConfig", "Preset", "get_preset", "DHRCLIP", "PRECISIONS", "DHROutput", "dhr_maps", "ModelInfo",
+    "build_model", "load_model", "text_features_for", "Views", "load_views", "make_views", "prepare_image",
 ]

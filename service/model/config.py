@@ -72,5 +72,5 @@ class DHRConfig:
         if not self.features_list:
             raise ValueError("features_list must name at least one layer")
 
-    def with_(self, **changes) -> "DHRConfig":
+    def with_(self, **changes) -> DHRConfig:
         return replace(self, **changes)

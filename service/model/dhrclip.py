@@ -16,8 +16,16 @@ from torch import nn
 
 from .config import DHRConfig
 from .preprocess import normalize
-from .scoring import (anomaly_channel, gaussian_blur, grid_maps, map_max, map_topk, minmax, reference_image_score,
-                      token_probs)
+from .scoring import (
+    anomaly_channel,
+    gaussian_blur,
+    grid_maps,
+    map_max,
+    map_topk,
+    minmax,
+    reference_image_score,
+    token_probs,
+)
 from .tiling import dhr_mix, upsample
 from .vision import DHRVisionTower, VisionFeatures
 

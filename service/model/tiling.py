@@ -21,10 +21,10 @@ def stitch(crops: torch.Tensor, preset: Preset) -> torch.Tensor:
     Crops are added at offsets (0, T - P) in row-major order. Where they overlap (2P > T), the band of rows
     [P - o, P) is halved, then the band of columns: o = 2P - T, the central o x o square ends up divided by 4.
     """
-    b, n, c, p, _ = crops.shape
-    t = preset.target_size
-    if n != 4 or p != preset.patch_size:
-        raise ValueError(f"expected (B, 4, C, {preset.patch_size}, {preset.patch_size}) crops, got {tuple(crops.shape)}")
+    b, n, c, side, _ = crops.shape
+    t, p = preset.target_size, preset.patch_size
+    if n != 4 or side != p:
+        raise ValueError(f"expected (B, 4, C, {p}, {p}) crops for preset {preset.name}, got {tuple(crops.shape)}")
     canvas = crops.new_zeros(b, c, t, t)
     offs = preset.crop_offsets
     k = 0

@@ -1,0 +1,5 @@
+"""Dataset readers (MVTec AD tree, VisA split csv, AnomalyCLIP/DHR-CLIP meta.json) and ground-truth masks."""
+
+from service.data.datasets import DatasetError, Sample, build_meta, load_dataset, load_mask, write_meta_json
+
+__all__ = ["DatasetError", "Sample", "build_meta", "load_dataset", "load_mask", "write_meta_json"]

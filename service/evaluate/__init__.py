@@ -1,0 +1,1 @@
+"""Evaluation: segmentation and image-level metrics (``metrics``) and the evaluation protocol."""

@@ -1,0 +1,1 @@
+"""Prompt training: losses (``losses``) and the training loop."""

@@ -1,0 +1,10 @@
+"""Paths of the shared test assets (``../shared`` beside the repository)."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "reference_parity"
+TINY_CLIP = FIXTURES / "clip_tiny_openai_format.pt"
+REF_PROMPTS = FIXTURES / "prompt_learner_checkpoint.pth"
+REAL_DEFECTS = SHARED / "data" / "real_defects"
