@@ -141,7 +141,7 @@ def main() -> None:
         if prec == args.precisions.split(",")[0]:
             counted = counted_flops(model, whole_all[:1], crops_all[:1])
             print(f"FLOPs per image: analytic {flops / 1e12:.3f} T, counted (torch FlopCounterMode) "
-                  f"{counted / 1e12:.3f} T")
+                  f"{counted / 1e12:.3f} T (the counter skips fused SDPA kernels on CPU: attention is the difference)")
         for b in (int(x) for x in args.batch_sizes.split(",")):
             w, c = whole_all[:b], crops_all[:b]
             reset_peak(dev)
