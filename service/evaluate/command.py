@@ -1,0 +1,207 @@
+"""``dhrclip evaluate``: argument parsing and the run, for ``service/cli.py`` to mount as a sub-command.
+
+Examples::
+
+    dhrclip evaluate --data /data/mvtec --prompts runs/visa_prompts --report mvtec.json
+    dhrclip evaluate --data /data/visa --preset visa --protocol service --classes pcb1,pcb2 --limit 20
+
+The per-class table goes to stdout, progress and the summary to stderr. User errors (a bad dataset folder, an
+unreadable image or mask, missing weights, a bad option) are raised as :class:`~service.data.DatasetError`,
+:class:`ValueError` or :class:`FileNotFoundError`; ``dhrclip`` prints them as ``dhrclip evaluate: <message>`` and
+exits with status 2.
+
+The table (values x 100 with one decimal, as in the paper; ``-`` marks an undefined value, e.g. the image AUROC of
+a class without defect-free images; ``AUPRO`` is the standard area up to FPR 0.3 divided by 0.3, ``AUPRO*`` the
+reference variant that rescales the kept FPRs to [0, 1], what the paper prints)::
+
+                            |                       pixel |            reference |              map_max | ...
+    class            n anom |  AUROC  AUPRO AUPRO*     F1 |  AUROC     AP     F1 |  AUROC     AP     F1 | ...
+    ------------------------------------------------------------------------------------------------ ...
+    magnetic_tile   55   25 |   63.7   27.0   34.1   11.7 |   81.3   91.3   60.7 |   72.9   54.4   93.5 | ...
+    steel_sd900     15   15 |   53.4   23.0   17.6   16.3 |      -      -      - |      -      -      - | ...
+    ------------------------------------------------------------------------------------------------ ...
+    mean            70   40 |   58.6   25.0   25.9   14.0 |   81.3   91.3   60.7 |   72.9   54.4   93.5 | ...
+
+The JSON report keeps the values in [0, 1] (``null`` when undefined)::
+
+    {"protocol", "preset", "model": ModelInfo, "data": root, "limit", "classes": {cls: {metrics..., "n_images",
+     "n_anomalous"}}, "mean": {metrics...}, "seconds", "timing": {"load", "model", "metrics"}}
+
+with metrics ``pixel_auroc, pixel_aupro, pixel_aupro_ref, pixel_f1_max`` and per image-score variant
+(``reference, map_max, map_topk``) ``{"image_auroc", "image_ap", "image_f1_max"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from service.data import load_dataset
+from service.model import IMAGE_SCORES, PRECISIONS, PRESETS, load_model
+
+from .runner import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS, evaluate
+
+PIXEL_HEADERS = ("AUROC", "AUPRO", "AUPRO*", "F1")
+IMAGE_HEADERS = ("AUROC", "AP", "F1")
+COL = 7  # width of one value column, right-aligned
+SEP = " |"
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dhrclip evaluate``."""
+    io = parser.add_argument_group("data and output")
+    io.add_argument("--data", required=True, help="dataset root (meta.json, VisA split_csv or MVTec tree); test split")
+    io.add_argument("--classes", default=None, help="comma-separated class names (default: all, in index order)")
+    io.add_argument("--limit", type=int, default=None, help="first N test images per class")
+    io.add_argument("--report", default=None, help="write the full report as JSON to this file")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="openai",
+                       help="CLIP weights: a file (OpenAI .pt, TorchScript, open_clip checkpoint) or 'openai' (cache)")
+    model.add_argument("--allow-download", action="store_true", help="let open_clip download the 'openai' weights")
+    model.add_argument("--prompts", default="ensemble", help="prompt checkpoint file or directory, or 'ensemble'")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="mvtec", help="S/P/T geometry (default mvtec)")
+    run = parser.add_argument_group("protocol and execution")
+    run.add_argument("--protocol", choices=PROTOCOLS, default="paper",
+                     help="'paper': min-max normalised T x T maps against T x T masks (the paper's table); "
+                          "'service': the service's maps at each image's original size")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    run.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    run.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``dhrclip evaluate``: print the table, write ``--report``; returns 0. User errors are raised."""
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    report_path = Path(args.report).expanduser() if args.report else None
+    if report_path is not None and report_path.is_dir():
+        raise ValueError(f"--report {report_path}: is a directory, expected a file name")
+    _check_device(args.device)
+    root = Path(args.data).expanduser().resolve()
+    by_class = load_dataset(root, split="test", classes=_classes(args.classes), limit=args.limit)
+    if not by_class:
+        raise ValueError(f"{root}: no test images")
+    model, info = load_model(args.backbone, args.prompts, preset=args.preset, device=args.device,
+                             precision=args.precision, allow_download=args.allow_download)
+    n = sum(len(s) for s in by_class.values())
+    print(f"evaluating {n} images of {len(by_class)} class(es) ({', '.join(by_class)}); protocol {args.protocol}, "
+          f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {args.device} {args.precision}",
+          file=sys.stderr)
+    body = evaluate(model, by_class, protocol=args.protocol, batch_size=args.batch_size,
+                    progress=not args.no_progress)
+    report = {"protocol": body["protocol"], "preset": body["preset"], "model": info.to_dict(), "data": str(root),
+              "limit": args.limit, "classes": body["classes"], "mean": body["mean"], "seconds": body["seconds"],
+              "timing": body["timing"]}
+    print(format_table(report))
+    t = body["timing"]
+    print(f"{n} images in {body['seconds']:.1f} s ({body['seconds'] / n:.2f} s per image: model {t['model']:.1f} s, "
+          f"loading {t['load']:.1f} s, metrics {t['metrics']:.1f} s)", file=sys.stderr)
+    if report_path is not None:
+        print(f"wrote {write_report(report, report_path)}", file=sys.stderr)
+    return 0
+
+
+def fmt(value: float | None) -> str:
+    """``100 * value`` with one decimal, ``-`` for ``None``."""
+    return "-" if value is None else f"{100.0 * value:.1f}"
+
+
+def format_table(report: dict) -> str:
+    """The per-class table and the mean row of a report (module docstring), as one string without final newline."""
+    classes = report["classes"]
+    variants = [v for v in IMAGE_SCORES if v in report["mean"]]
+    name_w = max([len("class"), *(len(c) for c in classes)])
+    count_w = max([5, *(len(str(r["n_images"])) + 1 for r in classes.values())])
+
+    def line(lead: tuple[str, str, str], groups: list[list[str]]) -> str:
+        cells = [f"{lead[0]:<{name_w}}{lead[1]:>{count_w}}{lead[2]:>{count_w}}"]
+        cells += ["".join(f"{x:>{COL}}" for x in group) for group in groups]
+        return SEP.join(cells)
+
+    def row(name: str, values: dict, n: int, anom: int) -> str:
+        groups = [[fmt(values[k]) for k in PIXEL_KEYS], *([fmt(values[v][k]) for k in IMAGE_KEYS] for v in variants)]
+        return line((name, str(n), str(anom)), groups)
+
+    title = SEP.join([" " * (name_w + 2 * count_w), f"{'pixel':>{COL * len(PIXEL_HEADERS)}}",
+                      *(f"{v:>{COL * len(IMAGE_HEADERS)}}" for v in variants)])
+    heads = line(("class", "n", "anom"), [list(PIXEL_HEADERS), *(list(IMAGE_HEADERS) for _ in variants)])
+    rule = "-" * len(heads)
+    lines = [title, heads, rule]
+    lines += [row(cls, r, r["n_images"], r["n_anomalous"]) for cls, r in classes.items()]
+    n_total = sum(r["n_images"] for r in classes.values())
+    a_total = sum(r["n_anomalous"] for r in classes.values())
+    lines += [rule, row("mean", report["mean"], n_total, a_total)]
+    return "\n".join(lines)
+
+
+def check_report(report: dict) -> None:
+    """Raise :class:`ValueError` unless every metric of every class and of the mean is ``None`` or in [0, 1]."""
+    for where, values in [*((f"class {c}", r) for c, r in report["classes"].items()), ("mean", report["mean"])]:
+        for key, value in _metric_items(values):
+            if value is not None and not (isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{where}: metric {key} = {value!r} is not a number in [0, 1]")
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    """Write ``report`` as indented JSON (parent folders created); values are checked by :func:`check_report`."""
+    check_report(report)
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _metric_items(values: dict) -> list[tuple[str, float | None]]:
+    """``[(key, value)]`` of the pixel metrics and of every ``variant.image_metric`` in one class row."""
+    items = [(k, values[k]) for k in PIXEL_KEYS]
+    for name, sub in values.items():
+        if isinstance(sub, dict):
+            items += [(f"{name}.{k}", sub[k]) for k in IMAGE_KEYS]
+    return items
+
+
+def _classes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise ValueError(f"--classes {text!r} names no class")
+    return names
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m service.evaluate.command``); ``dhrclip evaluate`` is the usual way."""
+    parser = argparse.ArgumentParser(prog="dhrclip evaluate", description="Evaluate DHR-CLIP (spec B §6).")
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(argv)
+    from service.data import DatasetError
+    from service.model import BackboneError, CheckpointError
+
+    try:
+        return run_evaluate(args)
+    except (DatasetError, BackboneError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"dhrclip evaluate: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
