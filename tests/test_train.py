@@ -272,8 +272,10 @@ def test_run_train_end_to_end_on_real_images(clip_info, tmp_path, capsys):
 
 
 def test_run_train_user_errors_are_one_line(tmp_path, capsys):
-    rc = run_train(_args("--data", str(tmp_path / "missing"), "--backbone", str(TINY_CLIP), "--out",
-                         str(tmp_path / "o")))
+    from service.cli import main
+
+    rc = main(["train", "--data", str(tmp_path / "missing"), "--backbone", str(TINY_CLIP), "--out",
+               str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and str(tmp_path / "missing") in err and "not a directory" in err
 
@@ -285,11 +287,11 @@ def test_run_train_user_errors_are_one_line(tmp_path, capsys):
     (good / "b.jpg").write_bytes(first.read_bytes()[:600])  # valid header, truncated pixel data
     argv = ("--data", str(tmp_path / "ds"), "--backbone", str(TINY_CLIP), "--preset", "fast", "--epochs", "1",
             "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o2"))
-    rc = run_train(_args(*argv))
+    rc = main(["train", *argv])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and err.startswith("dhrclip train: error: ") and str(good / "b.jpg") in err
+    assert rc == 2 and err.startswith("dhrclip train: ") and str(good / "b.jpg") in err
     (good / "b.jpg").write_bytes(b"not an image at all")
-    rc = run_train(_args(*argv))
+    rc = main(["train", *argv])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and str(good / "b.jpg") in err and "cannot read image" in err
     assert not (tmp_path / "o2").exists()

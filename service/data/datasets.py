@@ -285,3 +285,13 @@ def _scan_split(root: Path, cls_dir: Path, cls: str, split: str) -> list[dict]:
                 "anomaly": int(specie != GOOD),
             })
     return entries
+
+
+def parse_classes(text: str | None) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]`` (a ``--classes`` option); None means every class."""
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise DatasetError(f"--classes {text!r} names no class")
+    return names

@@ -39,9 +39,7 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
-from service.data import load_dataset
+from service.data import load_dataset, parse_classes
 from service.model import IMAGE_SCORES, PRECISIONS, PRESETS, load_model
 
 from .runner import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS, evaluate
@@ -84,9 +82,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report_path = Path(args.report).expanduser() if args.report else None
     if report_path is not None and report_path.is_dir():
         raise ValueError(f"--report {report_path}: is a directory, expected a file name")
-    _check_device(args.device)
     root = Path(args.data).expanduser().resolve()
-    by_class = load_dataset(root, split="test", classes=_classes(args.classes), limit=args.limit)
+    by_class = load_dataset(root, split="test", classes=parse_classes(args.classes), limit=args.limit)
     if not by_class:
         raise ValueError(f"{root}: no test images")
     model, info = load_model(args.backbone, args.prompts, preset=args.preset, device=args.device,
@@ -166,42 +163,3 @@ def _metric_items(values: dict) -> list[tuple[str, float | None]]:
         if isinstance(sub, dict):
             items += [(f"{name}.{k}", sub[k]) for k in IMAGE_KEYS]
     return items
-
-
-def _classes(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names:
-        raise ValueError(f"--classes {text!r} names no class")
-    return names
-
-
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: only cpu and cuda are supported")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m service.evaluate.command``); ``dhrclip evaluate`` is the usual way."""
-    parser = argparse.ArgumentParser(prog="dhrclip evaluate", description="Evaluate DHR-CLIP (spec B §6).")
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(argv)
-    from service.data import DatasetError
-    from service.model import BackboneError, CheckpointError
-
-    try:
-        return run_evaluate(args)
-    except (DatasetError, BackboneError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"dhrclip evaluate: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

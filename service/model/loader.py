@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from .backbone import BackboneInfo, load_backbone
 from .checkpoint import PromptCheckpoint, load_checkpoint
 from .config import DHRConfig, get_preset
+from .devices import resolve_device
 from .dhrclip import DHRCLIP
 from .prompts import encode_ensemble, encode_learned
 
@@ -61,6 +62,7 @@ def build_model(clip, prompts: PromptCheckpoint | str, *, preset: str = "mvtec",
     ``layer_features`` comes from the checkpoint's metadata (a checkpoint is served the way it was trained).
     """
     learned = not isinstance(prompts, str)
+    device = resolve_device(device)
     cfg = DHRConfig(preset=get_preset(preset), **overrides)
     if learned and "layer_features" not in overrides:
         cfg = cfg.with_(layer_features=prompts.layer_features)
@@ -74,9 +76,10 @@ def build_model(clip, prompts: PromptCheckpoint | str, *, preset: str = "mvtec",
     return model, info
 
 
-def load_model(backbone: str | Path, prompts: str | Path, *, preset: str = "mvtec", device: str = "cpu",
+def load_model(backbone: str | Path, prompts: str | Path, *, preset: str = "mvtec", device: str = "auto",
                precision: str = "fp32", allow_download: bool = False, **overrides) -> tuple[DHRCLIP, ModelInfo]:
     """From files: ``backbone`` a CLIP file or ``"openai"``; ``prompts`` a checkpoint file/dir or ``"ensemble"``."""
+    device = resolve_device(device)
     ck = "ensemble" if str(prompts) == "ensemble" else load_checkpoint(prompts)
     clip, binfo = load_backbone(backbone, allow_download=allow_download)
     return build_model(clip, ck, preset=preset, device=device, precision=precision, backbone_info=binfo,

@@ -15,15 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from service.data import load_dataset, parse_classes
+from service.model import PRESETS, DHRConfig, get_preset, load_backbone
+from service.model.devices import resolve_device
 
-from service.data import DatasetError, load_dataset
-from service.model import PRESETS, BackboneError, CheckpointError, DHRConfig, get_preset, load_backbone
-
-from .features import FeatureCacheError
 from .trainer import PRECISIONS, TrainError, TrainSettings, train_prompts
-
-USER_ERRORS = (DatasetError, BackboneError, CheckpointError, FeatureCacheError, TrainError)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,29 +61,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _device(name: str | None) -> str:
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda requested but CUDA is not available (use --device cpu)")
-    return name
-
-
-def _classes(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if not names:
-        raise TrainError(f"--classes {text!r} names no class")
-    return names
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise TrainError(f"--limit must be >= 1, got {args.limit}")
-    device = _device(args.device)
+def _train(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
     root = Path(args.data).expanduser().resolve()
-    by_class = load_dataset(root, split=args.split, classes=_classes(args.classes), limit=args.limit)
+    by_class = load_dataset(root, split=args.split, classes=parse_classes(args.classes), limit=args.limit)
     samples = [s for items in by_class.values() for s in items]
     cfg = DHRConfig(preset=get_preset(args.preset), layer_features=args.layer_features)
     cache = "none" if args.no_cache else "disk" if args.cache_dir else "memory"
@@ -117,20 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Run ``dhrclip train``; 0 on success, 2 with a one-line message on stderr for a user error."""
-    try:
-        return _run(args)
-    except USER_ERRORS as e:
-        print(f"dhrclip train: error: {e}", file=sys.stderr)
-        return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m service.train.command``) until the ``dhrclip`` CLI mounts it."""
-    parser = argparse.ArgumentParser(prog="dhrclip train", description="Train DHR-CLIP prompts (spec B §5).")
-    add_train_arguments(parser)
-    return run_train(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    """Run ``dhrclip train``; returns 0. User errors (ValueError family, BackboneError) are raised for the CLI."""
+    if args.limit is not None and args.limit < 1:
+        raise TrainError(f"--limit must be >= 1, got {args.limit}")
+    return _train(args)
