@@ -1,0 +1,63 @@
+"""The app factory: ``create_app(settings) -> FastAPI``; no settings are read and no model is loaded at import.
+
+Start-up (lifespan): the store is opened, then the model loads in a background task, so /livez answers at once
+and /health, /readyz and /segment answer 503 with the reason until the engine has warmed up (or for good, with the
+loader's one-line message, when the weights are missing). Shutdown: retention and loading stop, the engine drains
+its queue (every accepted image is answered), the store closes.
+
+Routes: /segment (routes_segment), /inspections and /products (routes_inspections), /health, /livez, /readyz,
+/metrics (routes_ops). Every error answer is problem+json (problems); every response carries X-Request-ID and
+produces one JSON line on the ``dhrclip.access`` logger (access_log).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import service
+
+from . import routes_inspections, routes_ops, routes_segment
+from .access_log import RequestMiddleware
+from .metrics import Metrics
+from .problems import install_problem_handlers
+from .settings import Settings
+from .state import ServiceContext
+
+DESCRIPTION = """Zero-shot industrial anomaly segmentation with DHR-CLIP.
+
+POST images to `/segment` (multipart field `image`, one or more files) and get, per image, an anomaly score, an
+ok/defect verdict, defect regions and links to the stored heatmap, mask and overlay PNGs. Errors are
+`application/problem+json`. When API keys are configured, send one in the `X-API-Key` header.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own settings, metrics registry, store and engine (built at start-up).
+
+    ``settings=None`` reads ``DHR_*`` environment variables and ``.env`` now, when the factory is called.
+    """
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx = ServiceContext(settings, metrics=metrics)
+        app.state.ctx = ctx
+        await ctx.open()
+        try:
+            yield
+        finally:
+            await ctx.close()
+
+    app = FastAPI(title="DHR-CLIP inspection service", version=service.__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.ctx = ServiceContext(settings, metrics=metrics)  # replaced at start-up; status "loading" until then
+    app.state.settings = settings
+    install_problem_handlers(app)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_upload_bytes, metrics=metrics)
+    app.include_router(routes_segment.router)
+    app.include_router(routes_inspections.router)
+    app.include_router(routes_ops.router)
+    return app

@@ -1,0 +1,146 @@
+"""The work of /segment for a list of uploads: decode -> batched inference -> postprocess -> decide -> store.
+
+All images of a request run concurrently, so they (and those of concurrent requests) share model batches. The
+request is all-or-nothing up to storage: if any image fails (bad data, full queue, timeout, model error), the
+others are cancelled (an image not yet in a running batch leaves the queue), the failure of the first failing
+image in upload order is answered, and nothing is stored. Only when every image is analysed are the records
+written (PNG files, then rows; one thread call, in upload order) and only then is the answer sent.
+
+Decision rule for one image: ``score = result.score(image_score)``; ``verdict = "defect" if score >= threshold
+else "ok"``. ``threshold`` / ``pixel_threshold`` / ``image_score`` come from the product profile when the request
+names a product that has one, else from the settings; a request's ``image_score`` overrides the variant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from service.engine.batcher import BatcherClosedError, QueueFullError
+from service.engine.decode import DecodedImage, ImageError
+from service.engine.postprocess import PostResult
+from service.engine.runner import Engine, ImageResult
+from service.storage import InspectionRecord, InspectionStore
+
+from .problems import Problem, image_problem, service_unavailable
+
+logger = logging.getLogger("dhrclip.api")
+
+QUEUE_FULL_RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class Upload:
+    index: int
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How the images of one request are judged."""
+
+    product: str | None
+    line: str | None
+    part_id: str | None
+    image_score: str  # reference | map_max | map_topk
+    image_threshold: float
+    pixel_threshold: float
+
+
+@dataclass
+class Analysed:
+    upload: Upload
+    decoded: DecodedImage
+    result: ImageResult
+    post: PostResult
+    timing_ms: dict  # decode, queue, inference, batch_size, postprocess
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+async def analyse(engine: Engine, upload: Upload, pixel_threshold: float) -> Analysed:
+    """One image through decode, the batcher and postprocess (all three PNGs are made, for storage)."""
+    t0 = time.perf_counter()
+    decoded, views = await engine.decode(upload.data, upload.filename)
+    t1 = time.perf_counter()
+    batch: dict = {}
+    result = await engine.infer(views, batch)
+    t2 = time.perf_counter()
+    post = await engine.postprocess(result, decoded, pixel_threshold)
+    t3 = time.perf_counter()
+    timing = {"decode": _ms(t1 - t0), "queue": _ms(batch.get("queue_s", 0.0)),
+              "inference": _ms(batch.get("run_s", t2 - t1)), "batch_size": int(batch.get("batch_size", 1)),
+              "postprocess": _ms(t3 - t2)}
+    return Analysed(upload, decoded, result, post, timing)
+
+
+def failure_problem(exc: BaseException, upload: Upload, timeout_s: float) -> Problem:
+    """The answer for the first failing image of a request."""
+    if isinstance(exc, ImageError):
+        return image_problem(exc)
+    if isinstance(exc, QueueFullError):
+        return service_unavailable(f"{upload.filename}: {exc}; retry later", QUEUE_FULL_RETRY_AFTER_S,
+                                   "queue-full", "Inference queue full")
+    if isinstance(exc, BatcherClosedError):
+        return service_unavailable(f"{upload.filename}: the service is shutting down", QUEUE_FULL_RETRY_AFTER_S,
+                                   "shutting-down", "Service shutting down")
+    if isinstance(exc, TimeoutError):
+        return Problem(504, "Inference timed out", f"{upload.filename}: not analysed within {timeout_s:g} s "
+                       "(DHR_REQUEST_TIMEOUT_S)", "timeout")
+    logger.error("analysis of %s failed", upload.filename, exc_info=(type(exc), exc, exc.__traceback__))
+    return Problem(500, "Inference failed", f"{upload.filename}: {type(exc).__name__}: {exc}", "inference-failed")
+
+
+async def analyse_all(engine: Engine, uploads: list[Upload], pixel_threshold: float,
+                      timeout_s: float) -> list[Analysed]:
+    """Every upload concurrently, each bounded by ``timeout_s``; raises the Problem of the first failure."""
+    tasks = [asyncio.create_task(asyncio.wait_for(analyse(engine, u, pixel_threshold), timeout_s))
+             for u in uploads]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for upload, task in zip(uploads, tasks, strict=True):
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            raise failure_problem(exc, upload, timeout_s) from exc
+    return [task.result() for task in tasks]
+
+
+def build_record(item: Analysed, decision: Decision, model: dict) -> InspectionRecord:
+    """The inspection record of one analysed image (not yet stored)."""
+    score = float(item.result.score(decision.image_score))
+    verdict = "defect" if score >= decision.image_threshold else "ok"
+    return InspectionRecord(
+        product=decision.product, line=decision.line, part_id=decision.part_id, filename=item.upload.filename,
+        width=item.decoded.width, height=item.decoded.height, score=score, threshold=decision.image_threshold,
+        verdict=verdict, image_score=decision.image_score, pixel_threshold=decision.pixel_threshold,
+        defect_area_ratio=float(item.post.defect_area_ratio), regions=[r.to_dict() for r in item.post.regions],
+        model=dict(model), timing_ms=dict(item.timing_ms))
+
+
+def artefacts_of(post: PostResult) -> dict[str, bytes]:
+    return {"overlay": post.overlay_png, "heatmap": post.heatmap_png, "mask": post.mask_png}
+
+
+def store_all(store: InspectionStore, records: list[InspectionRecord],
+              analysed: list[Analysed]) -> list[tuple[InspectionRecord, float, float]]:
+    """Blocking: write every record with its PNGs, in order.
+
+    Returns ``(stored record, store ms, perf_counter() when committed)`` per record.
+    """
+    out = []
+    for record, item in zip(records, analysed, strict=True):
+        t0 = time.perf_counter()
+        stored = store.add(record, artefacts_of(item.post))
+        t1 = time.perf_counter()
+        out.append((stored, _ms(t1 - t0), t1))
+    return out

@@ -1,0 +1,132 @@
+"""Stored inspections and product profiles.
+
+- ``GET /inspections``: newest first, filters ``product``, ``line``, ``verdict``, ``since`` <= created_at <
+  ``until`` (ISO 8601 with a time zone), ``limit`` (1-500, default 50) and the opaque ``cursor`` of the
+  previous page -> ``{"items": [...], "next_cursor": str | null}``.
+- ``GET /inspections/{id}``: the record, same fields as a /segment result without ``images``.
+- ``GET /inspections/{id}/overlay.png | heatmap.png | mask.png``: the stored PNG (original image size).
+- ``GET /products``, ``GET /products/{name}``, ``PUT /products/{name}``: per-product image threshold, pixel
+  threshold and image-score variant (thresholds in [0, 1]); /segment uses them for requests naming the product.
+
+The store is synchronous, so every call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import FileResponse
+
+from service.storage import ProductProfile
+
+from .problems import Problem, problem_responses
+from .schemas import (
+    ARTEFACT_KINDS,
+    InspectionOut,
+    InspectionPage,
+    ProductIn,
+    ProductList,
+    ProductOut,
+    product_out,
+    record_out,
+)
+from .security import require_api_key
+from .state import ServiceContext
+
+logger = logging.getLogger("dhrclip.api")
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+InspectionId = Annotated[str, Path(min_length=1, max_length=64, description="inspection id (28 hex digits)")]
+ProductName = Annotated[str, Path(min_length=1, max_length=200, description="product name")]
+
+
+def _ctx(request: Request) -> ServiceContext:
+    return request.app.state.ctx
+
+
+def _aware(value: datetime | None, name: str) -> datetime | None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+        raise Problem(422, "Invalid request", f"{name} must carry a time zone, e.g. 2026-01-31T08:00:00Z",
+                      "validation-error")
+    return value
+
+
+@router.get("/inspections", response_model=InspectionPage, tags=["inspection"],
+            responses=problem_responses(401, 422))
+async def list_inspections(
+    request: Request,
+    product: str | None = Query(None, max_length=200),
+    line: str | None = Query(None, max_length=200),
+    verdict: Literal["ok", "defect"] | None = Query(None),
+    since: datetime | None = Query(None, description="created_at >= since (ISO 8601 with zone)"),
+    until: datetime | None = Query(None, description="created_at < until (ISO 8601 with zone)"),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
+):
+    ctx = _ctx(request)
+    since, until = _aware(since, "since"), _aware(until, "until")
+    try:
+        records, next_cursor = await asyncio.to_thread(ctx.require_store().list, product=product, line=line,
+                                                       verdict=verdict, since=since, until=until, limit=limit,
+                                                       cursor=cursor)
+    except ValueError as exc:  # invalid cursor
+        raise Problem(422, "Invalid request", str(exc), "validation-error") from None
+    root = request.scope.get("root_path", "")
+    return {"items": [record_out(r, root) for r in records], "next_cursor": next_cursor}
+
+
+@router.get("/inspections/{inspection_id}", response_model=InspectionOut, tags=["inspection"],
+            responses=problem_responses(401, 404))
+async def get_inspection(request: Request, inspection_id: InspectionId):
+    ctx = _ctx(request)
+    record = await asyncio.to_thread(ctx.require_store().get, inspection_id)
+    if record is None:
+        raise Problem(404, "Inspection not found", f"no inspection with id {inspection_id!r}", "not-found")
+    return record_out(record, request.scope.get("root_path", ""))
+
+
+@router.get("/inspections/{inspection_id}/{kind}.png", response_class=FileResponse, tags=["inspection"],
+            responses={200: {"content": {"image/png": {}}, "description": "the PNG"},
+                       **problem_responses(401, 404, 500)})
+async def get_artefact(request: Request, kind: str, inspection_id: InspectionId):
+    ctx = _ctx(request)
+    if kind not in ARTEFACT_KINDS:
+        raise Problem(404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}",
+                      "not-found")
+    try:
+        path = await asyncio.to_thread(ctx.require_store().artefact_path, inspection_id, kind)
+    except FileNotFoundError as exc:
+        logger.error("damaged data directory: %s", exc)
+        raise Problem(500, "Artefact missing", str(exc), "artefact-missing") from None
+    if path is None:
+        raise Problem(404, "Artefact not found", f"no {kind}.png for inspection {inspection_id!r}", "not-found")
+    return FileResponse(path, media_type="image/png", filename=f"{inspection_id}-{kind}.png",
+                        content_disposition_type="inline")
+
+
+@router.get("/products", response_model=ProductList, tags=["products"], responses=problem_responses(401))
+async def list_products(request: Request):
+    profiles = await asyncio.to_thread(_ctx(request).require_store().list_products)
+    return {"items": [product_out(p) for p in profiles]}
+
+
+@router.get("/products/{name}", response_model=ProductOut, tags=["products"], responses=problem_responses(401, 404))
+async def get_product(request: Request, name: ProductName):
+    profile = await asyncio.to_thread(_ctx(request).require_store().get_product, name)
+    if profile is None:
+        raise Problem(404, "Product not found", f"no profile for product {name!r}; create it with PUT", "not-found")
+    return product_out(profile)
+
+
+@router.put("/products/{name}", response_model=ProductOut, tags=["products"],
+            responses=problem_responses(401, 422))
+async def put_product(body: ProductIn, request: Request, name: ProductName):
+    profile = ProductProfile(name=name, image_threshold=body.image_threshold, pixel_threshold=body.pixel_threshold,
+                             image_score=body.image_score)
+    stored = await asyncio.to_thread(_ctx(request).require_store().put_product, profile)
+    return product_out(stored)

@@ -1,0 +1,74 @@
+"""Operational routes: /health, /livez, /readyz, /metrics (open unless ``DHR_PROTECT_OPS=true``).
+
+- ``/livez``: 200 ``{"status": "alive"}`` while the process runs (the event loop answers), also while loading.
+- ``/readyz``: 200 ``{"status": "ready"}`` when /segment can be served, else 503 ``{"status", "reason"}``.
+- ``/health``: 200 with the model identity (prompts kind "learned" or "ensemble"), device, precision, preset,
+  queue depth and size, batch size, uptime, last inference time, warm-up seconds and inspection counts; 503
+  ``{"status": "loading" | "error", "reason": ...}`` otherwise (``Retry-After`` while loading). The reason of a
+  load error is the loader's one line, e.g. which weights file is missing and how to provide it.
+- ``/metrics``: Prometheus text format (see ``service.api.metrics``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from .schemas import HealthOut, NotReadyOut
+from .security import require_ops_key
+from .state import ERROR, LOADING_RETRY_AFTER_S, ServiceContext
+
+router = APIRouter(tags=["operations"], dependencies=[Depends(require_ops_key)])
+
+_NOT_READY = {503: {"model": NotReadyOut, "description": "model loading or failed to load"}}
+
+
+def _ctx(request: Request) -> ServiceContext:
+    return request.app.state.ctx
+
+
+def _not_ready(ctx: ServiceContext) -> JSONResponse:
+    status = "error" if ctx.status == ERROR else "loading"
+    headers = {"Retry-After": str(LOADING_RETRY_AFTER_S)} if status == "loading" else None
+    return JSONResponse({"status": status, "reason": ctx.reason or "the model is loading"}, status_code=503,
+                        headers=headers)
+
+
+@router.get("/livez", summary="Liveness: the process answers")
+async def livez():
+    return {"status": "alive"}
+
+
+@router.get("/readyz", summary="Readiness: /segment can be served", responses=_NOT_READY)
+async def readyz(request: Request):
+    ctx = _ctx(request)
+    if not ctx.ready:
+        return _not_ready(ctx)
+    return {"status": "ready"}
+
+
+@router.get("/health", response_model=HealthOut, summary="Model identity, queue and counts", responses=_NOT_READY)
+async def health(request: Request):
+    ctx = _ctx(request)
+    if not ctx.ready:
+        return _not_ready(ctx)
+    engine, s = ctx.engine, ctx.settings
+    info = engine.info.to_dict()
+    stored = await asyncio.to_thread(ctx.require_store().count)
+    return {
+        "status": "ok", "model": info, "device": info["device"], "precision": info["precision"],
+        "preset": info["preset"], "queue_depth": engine.queue_depth, "queue_size": s.queue_size,
+        "max_batch_size": s.max_batch_size, "uptime_s": round(time.time() - ctx.started_at, 3),
+        "last_inference_at": ctx.last_inference_iso(), "warmup_s": engine.warmup_s,
+        "counts": {"total": ctx.counts.total, "ok": ctx.counts.ok, "defect": ctx.counts.defect, "stored": stored},
+    }
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+async def metrics(request: Request):
+    m = _ctx(request).metrics
+    return Response(m.render(), media_type=m.content_type)

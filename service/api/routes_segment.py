@@ -1,0 +1,182 @@
+"""POST /segment: multipart upload of one or more images -> stored inspections as JSON, or one PNG.
+
+Form fields: ``image`` (one or more files, required), ``product``, ``line``, ``part_id`` (optional text, at most
+200 characters), ``image_score`` (reference | map_max | map_topk), ``include`` (comma list of overlay, heatmap,
+mask: base64 PNGs in the JSON). With one image and ``?output=overlay|heatmap|mask`` or an ``Accept`` header that
+prefers ``image/png``, the PNG itself is answered with ``X-Inspection-Id``, ``X-Score``, ``X-Verdict``,
+``X-Threshold`` and ``X-Image-Score`` headers. Errors: see ``problems`` and ``pipeline``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
+
+from .access_log import too_large
+from .pipeline import Decision, Upload, analyse_all, artefacts_of, build_record, store_all
+from .problems import Problem, problem_responses
+from .schemas import ARTEFACT_KINDS, SegmentResponse, links_for, record_out
+from .security import require_api_key
+from .settings import ImageScore
+from .state import ServiceContext
+
+router = APIRouter(tags=["inspection"], dependencies=[Depends(require_api_key)])
+
+_TEXT = {"type": "string", "maxLength": 200}
+SEGMENT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"],
+    "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one or more image files (JPEG, PNG, BMP, TIFF, WebP, ...)"},
+        "product": {**_TEXT, "description": "product name; its profile (PUT /products/{name}) sets thresholds"},
+        "line": {**_TEXT, "description": "production line"},
+        "part_id": {**_TEXT, "description": "part identifier"},
+        "image_score": {"type": "string", "enum": ["reference", "map_max", "map_topk"]},
+        "include": {"type": "string", "description": "comma list of overlay, heatmap, mask (base64 PNGs)"},
+    }}}}}}
+
+
+class SegmentForm(BaseModel):
+    """The text fields of the form; empty strings count as absent."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    product: str | None = Field(None, min_length=1, max_length=200)
+    line: str | None = Field(None, min_length=1, max_length=200)
+    part_id: str | None = Field(None, min_length=1, max_length=200)
+    image_score: ImageScore | None = None
+    include: list[str] = Field(default_factory=list)
+
+    @field_validator("include", mode="before")
+    @classmethod
+    def _split_include(cls, value):
+        kinds = [k.strip().lower() for k in (value or "").split(",") if k.strip()] if isinstance(value, str) else value
+        unknown = [k for k in kinds if k not in ARTEFACT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown kinds {unknown}; choose from {', '.join(ARTEFACT_KINDS)}")
+        return list(dict.fromkeys(kinds))
+
+
+def parse_fields(form) -> SegmentForm:
+    raw = {}
+    for name in SegmentForm.model_fields:
+        value = form.get(name)
+        if isinstance(value, UploadFile):
+            raise RequestValidationError([{"loc": ("body", name), "msg": "must be a text field, not a file",
+                                           "type": "string_type"}])
+        if value is not None and value.strip():
+            raw[name] = value.strip()
+    try:
+        return SegmentForm(**raw)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+async def read_uploads(form, ctx: ServiceContext) -> list[Upload]:
+    """The ``image`` files as bytes: 400 none/not a file, 413 too many or one over the byte limit."""
+    items = form.getlist("image")
+    if not items:
+        raise Problem(400, "No image", "send one or more files in the multipart/form-data field 'image'",
+                      "no-image")
+    not_files = [i for i, item in enumerate(items) if not isinstance(item, UploadFile)]
+    if not_files:
+        raise Problem(400, "Image is not a file", f"'image' entry {not_files[0]} is a text field; send files",
+                      "no-image")
+    limit = ctx.settings.queue_size
+    if len(items) > limit:
+        raise Problem(413, "Too many images", f"{len(items)} images in one request; at most {limit} "
+                      "(DHR_QUEUE_SIZE)", "too-many-images")
+    uploads, total = [], 0
+    for i, item in enumerate(items):
+        data = await item.read()
+        total += len(data)
+        if total > ctx.settings.max_upload_bytes:
+            raise too_large(ctx.settings.max_upload_bytes, "the uploaded images")
+        name = (item.filename or f"image-{i}")[-255:]
+        uploads.append(Upload(i, name, data))
+    return uploads
+
+
+def png_wanted(accept: str | None) -> bool:
+    """True when ``Accept`` ranks image/png above JSON (``*/*`` and ``application/*`` count as JSON)."""
+    if not accept:
+        return False
+    q: dict[str, float] = {}
+    for part in accept.split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        weight = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    weight = float(p[2:])
+                except ValueError:
+                    weight = 0.0
+        q[media.lower()] = max(weight, q.get(media.lower(), 0.0))
+    as_json = max(q.get("application/json", 0.0), q.get("application/*", 0.0), q.get("*/*", 0.0))
+    return q.get("image/png", 0.0) > as_json
+
+
+async def decide(ctx: ServiceContext, fields: SegmentForm) -> Decision:
+    s = ctx.settings
+    profile = await asyncio.to_thread(ctx.require_store().get_product, fields.product) if fields.product else None
+    if profile is not None:
+        variant, image_t, pixel_t = profile.image_score, profile.image_threshold, profile.pixel_threshold
+    else:
+        variant, image_t, pixel_t = s.image_score, s.image_threshold, s.pixel_threshold
+    return Decision(fields.product, fields.line, fields.part_id, fields.image_score or variant, image_t, pixel_t)
+
+
+@router.post("/segment", response_model=SegmentResponse, openapi_extra=SEGMENT_BODY,
+             summary="Inspect images: anomaly score, verdict, regions, heatmap/mask/overlay",
+             responses={200: {"content": {"image/png": {}}, "description": "JSON results, or one PNG"},
+                        **problem_responses(400, 401, 406, 413, 415, 422, 500, 503, 504)})
+async def segment(request: Request, output: Literal["overlay", "heatmap", "mask"] | None = Query(
+        None, description="answer the PNG of this kind instead of JSON (one image only)")):
+    t_start = time.perf_counter()
+    ctx: ServiceContext = request.app.state.ctx
+    engine = ctx.require_engine()
+    async with request.form(max_files=ctx.settings.queue_size + 1) as form:
+        fields = parse_fields(form)
+        uploads = await read_uploads(form, ctx)
+    request.state.n_images = len(uploads)
+    png_kind = output or ("overlay" if png_wanted(request.headers.get("accept")) else None)
+    if png_kind and len(uploads) != 1:
+        if output:
+            raise Problem(422, "One image needed", f"output={output} answers one PNG; this request has "
+                          f"{len(uploads)} images", "png-needs-one-image")
+        raise Problem(406, "Not Acceptable", f"Accept: image/png answers one PNG; this request has {len(uploads)} "
+                      "images (ask for JSON and use include=)", "png-needs-one-image")
+
+    decision = await decide(ctx, fields)
+    analysed = await analyse_all(engine, uploads, decision.pixel_threshold, ctx.settings.request_timeout_s)
+    model = engine.info.to_dict()
+    records = [build_record(item, decision, model) for item in analysed]
+    stored = await asyncio.to_thread(store_all, ctx.require_store(), records, analysed)
+    for record, _, _ in stored:
+        ctx.counts.add(record.verdict)
+        ctx.metrics.images.labels(verdict=record.verdict).inc()
+
+    if png_kind:
+        record, png = stored[0][0], artefacts_of(analysed[0].post)
+        headers = {"X-Inspection-Id": record.id, "X-Score": repr(record.score), "X-Verdict": record.verdict,
+                   "X-Threshold": repr(record.threshold), "X-Image-Score": record.image_score,
+                   "Location": links_for(record.id, request.scope.get("root_path", ""))["self"]}
+        return Response(png[png_kind], media_type="image/png", headers=headers)
+
+    root = request.scope.get("root_path", "")
+    results = []
+    for (record, store_ms, done_at), item in zip(stored, analysed, strict=True):
+        out = record_out(record, root)
+        out["timing_ms"] = {**record.timing_ms, "store": store_ms, "total": round((done_at - t_start) * 1000.0, 3)}
+        png = artefacts_of(item.post)
+        out["images"] = {k: base64.b64encode(png[k]).decode("ascii") for k in fields.include}
+        results.append(out)
+    return {"results": results}

@@ -1,0 +1,163 @@
+"""Request and response bodies (pydantic), and the conversion of stored records into them.
+
+A /segment result and a GET /inspections/{id} answer have the same fields; the /segment result adds ``images``
+(base64 PNGs of the kinds asked for with ``include``). ``timing_ms.store`` and ``timing_ms.total`` are known
+only once the record is written, so they appear in the /segment answer and are null when the record is read back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.storage import InspectionRecord, ProductProfile
+
+from .settings import ImageScore
+
+ARTEFACT_KINDS = ("overlay", "heatmap", "mask")
+Verdict = Literal["ok", "defect"]
+
+
+class RegionOut(BaseModel):
+    bbox: list[int] = Field(description="[x, y, w, h] in original image pixels")
+    area: int = Field(description="pixels in the region")
+    area_ratio: float = Field(description="area / (width * height)")
+    max_score: float
+    mean_score: float
+    polygon: list[list[int]] = Field(description="simplified outer contour, [[x, y], ...]")
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    backbone: str | None = None
+    backbone_sha256: str | None = None
+    prompts: str | None = Field(None, description="prompt checkpoint id, or 'ensemble'")
+    prompts_sha256: str | None = None
+    prompts_kind: str | None = Field(None, description="'learned' or 'ensemble'")
+    preset: str | None = None
+    precision: str | None = None
+    device: str | None = None
+    layer_features: str | None = None
+
+
+class TimingOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    decode: float | None = Field(None, description="ms: image decode + DHR views")
+    queue: float | None = Field(None, description="ms: wait for a batch")
+    inference: float | None = Field(None, description="ms: the model call of the image's batch")
+    batch_size: int | None = Field(None, description="images in that model call")
+    postprocess: float | None = Field(None, description="ms: heatmap, mask, overlay, regions")
+    store: float | None = Field(None, description="ms: writing PNGs and record (answer of /segment only)")
+    total: float | None = Field(None, description="ms: request handler start to record stored (/segment only)")
+
+
+class Links(BaseModel):
+    self: str
+    overlay: str
+    heatmap: str
+    mask: str
+
+
+class InspectionOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    created_at: datetime
+    filename: str | None
+    product: str | None
+    line: str | None
+    part_id: str | None
+    width: int
+    height: int
+    score: float = Field(description="image score of the variant named by image_score")
+    threshold: float = Field(description="image threshold; score >= threshold -> verdict 'defect'")
+    verdict: Verdict
+    image_score: str
+    pixel_threshold: float
+    defect_area_ratio: float
+    regions: list[RegionOut]
+    model: ModelOut
+    timing_ms: TimingOut
+    links: Links
+
+
+class SegmentResult(InspectionOut):
+    images: dict[str, str] = Field(default_factory=dict, description="base64 PNGs of the kinds in `include`")
+
+
+class SegmentResponse(BaseModel):
+    results: list[SegmentResult]
+
+
+class InspectionPage(BaseModel):
+    items: list[InspectionOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class ProductIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_threshold: float = Field(ge=0.0, le=1.0)
+    pixel_threshold: float = Field(ge=0.0, le=1.0)
+    image_score: ImageScore = "reference"
+
+
+class ProductOut(BaseModel):
+    name: str
+    image_threshold: float
+    pixel_threshold: float
+    image_score: str
+    updated_at: datetime
+
+
+class ProductList(BaseModel):
+    items: list[ProductOut]
+
+
+class HealthOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    status: Literal["ok"]
+    model: ModelOut
+    device: str
+    precision: str
+    preset: str
+    queue_depth: int
+    queue_size: int
+    max_batch_size: int
+    uptime_s: float
+    last_inference_at: str | None
+    warmup_s: float | None
+    counts: dict[str, int]
+
+
+class NotReadyOut(BaseModel):
+    status: Literal["loading", "error"]
+    reason: str
+
+
+def links_for(record_id: str, root_path: str = "") -> dict[str, str]:
+    base = f"{root_path.rstrip('/')}/inspections/{record_id}"
+    return {"self": base, **{kind: f"{base}/{kind}.png" for kind in ARTEFACT_KINDS}}
+
+
+def record_out(record: InspectionRecord, root_path: str = "") -> dict:
+    """A stored record as the JSON of GET /inspections/{id}."""
+    return {
+        "id": record.id, "created_at": record.created_at, "filename": record.filename, "product": record.product,
+        "line": record.line, "part_id": record.part_id, "width": record.width, "height": record.height,
+        "score": record.score, "threshold": record.threshold, "verdict": record.verdict,
+        "image_score": record.image_score, "pixel_threshold": record.pixel_threshold,
+        "defect_area_ratio": record.defect_area_ratio, "regions": record.regions, "model": record.model,
+        "timing_ms": record.timing_ms, "links": links_for(record.id, root_path),
+    }
+
+
+def product_out(profile: ProductProfile) -> dict:
+    return {"name": profile.name, "image_threshold": profile.image_threshold,
+            "pixel_threshold": profile.pixel_threshold, "image_score": profile.image_score,
+            "updated_at": profile.updated_at}

@@ -1,0 +1,146 @@
+"""Everything one running app owns: settings, store, engine, model status, counters and background tasks.
+
+Lifecycle (driven by the app's lifespan)::
+
+    open()    store opened in a thread; the model starts loading in a background task, so /livez answers at once
+              and /health, /readyz answer 503 {"status": "loading"} until the engine has warmed up
+    ...       status "ready" (engine serving) or "error" with a one-line reason (e.g. missing weights: which file
+              and how to provide it); the process keeps running either way so the reason can be read
+    close()   retention and loading tasks cancelled, the engine drained (every accepted image finishes), store
+              closed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from service.engine.runner import Engine, EngineConfig
+from service.storage import InspectionStore
+
+from .metrics import Metrics
+from .problems import service_unavailable
+from .settings import Settings
+from .weights import WeightsChoice, load_weights
+
+logger = logging.getLogger("dhrclip.api")
+
+LOADING, READY, ERROR = "loading", "ready", "error"
+LOADING_RETRY_AFTER_S = 5
+
+
+@dataclass
+class Counts:
+    """Inspections answered since start, by verdict."""
+
+    total: int = 0
+    ok: int = 0
+    defect: int = 0
+
+    def add(self, verdict: str) -> None:
+        self.total += 1
+        setattr(self, verdict, getattr(self, verdict) + 1)
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    store: InspectionStore | None = None
+    engine: Engine | None = None
+    choice: WeightsChoice | None = None
+    status: str = LOADING
+    reason: str = "the model is loading"
+    started_at: float = field(default_factory=time.time)
+    counts: Counts = field(default_factory=Counts)
+    _load_task: asyncio.Task | None = None
+    _retention_task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        s = self.settings
+        self.store = await asyncio.to_thread(InspectionStore, s.resolved_database_url(), s.data_dir)
+        self.metrics.bind_engine(lambda: self.engine.batcher if self.engine is not None else None)
+        self.metrics.set_model(None)
+        self._load_task = asyncio.create_task(self._load(), name="dhr-model-load")
+        if s.retention_enabled:
+            self._retention_task = asyncio.create_task(self._retention_loop(), name="dhr-retention")
+
+    async def close(self) -> None:
+        for task in (self._retention_task, self._load_task):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.engine is not None:
+            self.status, self.reason = LOADING, "the service is shutting down"
+            await self.engine.stop()  # drains: every accepted image is processed
+            self.engine = None
+        self.metrics.set_model(None)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+    async def _load(self) -> None:
+        """Load weights (thread), build and warm up the engine; on failure record the reason, keep running."""
+        s = self.settings
+        t0 = time.perf_counter()
+        engine = None
+        try:
+            model, info, self.choice = await asyncio.to_thread(load_weights, s)
+            cfg = EngineConfig(max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size,
+                               workers=s.workers, max_pixels=s.max_pixels, warmup=s.warmup)
+            engine = Engine(model, info, cfg, on_batch=self.metrics.observe_batch)
+            await engine.start()
+        except asyncio.CancelledError:
+            if engine is not None:
+                engine.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported by /health, /readyz and /segment
+            self.status, self.reason = ERROR, f"model not loaded: {exc}"
+            logger.error("model load failed after %.1f s: %s", time.perf_counter() - t0, exc,
+                         exc_info=not isinstance(exc, (RuntimeError, ValueError)))
+            return
+        self.engine = engine
+        self.status, self.reason = READY, ""
+        self.metrics.set_model(engine.info.to_dict())
+        logger.info("model ready in %.1f s (warm-up %s s): %s", time.perf_counter() - t0, engine.warmup_s,
+                    self.choice.describe())
+
+    async def _retention_loop(self) -> None:
+        """Apply DHR_RETENTION_DAYS / DHR_RETENTION_MAX_COUNT now and every DHR_RETENTION_INTERVAL_S."""
+        s = self.settings
+        while True:
+            try:
+                deleted = await asyncio.to_thread(self.store.enforce_retention, s.retention_days,
+                                                  s.retention_max_count)
+                if deleted:
+                    logger.info("retention: deleted %d inspections", deleted)
+            except Exception:  # noqa: BLE001 - logged with traceback; the next pass tries again
+                logger.exception("retention pass failed; retrying in %.0f s", s.retention_interval_s)
+            await asyncio.sleep(s.retention_interval_s)
+
+    # ------------------------------------------------------------------------------------------------- queries
+    @property
+    def ready(self) -> bool:
+        return self.status == READY and self.engine is not None and self.engine.ready
+
+    def require_engine(self) -> Engine:
+        """The serving engine, or a 503 problem (Retry-After while loading; none after a load error)."""
+        if self.ready:
+            return self.engine
+        if self.status == ERROR:
+            raise service_unavailable(self.reason, None, "model-unavailable", "Model unavailable")
+        raise service_unavailable(self.reason or "the model is loading", LOADING_RETRY_AFTER_S)
+
+    def require_store(self) -> InspectionStore:
+        """The open store, or a 503 problem when the app's lifespan has not started (or has ended)."""
+        if self.store is None:
+            raise service_unavailable("the service has not started: run the app with its lifespan", None,
+                                      "not-started", "Service not started")
+        return self.store
+
+    def last_inference_iso(self) -> str | None:
+        at = self.engine.last_inference_at if self.engine is not None else None
+        return None if at is None else datetime.fromtimestamp(at, UTC).isoformat()
