@@ -65,7 +65,7 @@ def load_dataset(
     selects and orders classes (unknown names raise); ``limit`` keeps the first N samples per class. Classes with
     no sample in the split are left out. Every image file, and the mask file of every anomalous sample, must exist.
     """
-    root = Path(root).expanduser().resolve()
+    root = Path(root).expanduser().absolute()
     if split not in SPLITS:
         raise DatasetError(f"{root}: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if limit is not None and limit < 0:
@@ -103,7 +103,7 @@ def build_meta(root: str | Path, classes: Sequence[str] | None = None) -> dict:
     path; a class without a ``train/`` folder gets an empty train list. ``classes`` selects and orders the classes
     (default: all class folders, sorted by name). Raises :class:`DatasetError` naming a missing mask file.
     """
-    root = Path(root).expanduser().resolve()
+    root = Path(root).expanduser().absolute()
     class_dirs = _tree_class_dirs(root)
     if not class_dirs:
         raise DatasetError(f"{root}: not an MVTec-style tree (no <cls>/train or <cls>/test folder, no train/ or test/)")
@@ -122,7 +122,7 @@ def build_meta(root: str | Path, classes: Sequence[str] | None = None) -> dict:
 
 def write_meta_json(root: str | Path, out: str | Path | None = None) -> Path:
     """Write :func:`build_meta` of ``root`` as JSON (4-space indent, trailing newline) to ``out`` or root/meta.json."""
-    root = Path(root).expanduser().resolve()
+    root = Path(root).expanduser().absolute()
     out = root / "meta.json" if out is None else Path(out)
     out.write_text(json.dumps(build_meta(root), indent=4) + "\n", encoding="utf-8")
     return out

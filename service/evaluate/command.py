@@ -82,7 +82,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report_path = Path(args.report).expanduser() if args.report else None
     if report_path is not None and report_path.is_dir():
         raise ValueError(f"--report {report_path}: is a directory, expected a file name")
-    root = Path(args.data).expanduser().resolve()
+    root = Path(args.data).expanduser().absolute()
     by_class = load_dataset(root, split="test", classes=parse_classes(args.classes), limit=args.limit)
     if not by_class:
         raise ValueError(f"{root}: no test images")

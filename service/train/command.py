@@ -63,7 +63,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    root = Path(args.data).expanduser().resolve()
+    root = Path(args.data).expanduser().absolute()
     by_class = load_dataset(root, split=args.split, classes=parse_classes(args.classes), limit=args.limit)
     samples = [s for items in by_class.values() for s in items]
     cfg = DHRConfig(preset=get_preset(args.preset), layer_features=args.layer_features)
