@@ -142,7 +142,8 @@ def resolve_openai(cache_dir: str | None = None, allow_download: bool = False) -
             why = f"download failed: {type(e).__name__}"
     raise BackboneError(
         f"OpenAI {OPENAI_NAME} weights ({OPENAI_FILENAME}) are not in the open_clip cache ({why}); "
-        f"copy {OPENAI_FILENAME} (sha256 {OPENAI_SHA256_PREFIX[:8]}...) to model_weights/backbone/ or pass its path")
+        f"copy {OPENAI_FILENAME} (sha256 {OPENAI_SHA256_PREFIX[:8]}...) to model_weights/backbone/ or point "
+        "DHR_BACKBONE / --backbone at it (see model_weights/README.md)")
 
 
 def load_backbone(source: str | Path, *, cache_dir: str | None = None,
