@@ -42,7 +42,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.model import IMAGE_SCORES, PRECISIONS, PRESETS
@@ -118,18 +118,12 @@ class Settings(BaseSettings):
             value = int(value)
         return value
 
-    @field_validator("preset")
+    @field_validator("preset", "precision")
     @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
-        return value
-
-    @field_validator("precision")
-    @classmethod
-    def _known_precision(cls, value: str) -> str:
-        if value not in PRECISIONS:
-            raise ValueError(f"unknown precision {value!r}; choose one of {', '.join(PRECISIONS)}")
+    def _known_choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = {"preset": PRESETS, "precision": PRECISIONS}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {', '.join(choices)}")
         return value
 
     @field_validator("device")
