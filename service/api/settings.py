@@ -45,7 +45,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.model import IMAGE_SCORES, PRECISIONS, PRESETS
+from service.engine import IMAGE_SCORES, PRECISIONS, PRESETS
 
 ImageScore = Literal["reference", "map_max", "map_topk"]
 assert set(get_args(ImageScore)) == set(IMAGE_SCORES), "ImageScore must list the image-score variants"

@@ -10,7 +10,7 @@ Rules (each failure is one line saying what is missing and how to provide it):
   loaded, by the model package's directory rule); otherwise the hand-written prompt ensemble, which ``/health``
   reports as ``prompts_kind: "ensemble"``.
 - device: ``auto`` means ``cuda`` when torch sees a CUDA device, else ``cpu``; an explicit ``cuda`` without a
-  CUDA device is an error, never a silent switch to the CPU (``service.model.devices.resolve_device``).
+  CUDA device is an error, never a silent switch to the CPU (``service.engine.resolve_device``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.model import DHRCLIP, ModelInfo, load_model
-from service.model.devices import resolve_device
+from service.engine import DHRCLIP, ModelInfo, load_model, resolve_device
 
 from .settings import Settings
 
