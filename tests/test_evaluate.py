@@ -34,7 +34,6 @@ from service.evaluate.runner import (
     evaluate,
     mean_metrics,
     pooled_metrics,
-    pooled_pro_curve,
 )
 from service.model import IMAGE_SCORES, get_preset, load_model, load_views
 
@@ -161,14 +160,14 @@ def test_a_broken_mask_fails_before_any_forward_pass_and_a_broken_image_names_th
 # ------------------------------------------------------------------ pooling over images of different sizes
 
 
-def test_pooled_pro_curve_equals_pro_curve_on_min_padded_stack():
+def test_pro_curve_on_a_list_equals_pro_curve_on_min_padded_stack():
     """Padding every image to one shape with the global minimum and no defect adds normal pixels that are never
     positive (prediction is map > t, t_0 = min): PRO is unchanged and FP counts are unchanged."""
     rng = np.random.default_rng(0)
     shapes = [(30, 50), (64, 20), (41, 41)]
     masks = [rng.random(s) < 0.15 for s in shapes]
     maps = [(rng.random(s) + 0.5 * m).astype(np.float32) for s, m in zip(shapes, masks, strict=True)]
-    fpr, pro = pooled_pro_curve(masks, maps)
+    fpr, pro = pro_curve(masks, maps)
     lo = min(m.min() for m in maps)
     h, w = max(s[0] for s in shapes), max(s[1] for s in shapes)
     pad_masks = np.zeros((3, h, w), bool)

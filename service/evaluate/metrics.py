@@ -36,6 +36,8 @@ Only points with ``FPR < fpr_limit`` count. Two ways to turn them into one numbe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from skimage.measure import label as label_regions
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
@@ -112,16 +114,21 @@ def aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = 0.3, v
     return _standard_area(fpr, pro, fpr_limit)
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray, num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: np.ndarray | Sequence[np.ndarray], maps: np.ndarray | Sequence[np.ndarray],
+              num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """``(FPR, PRO)``, each ``(K,)``, at the reference thresholds ``t_k`` in ascending order (so FPR falls).
+
+    ``masks``/``maps``: ``(N, H, W)`` arrays, or sequences of ``(H_i, W_i)`` arrays for images of different sizes
+    (regions are per image, FPR is pooled over all images either way).
 
     ``K`` is the length of ``np.arange(lo, hi, (hi - lo) / num_thresholds)`` (200 or 201 by float rounding), 0
     for constant maps. Each pixel with value ``v`` is positive at exactly the thresholds ``t_k < v``, i.e. at
     ``k < c(v) = searchsorted(t, v)``; with ``hist[r, c]`` the number of pixels of region ``r`` with count ``c``,
     ``TP[r, k] = sum_{c > k} hist[r, c]``. Row 0 of the histogram (label 0) is the GT-normal pixels.
     """
-    masks, maps = _check_pixels(masks, maps)
-    lo, hi = maps.min(), maps.max()
+    if isinstance(masks, np.ndarray) and isinstance(maps, np.ndarray):
+        masks, maps = _check_pixels(masks, maps)
+    lo, hi = min(m.min() for m in maps), max(m.max() for m in maps)  # numpy scalars of the maps' dtype
     if hi == lo:
         return np.zeros(0), np.zeros(0)
     thresholds = np.arange(lo, hi, (hi - lo) / num_thresholds)  # (K,), maps' dtype, as the reference builds it
@@ -129,13 +136,15 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, num_thresholds: int = 200) ->
     normal_hist = np.zeros(n_bins, dtype=np.int64)
     region_hists = []
     for mask, amap in zip(masks, maps, strict=True):
-        regions, n_regions = label_regions(mask, connectivity=mask.ndim, return_num=True)  # (H, W) int
+        regions, n_regions = label_regions(np.asarray(mask, dtype=bool), connectivity=2, return_num=True)  # (H, W)
         counts = np.searchsorted(thresholds, amap.ravel(), side="left")  # (H*W,) thresholds below each value
         hist = np.bincount(regions.ravel() * n_bins + counts, minlength=(n_regions + 1) * n_bins)
         hist = hist.reshape(n_regions + 1, n_bins)  # (1 + R_i, K + 1)
         normal_hist += hist[0]
         region_hists.append(hist[1:])
     hists = np.concatenate(region_hists)  # (R, K + 1)
+    if hists.shape[0] == 0 or normal_hist.sum() == 0:
+        raise ValueError("pro_curve needs both anomalous and normal pixels")
     above = np.cumsum(hists[:, ::-1], axis=1)[:, ::-1]  # above[r, j] = sum_{c >= j} hist[r, c]
     tp = above[:, 1:]  # (R, K): pixels of region r positive at threshold k
     pro = (tp / hists.sum(axis=1, keepdims=True)).mean(axis=0)

@@ -43,6 +43,7 @@ from .metrics import (
     image_f1_max,
     pixel_auroc,
     pixel_f1_max,
+    pro_curve,
 )
 
 PROTOCOLS = ("paper", "service")
@@ -161,7 +162,7 @@ def pooled_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], labe
     """:func:`compute_metrics` for images of different sizes: ``masks[i]``, ``maps[i]`` of shape ``(H_i, W_i)``.
 
     AUROC and F1-max pool all pixels of all images (spatial layout plays no part); AUPRO uses
-    :func:`pooled_pro_curve`. Same keys and ``None`` rules as :func:`compute_metrics`.
+    :func:`~.metrics.pro_curve` on the list of images. Same keys and ``None`` rules as :func:`compute_metrics`.
     """
     if len(masks) != len(maps) or len(masks) != len(labels):
         raise ValueError(f"need one mask, map and label per image; got {len(masks)}, {len(maps)}, {len(labels)}")
@@ -175,7 +176,7 @@ def pooled_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], labe
         result["pixel_auroc"] = pixel_auroc(flat_masks, flat_maps)
         result["pixel_f1_max"] = pixel_f1_max(flat_masks, flat_maps)
         del flat_maps
-        fpr, pro = pooled_pro_curve(masks, maps)
+        fpr, pro = pro_curve(masks, maps)
         for key, variant in (("pixel_aupro", "standard"), ("pixel_aupro_ref", "reference")):
             value = aupro_from_curve(fpr, pro, variant=variant)
             result[key] = None if np.isnan(value) else value
@@ -185,41 +186,6 @@ def pooled_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], labe
         result[name] = {k: (f(labels, scores) if both else None)
                         for k, f in zip(IMAGE_KEYS, (image_auroc, image_ap, image_f1_max), strict=True)}
     return result
-
-
-def pooled_pro_curve(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
-                     num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """``(FPR, PRO)`` over images of different sizes, on the grid of :func:`~.metrics.pro_curve`.
-
-    Thresholds ``t_k = arange(lo, hi, (hi - lo) / num_thresholds)`` with ``lo, hi`` over all maps; a pixel of value
-    ``v`` is positive at the ``c(v) = searchsorted(t, v)`` lowest thresholds. Regions are the 8-connected
-    components of each mask; ``PRO(t_k) = mean_r TP_r(t_k) / |r|`` over the regions of all images and
-    ``FPR(t_k) = FP(t_k) / #normal`` pooled over all images. Empty arrays for constant maps.
-    """
-    from skimage.measure import label as label_regions
-
-    lo = min(m.min() for m in maps)
-    hi = max(m.max() for m in maps)
-    if hi == lo:
-        return np.zeros(0), np.zeros(0)
-    thresholds = np.arange(lo, hi, (hi - lo) / num_thresholds)  # (K,), the maps' dtype
-    n_bins = thresholds.size + 1
-    normal_hist = np.zeros(n_bins, dtype=np.int64)
-    region_hists = []
-    for mask, amap in zip(masks, maps, strict=True):
-        regions, n_regions = label_regions(mask.astype(bool), connectivity=2, return_num=True)  # (H_i, W_i)
-        counts = np.searchsorted(thresholds, amap.ravel(), side="left")  # thresholds below each pixel
-        hist = np.bincount(regions.ravel() * n_bins + counts, minlength=(n_regions + 1) * n_bins)
-        hist = hist.reshape(n_regions + 1, n_bins)  # row 0: GT-normal pixels, rows 1..: regions
-        normal_hist += hist[0]
-        region_hists.append(hist[1:])
-    hists = np.concatenate(region_hists)  # (R, K + 1)
-    if hists.shape[0] == 0 or normal_hist.sum() == 0:
-        raise ValueError("pooled_pro_curve needs both anomalous and normal pixels")
-    tp = np.cumsum(hists[:, ::-1], axis=1)[:, ::-1][:, 1:]  # (R, K): TP of region r at threshold k
-    pro = (tp / hists.sum(axis=1, keepdims=True)).mean(axis=0)
-    fp = np.cumsum(normal_hist[::-1])[::-1][1:]  # (K,)
-    return fp / normal_hist.sum(), pro
 
 
 def mean_metrics(per_class: dict[str, dict]) -> dict:
