@@ -1,4 +1,8 @@
-"""InspectionStore on SQLite: round trips, restart, filters, keyset pagination, profiles, retention, failed writes."""
+"""InspectionStore: round trips, restart, filters, keyset pagination, profiles, retention, failed writes.
+
+Every test runs on SQLite; set ``DHR_TEST_POSTGRES_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/dhr``,
+an empty throw-away database) to run them on PostgreSQL as well.
+"""
 
 from __future__ import annotations
 
@@ -42,9 +46,23 @@ def _record(created_at: datetime = T0, **overrides) -> InspectionRecord:
     return InspectionRecord(**fields)
 
 
-@pytest.fixture
-def paths(tmp_path: Path) -> tuple[str, Path]:
-    return f"sqlite:///{tmp_path / 'db' / 'inspections.db'}", tmp_path / "artefacts"
+POSTGRES_URL = os.environ.get("DHR_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def paths(request, tmp_path: Path) -> tuple[str, Path]:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'inspections.db'}", tmp_path / "artefacts"
+    if not POSTGRES_URL:
+        pytest.skip("DHR_TEST_POSTGRES_URL not set")
+    from sqlalchemy import create_engine
+
+    from service.storage.models import Base
+
+    engine = create_engine(POSTGRES_URL)
+    Base.metadata.drop_all(engine)  # a fresh schema for every test
+    engine.dispose()
+    return POSTGRES_URL, tmp_path / "artefacts"
 
 
 @pytest.fixture
@@ -78,8 +96,9 @@ def test_wal_mode_and_restart_sees_same_data(paths):
     rec = first.add(_record(), {"overlay": PNG_A})
     first.put_product(ProductProfile(name="bottle", image_threshold=0.6, pixel_threshold=0.4, image_score="max"))
     first.close()
-    db_file = paths[0].removeprefix("sqlite:///")
-    assert sqlite3.connect(db_file).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if paths[0].startswith("sqlite:///"):
+        db_file = paths[0].removeprefix("sqlite:///")
+        assert sqlite3.connect(db_file).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
     second = InspectionStore(*paths)
     assert second.get(rec.id) == rec
