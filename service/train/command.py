@@ -61,7 +61,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``dhrclip train``; returns 0. User errors (ValueError family, BackboneError) are raised for the CLI."""
+    if args.limit is not None and args.limit < 1:
+        raise TrainError(f"--limit must be >= 1, got {args.limit}")
     device = resolve_device(args.device)
     root = Path(args.data).expanduser().absolute()
     by_class = load_dataset(root, split=args.split, classes=parse_classes(args.classes), limit=args.limit)
@@ -91,10 +94,3 @@ def _train(args: argparse.Namespace) -> int:
         print(f"epoch {e}/{settings.epochs}: mean loss {result.losses[e - 1]:.5f} ({sec:.1f} s)")
     print(f"checkpoint: {result.checkpoints[-1]}")
     return 0
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """Run ``dhrclip train``; returns 0. User errors (ValueError family, BackboneError) are raised for the CLI."""
-    if args.limit is not None and args.limit < 1:
-        raise TrainError(f"--limit must be >= 1, got {args.limit}")
-    return _train(args)
