@@ -1,13 +1,15 @@
 """Dataset readers (MVTec AD tree, VisA split csv, AnomalyCLIP/DHR-CLIP meta.json) and ground-truth masks."""
 
 from service.data.datasets import (
-                                   DatasetError,
-                                   Sample,
-                                   build_meta,
-                                   load_dataset,
-                                   load_mask,
-                                   parse_classes,
-                                   write_meta_json,
+    DatasetError,
+    Sample,
+    build_meta,
+    load_dataset,
+    load_mask,
+    parse_classes,
+    read_image,
+    write_meta_json,
 )
 
-__all__ = ["DatasetError", "Sample", "build_meta", "load_dataset", "load_mask", "parse_classes", "write_meta_json"]
+__all__ = ["DatasetError", "Sample", "build_meta", "load_dataset", "load_mask", "parse_classes", "read_image",
+           "write_meta_json"]

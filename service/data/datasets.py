@@ -295,3 +295,25 @@ def parse_classes(text: str | None) -> list[str] | None:
     if not names:
         raise DatasetError(f"--classes {text!r} names no class")
     return names
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The fully decoded image at ``path`` (PIL, any mode); :class:`DatasetError` naming the file when unreadable.
+
+    EXIF-rotated images are refused: masks are drawn in stored pixel order, while the model sees the image after
+    ``exif_transpose``, so map and mask would not line up (in training as in evaluation).
+    """
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            im.load()
+            img = im.copy()
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    if orientation not in (0, 1):
+        raise DatasetError(f"{path}: EXIF orientation {orientation} would rotate the image away from its mask; "
+                           "strip the orientation tag first")
+    return img

@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from service.data import DatasetError, Sample, load_mask
+from service.data import Sample, load_mask, read_image
 from service.model import IMAGE_SCORES, load_views
 
 from .metrics import (
@@ -49,7 +48,6 @@ from .metrics import (
 PROTOCOLS = ("paper", "service")
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupro_ref", "pixel_f1_max")
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
-EXIF_ORIENTATION = 0x0112
 SCORE_FIELDS = {"reference": "image_score", "map_max": "map_max", "map_topk": "map_topk"}  # variant -> output field
 
 
@@ -67,25 +65,6 @@ class ClassData:
     labels: np.ndarray
     scores: dict[str, np.ndarray]
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def read_image(sample: Sample) -> Image.Image:
-    """The decoded image of ``sample`` (PIL, any mode); :class:`DatasetError` naming the file when unreadable.
-
-    EXIF-rotated images are refused: the masks are drawn in stored pixel order, while the model sees the image
-    after ``exif_transpose``, so map and mask would not line up.
-    """
-    try:
-        with Image.open(sample.img_path) as im:
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-            im.load()
-            img = im.copy()
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{sample.img_path}: cannot read image ({exc})") from exc
-    if orientation not in (0, 1):
-        raise DatasetError(f"{sample.img_path}: EXIF orientation {orientation} would rotate the image away from its "
-                           "mask; strip the orientation tag before evaluating")
-    return img
 
 
 def collect_class(model, samples: Sequence[Sample], protocol: str = "paper", batch_size: int = 4,
@@ -121,7 +100,7 @@ def collect_class(model, samples: Sequence[Sample], protocol: str = "paper", bat
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         t0 = time.perf_counter()
-        views = [load_views(read_image(s), preset) for s in batch]
+        views = [load_views(read_image(s.img_path), preset) for s in batch]
         whole = torch.from_numpy(np.stack([v.whole for v in views]))  # (B, S, S, 3) uint8
         crops = torch.from_numpy(np.stack([v.crops for v in views]))  # (B, 4, P, P, 3) uint8
         t1 = time.perf_counter()

@@ -34,11 +34,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from service.data import DatasetError
+from service.data import read_image
 from service.model import DHRCLIP, DHRConfig, load_views
 
 FEATURE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -52,16 +51,6 @@ class FeatureCacheError(ValueError):
 class ViewFeatures(NamedTuple):
     whole: torch.Tensor  # (nl, Ls, D), storage dtype, CPU
     crops: torch.Tensor  # (4, nl, Lp, D), storage dtype, CPU
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image; an unreadable file raises :class:`DatasetError` naming it."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
 
 class FeatureExtractor:
