@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from service.model import DHRCLIP, ModelInfo
+from service.model import DHRCLIP, ModelInfo, stack_views
 
 from .decode import DecodedImage, ImageError, decode_image, views_for
 from .postprocess import postprocess
@@ -77,9 +76,7 @@ def predict_files(paths: list[Path], model: DHRCLIP, info: ModelInfo, opts: Pred
         if not pending:
             return
         t0 = time.perf_counter()
-        whole = torch.from_numpy(np.stack([p[2].whole for p in pending]))
-        crops = torch.from_numpy(np.stack([p[2].crops for p in pending]))
-        out = model(whole, crops)
+        out = model(*stack_views([p[2] for p in pending]))
         out = type(out)(*(t.float().cpu() for t in out))
         infer_ms = 1000 * (time.perf_counter() - t0) / len(pending)
         for i, (stem, dec, _, decode_ms) in enumerate(pending):

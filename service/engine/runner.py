@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.model import DHRCLIP, ModelInfo, Views
+from service.model import DHRCLIP, ModelInfo, Views, stack_views
 
 from .batcher import BatchStats, DynamicBatcher
 from .decode import DecodedImage, decode_image, views_for
@@ -52,9 +52,7 @@ class ModelRunner:
         self.preset = model.cfg.preset
 
     def run(self, batch: list[Views]) -> list[ImageResult]:
-        whole = torch.from_numpy(np.stack([v.whole for v in batch]))  # (B, S, S, 3) uint8
-        crops = torch.from_numpy(np.stack([v.crops for v in batch]))  # (B, 4, P, P, 3) uint8
-        out = self.model(whole, crops)
+        out = self.model(*stack_views(batch))
         maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()
         scores = torch.stack([out.image_score, out.map_max, out.map_topk], 1).float().cpu().numpy()
         return [ImageResult(float(s[0]), float(s[1]), float(s[2]), m) for s, m in zip(scores, maps, strict=True)]

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-import torch
 
 from service.data import Sample, load_mask, read_image
-from service.model import IMAGE_SCORES, load_views
+from service.model import IMAGE_SCORES, load_views, stack_views
 
 from .metrics import (
     aupro_from_curve,
@@ -101,8 +100,7 @@ def collect_class(model, samples: Sequence[Sample], protocol: str = "paper", bat
         batch = samples[start:start + batch_size]
         t0 = time.perf_counter()
         views = [load_views(read_image(s.img_path), preset) for s in batch]
-        whole = torch.from_numpy(np.stack([v.whole for v in views]))  # (B, S, S, 3) uint8
-        crops = torch.from_numpy(np.stack([v.crops for v in views]))  # (B, 4, P, P, 3) uint8
+        whole, crops = stack_views(views)  # (B, S, S, 3), (B, 4, P, P, 3) uint8
         t1 = time.perf_counter()
         out = model(whole, crops)
         t2 = time.perf_counter()

@@ -5,11 +5,12 @@ from .checkpoint import CheckpointError, PromptCheckpoint, import_reference, loa
 from .config import IMAGE_SCORES, PRESETS, DHRConfig, Preset, get_preset
 from .dhrclip import DHRCLIP, PRECISIONS, DHROutput, dhr_maps
 from .loader import ModelInfo, build_model, load_model, text_features_for
-from .preprocess import Views, load_views, make_views, prepare_image
+from .preprocess import Views, load_views, make_views, prepare_image, stack_views
 
 __all__ = [
     "BackboneError", "BackboneInfo", "load_backbone", "random_backbone", "tiny_backbone", "CheckpointError",
     "PromptCheckpoint", "import_reference", "load_checkpoint", "save_checkpoint", "IMAGE_SCORES", "PRESETS",
     "DHRConfig", "Preset", "get_preset", "DHRCLIP", "PRECISIONS", "DHROutput", "dhr_maps", "ModelInfo",
     "build_model", "load_model", "text_features_for", "Views", "load_views", "make_views", "prepare_image",
+    "stack_views",
 ]

@@ -69,6 +69,13 @@ def load_views(img: Image.Image, preset: Preset) -> Views:
     return make_views(prepare_image(img), preset)
 
 
+def stack_views(views: list[Views]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for :class:`~service.model.DHRCLIP`: whole (B, S, S, 3) and crops (B, 4, P, P, 3) uint8 tensors."""
+    whole = torch.from_numpy(np.stack([v.whole for v in views]))
+    crops = torch.from_numpy(np.stack([v.crops for v in views]))
+    return whole, crops
+
+
 def normalize(u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> (..., 3, H, W) normalised float: (x / 255 - mean) / std, as ToTensor + Normalize."""
     x = u8.movedim(-1, -3).to(torch.float32).div(255.0)
