@@ -39,14 +39,18 @@ def bench_model(args: argparse.Namespace) -> None:
     clip = random_backbone()
     model, _ = build_model(clip, "ensemble", preset=args.preset, device=args.device, precision=args.precision)
     build_s = time.perf_counter() - t0
-    print(f"model: ViT-L-14-336 random weights, ensemble prompts, preset {args.preset}, {args.device} "
-          f"{args.precision}, {torch.get_num_threads()} threads; built in {build_s:.1f} s")
+    print(
+        f"model: ViT-L-14-336 random weights, ensemble prompts, preset {args.preset}, {args.device} "
+        f"{args.precision}, {torch.get_num_threads()} threads; built in {build_s:.1f} s"
+    )
     report = evaluate(model, by_class, protocol=args.protocol, batch_size=args.batch_size, progress=False)
     t = report["timing"]
     total = report["seconds"]
-    print(f"evaluate ({args.protocol}): {n} images of {len(by_class)} classes in {total:.1f} s = {total / n:.2f} s "
-          f"per image; model {t['model']:.1f} s ({t['model'] / n:.2f} s/img), loading {t['load']:.2f} s, "
-          f"metrics {t['metrics']:.2f} s")
+    print(
+        f"evaluate ({args.protocol}): {n} images of {len(by_class)} classes in {total:.1f} s = {total / n:.2f} s "
+        f"per image; model {t['model']:.1f} s ({t['model'] / n:.2f} s/img), loading {t['load']:.2f} s, "
+        f"metrics {t['metrics']:.2f} s"
+    )
     for cls, row in report["classes"].items():
         auroc = "-" if row["pixel_auroc"] is None else f"{100 * row['pixel_auroc']:.1f}"
         print(f"  {cls}: {row['n_images']} images, pixel AUROC {auroc}")
@@ -62,7 +66,7 @@ def synthetic_class(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.nd
         for _ in range(rng.integers(1, 4)):
             h, w = rng.integers(size // 32, size // 4, size=2)
             y, x = rng.integers(0, size - h), rng.integers(0, size - w)
-            masks[i, y:y + h, x:x + w] = True
+            masks[i, y : y + h, x : x + w] = True
     maps = rng.random((n, size, size), dtype=np.float32)
     maps += 0.6 * masks
     return masks, maps, labels
@@ -76,12 +80,16 @@ def bench_metrics(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     m = compute_metrics(masks, maps, labels, scores)
     t1 = time.perf_counter()
-    print(f"  compute_metrics (stacked, paper protocol): {t1 - t0:.1f} s   (pixel AUROC {m['pixel_auroc']:.4f}, "
-          f"AUPRO {m['pixel_aupro']:.4f})")
+    print(
+        f"  compute_metrics (stacked, paper protocol): {t1 - t0:.1f} s   (pixel AUROC {m['pixel_auroc']:.4f}, "
+        f"AUPRO {m['pixel_aupro']:.4f})"
+    )
     p = pooled_metrics(list(masks), list(maps), labels, scores)
     t2 = time.perf_counter()
-    print(f"  pooled_metrics (list, service protocol with mixed sizes): {t2 - t1:.1f} s   (pixel AUROC "
-          f"{p['pixel_auroc']:.4f}, AUPRO {p['pixel_aupro']:.4f})")
+    print(
+        f"  pooled_metrics (list, service protocol with mixed sizes): {t2 - t1:.1f} s   (pixel AUROC "
+        f"{p['pixel_auroc']:.4f}, AUPRO {p['pixel_aupro']:.4f})"
+    )
 
 
 def main() -> None:

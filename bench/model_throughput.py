@@ -86,8 +86,9 @@ def naive(model: DHRCLIP, whole_u8: torch.Tensor, crops_u8: torch.Tensor) -> tup
             views = [whole_u8[b]] + [crops_u8[b, k] for k in range(4)]
             feats = [model.tower(normalize(v.to(dev), dtype)[None]) for v in views]
             fw = feats[0]
-            fc = VisionFeatures(torch.stack([f.tokens[0] for f in feats[1:]])[None],
-                                torch.stack([f.cls[0] for f in feats[1:]])[None])
+            fc = VisionFeatures(
+                torch.stack([f.tokens[0] for f in feats[1:]])[None], torch.stack([f.cls[0] for f in feats[1:]])[None]
+            )
             m = dhr_maps(fw.tokens, fc.tokens, model.text_features, cfg)[:, :, 0]
             raw = (m[:, 0] * len(cfg.features_list)).cpu().numpy()[0]
             maps.append(gaussian_filter(raw, cfg.sigma) / len(cfg.features_list))
@@ -122,10 +123,13 @@ def main() -> None:
     width, layers = vis.conv1.out_channels, len(vis.transformer.resblocks)
     mlp = vis.transformer.resblocks[0].mlp.c_fc.out_features
     g_s, g_p = preset.image_size // 14, preset.patch_size // 14
-    flops = (analytic_flops(width, layers, mlp, g_s * g_s + 1, 19, 1)
-             + analytic_flops(width, layers, mlp, g_p * g_p + 1, 19, 4))
-    print(f"device {dev} ({torch.cuda.get_device_name() if dev.startswith('cuda') else 'CPU'}), "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}, model {args.model}, preset {preset}")
+    flops = analytic_flops(width, layers, mlp, g_s * g_s + 1, 19, 1) + analytic_flops(
+        width, layers, mlp, g_p * g_p + 1, 19, 4
+    )
+    print(
+        f"device {dev} ({torch.cuda.get_device_name() if dev.startswith('cuda') else 'CPU'}), "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, model {args.model}, preset {preset}"
+    )
     peaks = {p: matmul_peak(dev, PRECISIONS[p]) for p in args.precisions.split(",")}
     for p, v in peaks.items():
         print(f"matmul peak {p}: {v / 1e12:.3f} TFLOP/s (4096^3)")
@@ -140,31 +144,39 @@ def main() -> None:
         model = model.to(dev).eval()
         if prec == args.precisions.split(",")[0]:
             counted = counted_flops(model, whole_all[:1], crops_all[:1])
-            print(f"FLOPs per image: analytic {flops / 1e12:.3f} T, counted (torch FlopCounterMode) "
-                  f"{counted / 1e12:.3f} T (the counter skips fused SDPA kernels on CPU: attention is the difference)")
+            print(
+                f"FLOPs per image: analytic {flops / 1e12:.3f} T, counted (torch FlopCounterMode) "
+                f"{counted / 1e12:.3f} T (the counter skips fused SDPA kernels on CPU: attention is the difference)"
+            )
         for b in (int(x) for x in args.batch_sizes.split(",")):
             w, c = whole_all[:b], crops_all[:b]
             reset_peak(dev)
             dt, out = timed(lambda w=w, c=c, m=model: m(w, c), dev, args.iters)
             mem = peak_mb(dev)
             ach = flops * b / dt
-            line = (f"{prec} batch {b}: {b / dt:.3f} img/s, {dt / b * 1000:.0f} ms/img, peak mem {mem:.0f} MB, "
-                    f"{ach / 1e12:.3f} TFLOP/s = {100 * ach / peaks[prec]:.1f}% of {prec} matmul peak")
+            line = (
+                f"{prec} batch {b}: {b / dt:.3f} img/s, {dt / b * 1000:.0f} ms/img, peak mem {mem:.0f} MB, "
+                f"{ach / 1e12:.3f} TFLOP/s = {100 * ach / peaks[prec]:.1f}% of {prec} matmul peak"
+            )
             if not args.no_naive:
                 reset_peak(dev)
                 dn, (nmaps, nscores) = timed(lambda w=w, c=c, m=model: naive(m, w, c), dev, args.iters)
                 dmap = np.abs(nmaps - out.anomaly_map.float().cpu().numpy()).max()
-                line += (f" | naive loop: {b / dn:.3f} img/s, peak {peak_mb(dev):.0f} MB, speed-up {dn / dt:.2f}x, "
-                         f"max map diff {dmap:.2e}")
+                line += (
+                    f" | naive loop: {b / dn:.3f} img/s, peak {peak_mb(dev):.0f} MB, speed-up {dn / dt:.2f}x, "
+                    f"max map diff {dmap:.2e}"
+                )
             print(line, flush=True)
             if b == 1:
                 maps = out.anomaly_map.float().cpu()
                 if ref_maps is None:
                     ref_maps = (prec, maps, out.image_score.float().cpu())
                 else:
-                    print(f"{prec} vs {ref_maps[0]} max deviation: anomaly map "
-                          f"{(maps - ref_maps[1]).abs().max():.3e}, image score "
-                          f"{(out.image_score.float().cpu() - ref_maps[2]).abs().max():.3e}")
+                    print(
+                        f"{prec} vs {ref_maps[0]} max deviation: anomaly map "
+                        f"{(maps - ref_maps[1]).abs().max():.3e}, image score "
+                        f"{(out.image_score.float().cpu() - ref_maps[2]).abs().max():.3e}"
+                    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ def save_random_vit_l(folder: Path) -> Path:
     path = folder / "random-ViT-L-14-336.pt"
     t0 = time.perf_counter()
     torch.save(random_backbone().state_dict(), path)
-    print(f"saved random ViT-L/14@336 to {path} ({path.stat().st_size / 2**30:.2f} GiB, "
-          f"{time.perf_counter() - t0:.1f} s)")
+    print(
+        f"saved random ViT-L/14@336 to {path} ({path.stat().st_size / 2**30:.2f} GiB, {time.perf_counter() - t0:.1f} s)"
+    )
     return path
 
 
@@ -63,15 +64,39 @@ def load_images(limit: int) -> list[tuple[str, bytes]]:
 
 
 def start_server(args, port: int, work: Path, backbone: str, prompts: str) -> tuple[subprocess.Popen, Path]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DHR_BACKBONE": backbone, "DHR_PROMPTS": prompts,
-           "DHR_PRESET": args.preset, "DHR_DEVICE": args.device, "DHR_PRECISION": args.precision,
-           "DHR_MAX_BATCH_SIZE": str(args.max_batch_size), "DHR_MAX_WAIT_MS": str(args.max_wait_ms),
-           "DHR_QUEUE_SIZE": str(max(64, 2 * args.max_concurrency * args.images_per_request)),
-           "DHR_DATA_DIR": str(work / "data"), "DHR_REQUEST_TIMEOUT_S": "600", "DHR_MAX_UPLOAD_MB": "200"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DHR_BACKBONE": backbone,
+        "DHR_PROMPTS": prompts,
+        "DHR_PRESET": args.preset,
+        "DHR_DEVICE": args.device,
+        "DHR_PRECISION": args.precision,
+        "DHR_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "DHR_MAX_WAIT_MS": str(args.max_wait_ms),
+        "DHR_QUEUE_SIZE": str(max(64, 2 * args.max_concurrency * args.images_per_request)),
+        "DHR_DATA_DIR": str(work / "data"),
+        "DHR_REQUEST_TIMEOUT_S": "600",
+        "DHR_MAX_UPLOAD_MB": "200",
+    }
     log = work / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "service.api.server", "--host", "127.0.0.1", "--port", str(port),
-                             "--log-level", "warning"], cwd=work, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.api.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+    )
     return proc, log
 
 
@@ -105,8 +130,9 @@ async def batch_totals(client: httpx.AsyncClient) -> tuple[float, float]:
     return values.get("dhr_batch_size_sum", 0.0), values.get("dhr_batch_size_count", 0.0)
 
 
-async def run_level(base: str, images: list, concurrency: int, requests: int, per_request: int,
-                    max_seconds: float) -> dict:
+async def run_level(
+    base: str, images: list, concurrency: int, requests: int, per_request: int, max_seconds: float
+) -> dict:
     """``requests`` POSTs by ``concurrency`` clients (or until ``max_seconds``); latencies in seconds."""
     latencies: list[float] = []
     errors: dict[int, int] = {}
@@ -135,9 +161,17 @@ async def run_level(base: str, images: list, concurrency: int, requests: int, pe
         sum1, count1 = await batch_totals(client)
     lat = np.array(latencies) * 1000.0
     pct = np.percentile(lat, [50, 95, 99]) if len(lat) else [float("nan")] * 3
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "elapsed_s": elapsed,
-            "images_per_s": len(latencies) * per_request / elapsed, "p50": pct[0], "p95": pct[1], "p99": pct[2],
-            "mean_batch": (sum1 - sum0) / (count1 - count0) if count1 > count0 else float("nan")}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "images_per_s": len(latencies) * per_request / elapsed,
+        "p50": pct[0],
+        "p95": pct[1],
+        "p99": pct[2],
+        "mean_batch": (sum1 - sum0) / (count1 - count0) if count1 > count0 else float("nan"),
+    }
 
 
 async def bench(args, base: str, images: list) -> list[dict]:
@@ -148,17 +182,23 @@ async def bench(args, base: str, images: list) -> list[dict]:
     for c in args.levels:
         row = await run_level(base, images, c, args.requests, args.images_per_request, args.max_seconds)
         rows.append(row)
-        print(f"  c={c:<3d} {row['requests']:4d} req  {row['images_per_s']:7.2f} img/s  p50 {row['p50']:8.1f} ms  "
-              f"p95 {row['p95']:8.1f} ms  p99 {row['p99']:8.1f} ms  mean batch {row['mean_batch']:.2f}"
-              + (f"  errors {row['errors']}" if row["errors"] else ""), flush=True)
+        print(
+            f"  c={c:<3d} {row['requests']:4d} req  {row['images_per_s']:7.2f} img/s  p50 {row['p50']:8.1f} ms  "
+            f"p95 {row['p95']:8.1f} ms  p99 {row['p99']:8.1f} ms  mean batch {row['mean_batch']:.2f}"
+            + (f"  errors {row['errors']}" if row["errors"] else ""),
+            flush=True,
+        )
     return rows
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default=str(FIXTURES / "clip_tiny_openai_format.pt"), help="CLIP file or openai")
-    p.add_argument("--prompts", default=None, help="prompt checkpoint or 'ensemble' (default: the fixture "
-                   "checkpoint; 'ensemble' with --random-vit-l)")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt checkpoint or 'ensemble' (default: the fixture checkpoint; 'ensemble' with --random-vit-l)",
+    )
     p.add_argument("--random-vit-l", action="store_true", help="serve a full-size random ViT-L/14@336")
     p.add_argument("--preset", default="fast")
     p.add_argument("--device", default="cpu")
@@ -189,10 +229,12 @@ def main(argv=None) -> int:
         base = f"http://127.0.0.1:{port}"
         try:
             ready_s = asyncio.run(wait_ready(base, proc, log, args.ready_timeout_s))
-            print(f"server ready in {ready_s:.1f} s: backbone={Path(backbone).name} prompts={Path(prompts).name} "
-                  f"preset={args.preset} device={args.device} precision={args.precision} "
-                  f"max_batch={args.max_batch_size} max_wait={args.max_wait_ms} ms, "
-                  f"{args.images_per_request} image(s)/request, {len(images)} JPEGs")
+            print(
+                f"server ready in {ready_s:.1f} s: backbone={Path(backbone).name} prompts={Path(prompts).name} "
+                f"preset={args.preset} device={args.device} precision={args.precision} "
+                f"max_batch={args.max_batch_size} max_wait={args.max_wait_ms} ms, "
+                f"{args.images_per_request} image(s)/request, {len(images)} JPEGs"
+            )
             asyncio.run(bench(args, base, images))
         finally:
             proc.send_signal(signal.SIGTERM)

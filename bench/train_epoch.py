@@ -57,15 +57,18 @@ def main() -> int:
     build_s = time.perf_counter() - t0
     backbone = {"name": f"random:{MODEL}:seed0", "sha256": "random-seed0"}
     p = cfg.preset
-    print(f"# {MODEL} random weights (built in {build_s:.1f} s), preset {p.name} S/P/T {p.image_size}/"
-          f"{p.patch_size}/{p.target_size}, layer_features {cfg.layer_features}, {len(samples)} images, batch "
-          f"{args.batch_size}, {args.epochs} epochs, device {args.device}, precision {args.precision}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"# {MODEL} random weights (built in {build_s:.1f} s), preset {p.name} S/P/T {p.image_size}/"
+        f"{p.patch_size}/{p.target_size}, layer_features {cfg.layer_features}, {len(samples)} images, batch "
+        f"{args.batch_size}, {args.epochs} epochs, device {args.device}, precision {args.precision}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     finals = {}
     rows = []
     for mode in args.modes.split(","):
-        settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, device=args.device,
-                                 precision=args.precision, cache=mode)
+        settings = TrainSettings(
+            epochs=args.epochs, batch_size=args.batch_size, device=args.device, precision=args.precision, cache=mode
+        )
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
             r = train_prompts(clip, samples, cfg, out, settings, backbone=backbone, progress=False)
@@ -74,15 +77,19 @@ def main() -> int:
         per_epoch = r.epoch_seconds
         rows.append((mode, r.prepare_seconds, per_epoch, total, r.losses))
         steady = sum(per_epoch[1:]) / max(1, len(per_epoch) - 1) if len(per_epoch) > 1 else per_epoch[0]
-        print(f"cache={mode:6s}  extraction {r.prepare_seconds:7.2f} s  epochs "
-              f"[{', '.join(f'{s:.2f}' for s in per_epoch)}] s  steady {steady:7.2f} s/epoch  "
-              f"({steady / len(samples):.3f} s/image)  total {total:7.2f} s  losses "
-              f"[{', '.join(f'{v:.5f}' for v in r.losses)}]", flush=True)
+        print(
+            f"cache={mode:6s}  extraction {r.prepare_seconds:7.2f} s  epochs "
+            f"[{', '.join(f'{s:.2f}' for s in per_epoch)}] s  steady {steady:7.2f} s/epoch  "
+            f"({steady / len(samples):.3f} s/image)  total {total:7.2f} s  losses "
+            f"[{', '.join(f'{v:.5f}' for v in r.losses)}]",
+            flush=True,
+        )
     if len(finals) > 1:
         ref = next(iter(finals.values()))
         for mode, learner in list(finals.items())[1:]:
-            diff = max((getattr(learner, k) - getattr(ref, k)).abs().max().item() for k in ("ctx_pos", "ctx_neg",
-                                                                                           "deep"))
+            diff = max(
+                (getattr(learner, k) - getattr(ref, k)).abs().max().item() for k in ("ctx_pos", "ctx_neg", "deep")
+            )
             print(f"max |prompt({mode}) - prompt({rows[0][0]})| = {diff:.3g}")
     return 0
 

@@ -12,8 +12,11 @@ USER_ERRORS: tuple[type[Exception], ...] = (BackboneError, CheckpointError, File
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="openai",
-                   help="CLIP weights: a file (OpenAI .pt, TorchScript, open_clip checkpoint) or 'openai' (cache)")
+    p.add_argument(
+        "--backbone",
+        default="openai",
+        help="CLIP weights: a file (OpenAI .pt, TorchScript, open_clip checkpoint) or 'openai' (cache)",
+    )
     p.add_argument("--prompts", default="ensemble", help="prompt checkpoint file or directory, or 'ensemble'")
     p.add_argument("--preset", default="mvtec", choices=["mvtec", "visa", "fast"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -25,11 +28,22 @@ def _cmd_predict(args) -> int:
     from service.engine.predict import PredictOptions, predict_files
     from service.model import load_model
 
-    model, info = load_model(args.backbone, args.prompts, preset=args.preset, device=args.device,
-                             precision=args.precision, allow_download=args.allow_download)
-    opts = PredictOptions(Path(args.out), save_maps=args.save_maps, batch_size=args.batch_size,
-                          image_threshold=args.threshold, pixel_threshold=args.pixel_threshold,
-                          image_score=args.image_score)
+    model, info = load_model(
+        args.backbone,
+        args.prompts,
+        preset=args.preset,
+        device=args.device,
+        precision=args.precision,
+        allow_download=args.allow_download,
+    )
+    opts = PredictOptions(
+        Path(args.out),
+        save_maps=args.save_maps,
+        batch_size=args.batch_size,
+        image_threshold=args.threshold,
+        pixel_threshold=args.pixel_threshold,
+        image_score=args.image_score,
+    )
     failures = predict_files([Path(p) for p in args.images], model, info, opts)
     return 1 if failures else 0
 

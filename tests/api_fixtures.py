@@ -26,8 +26,16 @@ PRESET = "fast"
 
 def make_settings(data_dir, **overrides) -> Settings:
     """Settings for a test app: tiny CLIP + fixture prompts, preset fast, CPU, no warm-up, tmp data dir."""
-    values = dict(backbone=str(TINY_CLIP), prompts=str(REF_PROMPTS), preset=PRESET, device="cpu", warmup=False,
-                  data_dir=data_dir, max_wait_ms=5, model_weights_dir=data_dir / "no-model-weights")
+    values = dict(
+        backbone=str(TINY_CLIP),
+        prompts=str(REF_PROMPTS),
+        preset=PRESET,
+        device="cpu",
+        warmup=False,
+        data_dir=data_dir,
+        max_wait_ms=5,
+        model_weights_dir=data_dir / "no-model-weights",
+    )
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

@@ -28,8 +28,12 @@ def test_concurrent_requests_share_batches_and_keep_their_own_results(tmp_path, 
         async with running(app) as client:
             engine = app.state.ctx.engine
             before = engine.batcher.batches_total
-            responses = await asyncio.gather(*(client.post("/segment", files=[
-                ("image", (f"c{i}.png", encode(img), "image/png"))]) for i, img in enumerate(images)))
+            responses = await asyncio.gather(
+                *(
+                    client.post("/segment", files=[("image", (f"c{i}.png", encode(img), "image/png"))])
+                    for i, img in enumerate(images)
+                )
+            )
             return responses, engine.batcher.batches_total - before
 
     responses, batches = asyncio.run(main())
@@ -73,8 +77,10 @@ def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(tm
     assert third.json()["title"] == "Inference queue full" and "third.png" in third.json()["detail"]
     assert "dhr_queue_rejections_total 1.0" in metrics and "dhr_queue_depth 1.0" in metrics
     assert [first.status_code, second.status_code] == [200, 200]
-    assert [first.json()["results"][0]["filename"], second.json()["results"][0]["filename"]] == ["first.png",
-                                                                                              "second.png"]
+    assert [first.json()["results"][0]["filename"], second.json()["results"][0]["filename"]] == [
+        "first.png",
+        "second.png",
+    ]
     assert ready == 200 and hook.sizes == [1, 1]
 
 

@@ -15,8 +15,9 @@ LIMIT_MB = 0.25  # 262144 bytes
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    settings = make_settings(tmp_path_factory.mktemp("errors-data"), max_upload_mb=LIMIT_MB, max_pixels=1_000_000,
-                             queue_size=4)
+    settings = make_settings(
+        tmp_path_factory.mktemp("errors-data"), max_upload_mb=LIMIT_MB, max_pixels=1_000_000, queue_size=4
+    )
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         yield c
@@ -39,12 +40,17 @@ def assert_problem(r, status: int, title: str | None = None, path: str | None = 
 def test_400_without_image_or_with_an_empty_file(client):
     body = assert_problem(client.post("/segment", data={"product": "x"}), 400, "No image", "/segment")
     assert "'image'" in body["detail"]
-    assert_problem(client.post("/segment", content=b'{"image": 1}', headers={"content-type": "application/json"}),
-                   400, "No image")
-    assert_problem(client.post("/segment", data={"image": "not a file"}, files=[("other", ("o.png", b"x"))]), 400,
-                   "Image is not a file")
-    body = assert_problem(client.post("/segment", files=[("image", ("empty.png", b"", "image/png"))]), 400,
-                          "Empty upload")
+    assert_problem(
+        client.post("/segment", content=b'{"image": 1}', headers={"content-type": "application/json"}), 400, "No image"
+    )
+    assert_problem(
+        client.post("/segment", data={"image": "not a file"}, files=[("other", ("o.png", b"x"))]),
+        400,
+        "Image is not a file",
+    )
+    body = assert_problem(
+        client.post("/segment", files=[("image", ("empty.png", b"", "image/png"))]), 400, "Empty upload"
+    )
     assert "empty.png" in body["detail"]
 
 
@@ -56,8 +62,9 @@ def test_415_for_a_file_that_is_not_an_image(client):
 
 def test_422_for_corrupt_image_data(client):
     data = encode(synthetic_image(3, (200, 150)))
-    body = assert_problem(client.post("/segment", files=[("image", ("cut.png", data[: len(data) // 2]))]), 422,
-                          "Corrupt image data")
+    body = assert_problem(
+        client.post("/segment", files=[("image", ("cut.png", data[: len(data) // 2]))]), 422, "Corrupt image data"
+    )
     assert "cut.png" in body["detail"]
 
 
@@ -80,7 +87,7 @@ def test_413_for_a_body_over_the_upload_limit(client):
     assert "262144" in body["detail"]
 
     def chunks():  # no Content-Length: the bytes received are counted
-        boundary = b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"s.bin\"\r\n\r\n"
+        boundary = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="s.bin"\r\n\r\n'
         yield boundary
         for _ in range(10):
             yield bytes(40_000)
@@ -105,8 +112,14 @@ def test_422_for_invalid_form_and_query_values(client):
     assert_problem(client.post("/segment?output=jpeg", files=one), 422)
     assert_problem(client.post("/segment?output=mask", files=one * 2), 422, "One image needed")
     assert_problem(client.post("/segment", files=one * 2, headers={"Accept": "image/png"}), 406)
-    for params in ({"limit": 0}, {"limit": 501}, {"verdict": "maybe"}, {"since": "yesterday"},
-                   {"since": "2026-01-01T00:00:00"}, {"cursor": "not-a-cursor"}):
+    for params in (
+        {"limit": 0},
+        {"limit": 501},
+        {"verdict": "maybe"},
+        {"since": "yesterday"},
+        {"since": "2026-01-01T00:00:00"},
+        {"cursor": "not-a-cursor"},
+    ):
         assert_problem(client.get("/inspections", params=params), 422, path="/inspections")
 
 
@@ -123,13 +136,16 @@ def test_404_and_405(client):
 
 
 def test_product_validation(client):
-    for bad in ({"image_threshold": 1.5, "pixel_threshold": 0.5}, {"image_threshold": 0.5, "pixel_threshold": -0.1},
-                {"image_threshold": 0.5, "pixel_threshold": 0.5, "image_score": "best"},
-                {"image_threshold": 0.5, "pixel_threshold": 0.5, "colour": "red"}, {"pixel_threshold": 0.5}):
+    for bad in (
+        {"image_threshold": 1.5, "pixel_threshold": 0.5},
+        {"image_threshold": 0.5, "pixel_threshold": -0.1},
+        {"image_threshold": 0.5, "pixel_threshold": 0.5, "image_score": "best"},
+        {"image_threshold": 0.5, "pixel_threshold": 0.5, "colour": "red"},
+        {"pixel_threshold": 0.5},
+    ):
         body = assert_problem(client.put("/products/p", json=bad), 422, "Invalid request", "/products/p")
         assert body["errors"]
-    assert_problem(client.put("/products/p", content=b"{not json", headers={"content-type": "application/json"}),
-                   422)
+    assert_problem(client.put("/products/p", content=b"{not json", headers={"content-type": "application/json"}), 422)
     assert_problem(client.get("/products/p"), 404)  # nothing was stored
     ok = client.put("/products/p", json={"image_threshold": 0.25, "pixel_threshold": 0.75})
     assert ok.status_code == 200 and ok.json()["image_score"] == "reference"
@@ -137,6 +153,12 @@ def test_product_validation(client):
 
 def test_openapi_lists_the_routes(client):
     doc = client.get("/openapi.json").json()
-    assert {"/segment", "/inspections", "/inspections/{inspection_id}", "/products/{name}", "/health",
-            "/metrics"} <= set(doc["paths"])
+    assert {
+        "/segment",
+        "/inspections",
+        "/inspections/{inspection_id}",
+        "/products/{name}",
+        "/health",
+        "/metrics",
+    } <= set(doc["paths"])
     assert "multipart/form-data" in doc["paths"]["/segment"]["post"]["requestBody"]["content"]

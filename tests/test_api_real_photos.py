@@ -17,8 +17,12 @@ CHUNK = 8  # files per request; with max_batch_size 8 each request is one model 
 
 
 def real_photos() -> list:
-    files = sorted(p for pattern in ("*/test/*/*", "*/train/good/*") for p in REAL_DEFECTS.glob(pattern)
-                   if p.is_file() and "ground_truth" not in p.parts)
+    files = sorted(
+        p
+        for pattern in ("*/test/*/*", "*/train/good/*")
+        for p in REAL_DEFECTS.glob(pattern)
+        if p.is_file() and "ground_truth" not in p.parts
+    )
     return files
 
 
@@ -34,8 +38,11 @@ def test_every_real_photo_is_inspected(tmp_path):
         results = []
         for start in range(0, len(files), CHUNK):
             chunk = files[start : start + CHUNK]
-            r = client.post("/segment", files=[("image", (p.name, p.read_bytes())) for p in chunk],
-                            data={"product": "real", "line": "dev"})
+            r = client.post(
+                "/segment",
+                files=[("image", (p.name, p.read_bytes())) for p in chunk],
+                data={"product": "real", "line": "dev"},
+            )
             assert r.status_code == 200, (chunk[0], r.text)
             got = r.json()["results"]
             assert [x["filename"] for x in got] == [p.name for p in chunk]

@@ -22,8 +22,9 @@ PARITY_IMAGE = FIXTURES / "img1_rgb_640x480.png"
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    settings = make_settings(tmp_path_factory.mktemp("segment-data"), max_upload_mb=1.0, max_pixels=1_000_000,
-                             max_batch_size=8)
+    settings = make_settings(
+        tmp_path_factory.mktemp("segment-data"), max_upload_mb=1.0, max_pixels=1_000_000, max_batch_size=8
+    )
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         yield c
@@ -67,14 +68,21 @@ def check_result(res: dict, filename: str, size: tuple[int, int]) -> None:
     assert t["batch_size"] >= 1
     assert t["total"] >= t["decode"] + t["inference"] + t["postprocess"] + t["store"] - 1e-3
     rid = res["id"]
-    assert res["links"] == {"self": f"/inspections/{rid}", "overlay": f"/inspections/{rid}/overlay.png",
-                            "heatmap": f"/inspections/{rid}/heatmap.png", "mask": f"/inspections/{rid}/mask.png"}
+    assert res["links"] == {
+        "self": f"/inspections/{rid}",
+        "overlay": f"/inspections/{rid}/overlay.png",
+        "heatmap": f"/inspections/{rid}/heatmap.png",
+        "mask": f"/inspections/{rid}/mask.png",
+    }
 
 
 def test_single_image_every_field_and_artefacts(client):
     img = synthetic_image(1, (96, 64))
-    r = client.post("/segment", files=[("image", ("part.png", encode(img), "image/png"))],
-                    data={"product": "widget", "line": "L1", "part_id": "SN-001", "include": "overlay, mask"})
+    r = client.post(
+        "/segment",
+        files=[("image", ("part.png", encode(img), "image/png"))],
+        data={"product": "widget", "line": "L1", "part_id": "SN-001", "include": "overlay, mask"},
+    )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json"
     (res,) = r.json()["results"]
@@ -99,13 +107,17 @@ def test_single_image_every_field_and_artefacts(client):
     got = back.json()
     assert {k: v for k, v in got.items() if k != "timing_ms"} == expected
     assert {k: got["timing_ms"][k] for k in ("decode", "queue", "inference", "postprocess", "batch_size")} == {
-        k: res["timing_ms"][k] for k in ("decode", "queue", "inference", "postprocess", "batch_size")}
+        k: res["timing_ms"][k] for k in ("decode", "queue", "inference", "postprocess", "batch_size")
+    }
     assert got["timing_ms"]["store"] is None and got["timing_ms"]["total"] is None
 
 
 def test_multi_image_one_result_per_file_in_order(client):
-    files = [png_file("a.png", 11, (80, 60)), png_file("b.png", 12, (64, 96), "L"),
-             ("image", ("c.jpg", encode(synthetic_image(13, (100, 50)), "JPEG", quality=90), "image/jpeg"))]
+    files = [
+        png_file("a.png", 11, (80, 60)),
+        png_file("b.png", 12, (64, 96), "L"),
+        ("image", ("c.jpg", encode(synthetic_image(13, (100, 50)), "JPEG", quality=90), "image/jpeg")),
+    ]
     r = client.post("/segment", files=files, data={"image_score": "map_topk"})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
@@ -130,8 +142,9 @@ def test_png_answer_for_output_and_accept(client):
     assert record["score"] == score and record["verdict"] == r.headers["x-verdict"]
     assert client.get(f"/inspections/{rid}/heatmap.png").content == r.content
 
-    r2 = client.post("/segment", files=[("image", ("o.png", encode(img), "image/png"))],
-                     headers={"Accept": "image/png"})
+    r2 = client.post(
+        "/segment", files=[("image", ("o.png", encode(img), "image/png"))], headers={"Accept": "image/png"}
+    )
     assert r2.status_code == 200 and r2.headers["content-type"] == "image/png"
     assert decode_png(r2.content).size == (120, 72)
     assert client.get(f"/inspections/{r2.headers['x-inspection-id']}/overlay.png").content == r2.content
@@ -144,8 +157,12 @@ def test_scores_equal_the_model_alone_for_every_variant(client, direct_model):
     data = PARITY_IMAGE.read_bytes()
     with Image.open(PARITY_IMAGE) as img:
         alone = direct_model.run([load_views(img, direct_model.preset)])[0]
-    assert client.put("/products/parity", json={"image_threshold": 0.4, "pixel_threshold": 0.6,
-                                                "image_score": "map_max"}).status_code == 200
+    assert (
+        client.put(
+            "/products/parity", json={"image_threshold": 0.4, "pixel_threshold": 0.6, "image_score": "map_max"}
+        ).status_code
+        == 200
+    )
     file = [("image", ("p.png", data, "image/png"))]
     ref = client.post("/segment", files=file).json()["results"][0]
     by_profile = client.post("/segment", files=file, data={"product": "parity"}).json()["results"][0]
@@ -164,8 +181,10 @@ def test_scores_equal_the_model_alone_for_every_variant(client, direct_model):
 
 
 def test_product_thresholds_take_effect(client):
-    for name, body in {"always": {"image_threshold": 0.0, "pixel_threshold": 0.0},
-                       "never": {"image_threshold": 1.0, "pixel_threshold": 1.0, "image_score": "map_topk"}}.items():
+    for name, body in {
+        "always": {"image_threshold": 0.0, "pixel_threshold": 0.0},
+        "never": {"image_threshold": 1.0, "pixel_threshold": 1.0, "image_score": "map_topk"},
+    }.items():
         r = client.put(f"/products/{name}", json=body)
         assert r.status_code == 200, r.text
         assert r.json()["name"] == name and r.json()["image_threshold"] == body["image_threshold"]
@@ -189,10 +208,12 @@ def test_product_thresholds_take_effect(client):
 
 
 def test_listing_filters_and_cursor_pages(client):
-    a = client.post("/segment", files=[png_file(f"a{i}.png", 40 + i) for i in range(2)],
-                    data={"product": "pager", "line": "A"}).json()["results"]
-    b = client.post("/segment", files=[png_file(f"b{i}.png", 50 + i) for i in range(2)],
-                    data={"product": "pager", "line": "B"}).json()["results"]
+    a = client.post(
+        "/segment", files=[png_file(f"a{i}.png", 40 + i) for i in range(2)], data={"product": "pager", "line": "A"}
+    ).json()["results"]
+    b = client.post(
+        "/segment", files=[png_file(f"b{i}.png", 50 + i) for i in range(2)], data={"product": "pager", "line": "B"}
+    ).json()["results"]
     newest_first = [x["id"] for x in reversed(a + b)]
     pages, cursor = [], None
     while True:
@@ -243,8 +264,10 @@ def test_health_livez_readyz_and_metrics(client):
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     key = ("dhr_http_requests_total", (("method", "POST"), ("route", "/segment"), ("status", "200")))
     assert samples[key] >= 1
-    get_key = ("dhr_http_requests_total",
-               (("method", "GET"), ("route", "/inspections/{inspection_id}"), ("status", "200")))
+    get_key = (
+        "dhr_http_requests_total",
+        (("method", "GET"), ("route", "/inspections/{inspection_id}"), ("status", "200")),
+    )
     assert samples[get_key] >= 1
     assert samples[("dhr_images_total", (("verdict", "ok"),))] == counts["ok"]
     assert samples[("dhr_images_total", (("verdict", "defect"),))] == counts["defect"]
@@ -259,19 +282,27 @@ def test_request_id_and_one_access_log_line(client, caplog):
     import json
 
     caplog.set_level("INFO", logger="dhrclip.access")
-    r = client.post("/segment", files=[png_file("r1.png", 71), png_file("r2.png", 72)],
-                    headers={"X-Request-ID": "line-7:part.42"})
+    r = client.post(
+        "/segment", files=[png_file("r1.png", 71), png_file("r2.png", 72)], headers={"X-Request-ID": "line-7:part.42"}
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "line-7:part.42"
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "dhrclip.access"]
     mine = [x for x in lines if x["request_id"] == "line-7:part.42"]
     assert len(mine) == 1
     assert {k: mine[0][k] for k in ("method", "path", "route", "status", "n_images")} == {
-        "method": "POST", "path": "/segment", "route": "/segment", "status": 200, "n_images": 2}
+        "method": "POST",
+        "path": "/segment",
+        "route": "/segment",
+        "status": 200,
+        "n_images": 2,
+    }
     assert mine[0]["duration_ms"] > 0
     generated = client.get("/livez").headers["x-request-id"]
     assert len(generated) == 32 and int(generated, 16) >= 0
-    assert client.get("/livez", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"] != \
-        "bad id\twith spaces"
+    assert (
+        client.get("/livez", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
+        != "bad id\twith spaces"
+    )
     missing = client.get("/inspections/0")
     assert missing.status_code == 404 and len(missing.headers["x-request-id"]) == 32
     assert missing.json()["request_id"] == missing.headers["x-request-id"]

@@ -88,8 +88,12 @@ def test_weights_resolution_from_model_weights_dir(tmp_path):
         choose_weights(s)
     explicit = Settings(_env_file=None, model_weights_dir=root, backbone=str(TINY_CLIP), prompts="ensemble")
     c = choose_weights(explicit)
-    assert (c.backbone, c.backbone_source, c.prompts, c.prompts_source) == (str(TINY_CLIP), "setting", "ensemble",
-                                                                          "setting")
+    assert (c.backbone, c.backbone_source, c.prompts, c.prompts_source) == (
+        str(TINY_CLIP),
+        "setting",
+        "ensemble",
+        "setting",
+    )
     import torch
 
     auto = choose_weights(Settings(_env_file=None, model_weights_dir=root, device="auto", backbone="x.pt"))
@@ -151,8 +155,12 @@ def test_api_keys(tmp_path):
             assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
             assert r.headers["www-authenticate"] == 'ApiKey header="X-API-Key"'
             assert client.get("/inspections", headers=headers).status_code == 401
-            assert client.put("/products/p", json={"image_threshold": 0.1, "pixel_threshold": 0.1},
-                              headers=headers).status_code == 401
+            assert (
+                client.put(
+                    "/products/p", json={"image_threshold": 0.1, "pixel_threshold": 0.1}, headers=headers
+                ).status_code
+                == 401
+            )
         assert client.post("/segment", files=[png_file("x.png", 1)]).json()["title"] == "Missing API key"
         ok = client.post("/segment", files=[png_file("x.png", 1)], headers={"X-API-Key": "k1"})
         assert ok.status_code == 200
@@ -174,13 +182,18 @@ def test_acknowledged_inspections_survive_a_restart(tmp_path):
     settings = make_settings(tmp_path / "data")
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
-        r = client.post("/segment", files=[png_file("d1.png", 1, (70, 50)), png_file("d2.png", 2, (40, 60), "L")],
-                        data={"product": "durable", "line": "L9"})
+        r = client.post(
+            "/segment",
+            files=[png_file("d1.png", 1, (70, 50)), png_file("d2.png", 2, (40, 60), "L")],
+            data={"product": "durable", "line": "L9"},
+        )
         assert r.status_code == 200
         before = {}
         for res in r.json()["results"]:
-            before[res["id"]] = {"record": client.get(res["links"]["self"]).json(),
-                                 **{k: client.get(res["links"][k]).content for k in ("overlay", "heatmap", "mask")}}
+            before[res["id"]] = {
+                "record": client.get(res["links"]["self"]).json(),
+                **{k: client.get(res["links"][k]).content for k in ("overlay", "heatmap", "mask")},
+            }
     with TestClient(create_app(settings)) as client:  # a new app on the same data dir and database
         for rid, saved in before.items():
             assert client.get(f"/inspections/{rid}").json() == saved["record"]
@@ -193,14 +206,23 @@ def test_acknowledged_inspections_survive_a_restart(tmp_path):
 
 
 def test_retention_task_deletes_beyond_max_count(tmp_path):
-    settings = make_settings(tmp_path / "data", backbone=str(tmp_path / "none.pt"), retention_max_count=1,
-                             retention_interval_s=0.05)
+    settings = make_settings(
+        tmp_path / "data", backbone=str(tmp_path / "none.pt"), retention_max_count=1, retention_interval_s=0.05
+    )
     with TestClient(create_app(settings)) as client:
         store = client.app.state.ctx.store
         ids = []
         for i in range(3):
-            rec = InspectionRecord(width=4, height=4, score=0.1 * i, threshold=0.5, verdict="ok",
-                                   image_score="reference", pixel_threshold=0.5, defect_area_ratio=0.0)
+            rec = InspectionRecord(
+                width=4,
+                height=4,
+                score=0.1 * i,
+                threshold=0.5,
+                verdict="ok",
+                image_score="reference",
+                pixel_threshold=0.5,
+                defect_area_ratio=0.0,
+            )
             ids.append(store.add(rec, {"mask": b"png-bytes"}).id)
         deadline = time.monotonic() + 30
         while [x["id"] for x in client.get("/inspections").json()["items"]] != ids[-1:]:
@@ -218,10 +240,20 @@ def _free_port() -> int:
 
 def test_serve_runs_uvicorn_and_logs_json_lines(tmp_path):
     port = _free_port()
-    env = {**os.environ, "DHR_BACKBONE": str(tmp_path / "absent.pt"), "DHR_DATA_DIR": str(tmp_path / "data"),
-           "DHR_PRESET": "fast", "DHR_DEVICE": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.api.server", "--port", str(port)], cwd=tmp_path,
-                            env={**env, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "DHR_BACKBONE": str(tmp_path / "absent.pt"),
+        "DHR_DATA_DIR": str(tmp_path / "data"),
+        "DHR_PRESET": "fast",
+        "DHR_DEVICE": "cpu",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.api.server", "--port", str(port)],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:

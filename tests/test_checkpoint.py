@@ -42,8 +42,9 @@ def test_import_round_trip_gives_identical_text_features(tmp_path, tiny_clip, re
 
 
 def test_layer_features_switch_is_read_from_checkpoint(tmp_path, tiny_clip, ref_checkpoint):
-    ck = PromptCheckpoint(ref_checkpoint.ctx_pos, ref_checkpoint.ctx_neg, ref_checkpoint.deep,
-                          {"layer_features": "per_layer"})
+    ck = PromptCheckpoint(
+        ref_checkpoint.ctx_pos, ref_checkpoint.ctx_neg, ref_checkpoint.deep, {"layer_features": "per_layer"}
+    )
     path = save_checkpoint(ck, tmp_path / "per_layer.safetensors")
     model, info = build_model(tiny_clip[0], load_checkpoint(path))
     assert model.cfg.layer_features == "per_layer" and info.layer_features == "per_layer"
@@ -69,8 +70,11 @@ def test_missing_keys_and_wrong_depth(tmp_path):
     from safetensors.torch import save_file
 
     bad = tmp_path / "c.safetensors"
-    save_file({"ctx_pos": torch.zeros(12, 64), "ctx_neg": torch.zeros(12, 64), "deep": torch.zeros(8, 4, 64)},
-              str(bad), metadata={"dhrclip": json.dumps({"depth": 5})})
+    save_file(
+        {"ctx_pos": torch.zeros(12, 64), "ctx_neg": torch.zeros(12, 64), "deep": torch.zeros(8, 4, 64)},
+        str(bad),
+        metadata={"dhrclip": json.dumps({"depth": 5})},
+    )
     with pytest.raises(CheckpointError, match=r"metadata says depth 5 but 'deep' has shape \(8, 4, 64\)"):
         load_checkpoint(bad)
     save_file({"ctx_pos": torch.zeros(12, 64)}, str(tmp_path / "d.safetensors"))

@@ -34,8 +34,23 @@ def _inputs(tmp_path):
 def test_predict_writes_every_output_and_survives_a_bad_file(tmp_path, capsys, tiny_clip, ref_checkpoint):
     inputs = _inputs(tmp_path)
     out = tmp_path / "out"
-    code = main(["predict", *map(str, inputs), "--backbone", str(TINY_CLIP), "--prompts", str(REF_PROMPTS),
-                 "--preset", "fast", "--out", str(out), "--save-maps", "--batch-size", "2"])
+    code = main(
+        [
+            "predict",
+            *map(str, inputs),
+            "--backbone",
+            str(TINY_CLIP),
+            "--prompts",
+            str(REF_PROMPTS),
+            "--preset",
+            "fast",
+            "--out",
+            str(out),
+            "--save-maps",
+            "--batch-size",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and "notes.jpg" in err[0] and "not an image format" in err[0]
@@ -63,8 +78,16 @@ def test_predict_writes_every_output_and_survives_a_bad_file(tmp_path, capsys, t
 
 
 def test_predict_missing_backbone_is_one_line(tmp_path, capsys):
-    code = main(["predict", str(FIXTURES / "img0_rgb_700x700.png"), "--backbone", str(tmp_path / "nope.pt"),
-                 "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "predict",
+            str(FIXTURES / "img0_rgb_700x700.png"),
+            "--backbone",
+            str(tmp_path / "nope.pt"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nope.pt: backbone file not found" in err[0]
 

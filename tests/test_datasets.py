@@ -36,7 +36,13 @@ def test_top_level_meta_counts():
     assert {c: len(s) for c, s in test.items()} == {"magnetic_tile": 40, "steel_sd900": 15, "bsdata": 8}
     assert Counter(s.anomaly for s in test["magnetic_tile"]) == {1: 25, 0: 15}
     assert Counter(s.specie_name for s in test["magnetic_tile"]) == {
-        "good": 15, "blowhole": 5, "break": 5, "crack": 5, "fray": 5, "uneven": 5}
+        "good": 15,
+        "blowhole": 5,
+        "break": 5,
+        "crack": 5,
+        "fray": 5,
+        "uneven": 5,
+    }
     assert all(s.anomaly == 1 for c in ("steel_sd900", "bsdata") for s in test[c])
     train = load_dataset(REAL, split="train")
     assert {c: len(s) for c, s in train.items()} == {"magnetic_tile": 15}  # classes without train images left out
@@ -45,8 +51,13 @@ def test_top_level_meta_counts():
     assert sum(len(s) for s in everything.values()) == 78
     assert everything["magnetic_tile"][:15] == train["magnetic_tile"]  # train entries come first
     first = test["steel_sd900"][0]
-    assert first == Sample(REAL / "steel_sd900/test/inclusion/In_13.bmp",
-                           REAL / "steel_sd900/ground_truth/inclusion/In_13_mask.png", "steel_sd900", "inclusion", 1)
+    assert first == Sample(
+        REAL / "steel_sd900/test/inclusion/In_13.bmp",
+        REAL / "steel_sd900/ground_truth/inclusion/In_13_mask.png",
+        "steel_sd900",
+        "inclusion",
+        1,
+    )
     assert first.img_path.is_absolute()
 
 
@@ -70,10 +81,19 @@ def test_single_class_tree_matches_shipped_meta(tmp_path, name):
         from_meta = load_dataset(REAL / name, split=split)
         assert list(from_tree) == list(from_meta)
         for cls in from_meta:
-            rel = [(s.img_path.relative_to(tree), s.mask_path and s.mask_path.relative_to(tree), s.specie_name,
-                    s.anomaly) for s in from_tree[cls]]
-            ref = [(s.img_path.relative_to(REAL / name), s.mask_path and s.mask_path.relative_to(REAL / name),
-                    s.specie_name, s.anomaly) for s in from_meta[cls]]
+            rel = [
+                (s.img_path.relative_to(tree), s.mask_path and s.mask_path.relative_to(tree), s.specie_name, s.anomaly)
+                for s in from_tree[cls]
+            ]
+            ref = [
+                (
+                    s.img_path.relative_to(REAL / name),
+                    s.mask_path and s.mask_path.relative_to(REAL / name),
+                    s.specie_name,
+                    s.anomaly,
+                )
+                for s in from_meta[cls]
+            ]
             assert rel == ref
 
 
@@ -167,15 +187,23 @@ def test_missing_mask_names_the_file(tmp_path):
 def test_mask_size_mismatch_names_both_files(tmp_path):
     root = _tiny_tree(tmp_path, mask_size=(3, 2))
     sample = load_dataset(root)["widget"][1]
-    with pytest.raises(DatasetError, match=r"000_mask\.png: mask size 3x2 \(WxH\) differs from image .*dent/000\.png "
-                                           r"size 2x2"):
+    with pytest.raises(
+        DatasetError,
+        match=r"000_mask\.png: mask size 3x2 \(WxH\) differs from image .*dent/000\.png "
+        r"size 2x2",
+    ):
         load_mask(sample)
 
 
 def test_meta_json_errors(tmp_path):
     root = _tiny_tree(tmp_path)
-    entry = {"img_path": "widget/test/dent/000.png", "mask_path": "", "cls_name": "widget", "specie_name": "dent",
-             "anomaly": 1}
+    entry = {
+        "img_path": "widget/test/dent/000.png",
+        "mask_path": "",
+        "cls_name": "widget",
+        "specie_name": "dent",
+        "anomaly": 1,
+    }
     (root / "meta.json").write_text(json.dumps({"train": {}, "test": {"widget": [entry]}}))
     with pytest.raises(DatasetError, match=r"dent/000\.png: anomalous sample has no mask_path"):
         load_dataset(root)

@@ -24,16 +24,62 @@ def _in_unit(v):
 
 def test_train_evaluate_predict_serve(tmp_path, capsys):
     ckpt = tmp_path / "prompts"
-    assert main(["train", "--data", str(REAL_DEFECTS), "--classes", "magnetic_tile,steel_sd900", "--limit", "2",
-                 "--epochs", "1", "--batch-size", "2", "--preset", "fast", "--backbone", str(TINY_CLIP),
-                 "--device", "cpu", "--no-progress", "--out", str(ckpt)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(REAL_DEFECTS),
+                "--classes",
+                "magnetic_tile,steel_sd900",
+                "--limit",
+                "2",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "2",
+                "--preset",
+                "fast",
+                "--backbone",
+                str(TINY_CLIP),
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--out",
+                str(ckpt),
+            ]
+        )
+        == 0
+    )
     files = sorted(ckpt.glob("epoch_*.safetensors"))
     assert [f.name for f in files] == ["epoch_001.safetensors"]
 
     report = tmp_path / "bsdata.json"
-    assert main(["evaluate", "--data", str(REAL_DEFECTS), "--classes", "bsdata", "--limit", "2", "--preset", "fast",
-                 "--backbone", str(TINY_CLIP), "--prompts", str(ckpt), "--device", "cpu", "--no-progress",
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(REAL_DEFECTS),
+                "--classes",
+                "bsdata",
+                "--limit",
+                "2",
+                "--preset",
+                "fast",
+                "--backbone",
+                str(TINY_CLIP),
+                "--prompts",
+                str(ckpt),
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     rep = json.loads(report.read_text())
     assert rep["protocol"] == "paper" and rep["model"]["prompts"] == "epoch_001"
     for row in (rep["classes"]["bsdata"], rep["mean"]):
@@ -47,8 +93,25 @@ def test_train_evaluate_predict_serve(tmp_path, capsys):
 
     image = next((REAL_DEFECTS / "bsdata" / "test" / "pitting").glob("*.jpg"))
     out = tmp_path / "pred"
-    assert main(["predict", str(image), "--backbone", str(TINY_CLIP), "--prompts", str(ckpt), "--preset", "fast",
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(image),
+                "--backbone",
+                str(TINY_CLIP),
+                "--prompts",
+                str(ckpt),
+                "--preset",
+                "fast",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     pred = json.loads((out / f"{image.stem}.json").read_text())
     assert pred["model"]["prompts"] == "epoch_001" and pred["model"]["prompts_kind"] == "learned"
 

@@ -59,7 +59,7 @@ class ImageAsMap:
         p, t = FAST.patch_size, FAST.target_size
         canvas = torch.zeros(crops_u8.shape[0], t, t)
         for k, (y, x) in enumerate((y, x) for y in (0, t - p) for x in (0, t - p)):
-            canvas[:, y:y + p, x:x + p] = crops_u8[:, k, :, :, 0].float() / 255.0
+            canvas[:, y : y + p, x : x + p] = crops_u8[:, k, :, :, 0].float() / 255.0
         amap = self.transform(canvas)  # (B, T, T)
         score = amap.flatten(1).mean(dim=1)
         return SimpleNamespace(image_score=score, map_max=score, map_topk=score, anomaly_map=amap, eval_map=amap)
@@ -88,8 +88,15 @@ def toy(tmp_path):
     """Two good and two defective 448 x 448 images (squash and mask resize are identities at T = 448)."""
     half = _block(448, 448, 100, 200, 100, 200, 128)
     half[100:200, 100:150] = 255  # left half of the defect bright, right half dim
-    _write_class(tmp_path, [("good", "g0", np.zeros((448, 448), np.uint8)), ("good", "g1", np.zeros((448, 448),
-                 np.uint8)), ("dent", "d0", _block(448, 448, 10, 40, 300, 420, 200)), ("dent", "d1", half)])
+    _write_class(
+        tmp_path,
+        [
+            ("good", "g0", np.zeros((448, 448), np.uint8)),
+            ("good", "g1", np.zeros((448, 448), np.uint8)),
+            ("dent", "d0", _block(448, 448, 10, 40, 300, 420, 200)),
+            ("dent", "d1", half),
+        ],
+    )
     return load_dataset(tmp_path)
 
 
@@ -128,9 +135,14 @@ def test_half_found_defect_hand_checked(toy):
 
 def test_service_protocol_resizes_maps_to_each_image(tmp_path):
     """Images of three sizes: maps come back at each image's (H, W); a blocky defect stays perfectly ranked."""
-    _write_class(tmp_path, [("good", "g0", np.zeros((224, 336), np.uint8)),
-                            ("dent", "d0", _block(448, 448, 10, 40, 300, 420)),
-                            ("dent", "d1", _block(224, 224, 40, 80, 100, 140))])
+    _write_class(
+        tmp_path,
+        [
+            ("good", "g0", np.zeros((224, 336), np.uint8)),
+            ("dent", "d0", _block(448, 448, 10, 40, 300, 420)),
+            ("dent", "d1", _block(224, 224, 40, 80, 100, 140)),
+        ],
+    )
     samples = load_dataset(tmp_path)["toy"]
     data = collect_class(ImageAsMap(lambda c: (c > 0.5).float()), samples, "service", batch_size=2)
     assert isinstance(data.maps, list)
@@ -173,8 +185,8 @@ def test_pro_curve_on_a_list_equals_pro_curve_on_min_padded_stack():
     pad_masks = np.zeros((3, h, w), bool)
     pad_maps = np.full((3, h, w), lo, np.float32)
     for i, (m, a) in enumerate(zip(masks, maps, strict=True)):
-        pad_masks[i, :m.shape[0], :m.shape[1]] = m
-        pad_maps[i, :a.shape[0], :a.shape[1]] = a
+        pad_masks[i, : m.shape[0], : m.shape[1]] = m
+        pad_maps[i, : a.shape[0], : a.shape[1]] = a
     fpr_pad, pro_pad = pro_curve(pad_masks, pad_maps)
     n_normal = sum(int((~m).sum()) for m in masks)
     assert fpr.size == fpr_pad.size >= 200
@@ -208,13 +220,30 @@ def test_pooled_metrics_equal_compute_metrics_on_equal_sizes():
 
 
 def test_mean_skips_undefined_values_and_keeps_all_undefined_as_none():
-    a = {"pixel_auroc": 0.5, "pixel_aupro": 0.2, "pixel_aupro_ref": None, "pixel_f1_max": 0.1,
-         "reference": {"image_auroc": None, "image_ap": None, "image_f1_max": None}, "n_images": 3}
-    b = {"pixel_auroc": 1.0, "pixel_aupro": 0.4, "pixel_aupro_ref": None, "pixel_f1_max": None,
-         "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None}, "n_images": 5}
+    a = {
+        "pixel_auroc": 0.5,
+        "pixel_aupro": 0.2,
+        "pixel_aupro_ref": None,
+        "pixel_f1_max": 0.1,
+        "reference": {"image_auroc": None, "image_ap": None, "image_f1_max": None},
+        "n_images": 3,
+    }
+    b = {
+        "pixel_auroc": 1.0,
+        "pixel_aupro": 0.4,
+        "pixel_aupro_ref": None,
+        "pixel_f1_max": None,
+        "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None},
+        "n_images": 5,
+    }
     mean = mean_metrics({"a": a, "b": b})
-    assert mean == {"pixel_auroc": 0.75, "pixel_aupro": pytest.approx(0.3), "pixel_aupro_ref": None,
-                    "pixel_f1_max": 0.1, "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None}}
+    assert mean == {
+        "pixel_auroc": 0.75,
+        "pixel_aupro": pytest.approx(0.3),
+        "pixel_aupro_ref": None,
+        "pixel_f1_max": 0.1,
+        "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None},
+    }
 
 
 # ------------------------------------------------------------------ the tiny random CLIP on real defect photos
@@ -230,14 +259,22 @@ def real():
     """magnetic_tile: 1 good + 2 defective images of different sizes; steel_sd900: 2 defective 200 x 200."""
     tiles = load_dataset(REAL_DEFECTS, classes=["magnetic_tile"])["magnetic_tile"]
     steel = load_dataset(REAL_DEFECTS, classes=["steel_sd900"], limit=2)["steel_sd900"]
-    return {"magnetic_tile": [s for s in tiles if not s.anomaly][:1] + [s for s in tiles if s.anomaly][:2],
-            "steel_sd900": steel}
+    return {
+        "magnetic_tile": [s for s in tiles if not s.anomaly][:1] + [s for s in tiles if s.anomaly][:2],
+        "steel_sd900": steel,
+    }
 
 
 def _run(model, samples, protocol):
     kept: dict[str, ClassData] = {}
-    report = evaluate(model, samples, protocol=protocol, batch_size=3, progress=False,
-                      on_class=lambda cls, data: kept.__setitem__(cls, data))
+    report = evaluate(
+        model,
+        samples,
+        protocol=protocol,
+        batch_size=3,
+        progress=False,
+        on_class=lambda cls, data: kept.__setitem__(cls, data),
+    )
     return report, kept
 
 
@@ -281,7 +318,8 @@ def test_paper_metrics_equal_compute_metrics_on_the_same_maps(paper, real):
         expected = compute_metrics(data.masks, data.maps, data.labels, data.scores)
         assert {k: report["classes"][cls][k] for k in expected} == expected
         assert report["classes"][cls]["pixel_auroc"] == pytest.approx(
-            roc_auc_score(data.masks.ravel(), data.maps.ravel()), abs=1e-12)
+            roc_auc_score(data.masks.ravel(), data.maps.ravel()), abs=1e-12
+        )
 
 
 def test_service_maps_are_at_original_sizes_and_resized_from_the_service_map(service, real, tiny):
@@ -333,8 +371,21 @@ def test_write_report_refuses_out_of_range_values(tmp_path, paper):
 def _args(**over) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
-    argv = ["--data", str(REAL_DEFECTS), "--backbone", str(TINY_CLIP), "--prompts", str(REF_PROMPTS),
-            "--preset", "fast", "--classes", "steel_sd900", "--limit", "1", "--no-progress"]
+    argv = [
+        "--data",
+        str(REAL_DEFECTS),
+        "--backbone",
+        str(TINY_CLIP),
+        "--prompts",
+        str(REF_PROMPTS),
+        "--preset",
+        "fast",
+        "--classes",
+        "steel_sd900",
+        "--limit",
+        "1",
+        "--no-progress",
+    ]
     args = parser.parse_args(argv)
     for k, v in over.items():
         setattr(args, k, v)
@@ -371,9 +422,24 @@ def test_cli_main_end_to_end(tmp_path, capsys):
     from service.cli import main
 
     out = tmp_path / "r.json"
-    argv = ["evaluate", "--data", str(REAL_DEFECTS / "steel_sd900"), "--backbone", str(TINY_CLIP), "--prompts",
-            str(REF_PROMPTS), "--preset", "fast", "--limit", "1", "--protocol", "service", "--report", str(out),
-            "--no-progress"]
+    argv = [
+        "evaluate",
+        "--data",
+        str(REAL_DEFECTS / "steel_sd900"),
+        "--backbone",
+        str(TINY_CLIP),
+        "--prompts",
+        str(REF_PROMPTS),
+        "--preset",
+        "fast",
+        "--limit",
+        "1",
+        "--protocol",
+        "service",
+        "--report",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["protocol"] == "service" and report["classes"]["steel_sd900"]["n_images"] == 1

@@ -20,13 +20,14 @@ def test_focal_tiny_case_by_hand():
     # one-hot clamped to [1e-5, 1 - 1e-5]: pixel a -> (1 - 1e-5, 1e-5), pixel b -> (1e-5, 1 - 1e-5)
     pt_a = (1 - 1e-5) * 0.8 + 1e-5 * 0.2 + 1e-5  # = 0.800004
     pt_b = 1e-5 * 0.3 + (1 - 1e-5) * 0.7 + 1e-5  # = 0.700006
-    expected = (-(1 - pt_a) ** 2 * math.log(pt_a) - (1 - pt_b) ** 2 * math.log(pt_b)) / 2
+    expected = (-((1 - pt_a) ** 2) * math.log(pt_a) - (1 - pt_b) ** 2 * math.log(pt_b)) / 2
     assert abs(pt_a - 0.800004) < 1e-12 and abs(pt_b - 0.700006) < 1e-12
     assert focal_loss(probs, target).item() == pytest.approx(expected, abs=1e-12)
     assert expected == pytest.approx(0.020513, abs=1e-5)  # 0.5 * (0.04 * 0.223144 + 0.09 * 0.356675)
     # gamma = 0 is the plain mean negative log-likelihood of the smoothed pt
     assert focal_loss(probs, target, gamma=0.0).item() == pytest.approx(
-        -(math.log(pt_a) + math.log(pt_b)) / 2, abs=1e-12)
+        -(math.log(pt_a) + math.log(pt_b)) / 2, abs=1e-12
+    )
 
 
 def test_dice_tiny_case_by_hand():
@@ -40,7 +41,7 @@ def test_dice_tiny_case_by_hand():
 def test_segmentation_loss_is_sum_of_three_terms():
     probs, target = _tiny()
     pt_a, pt_b = 0.800004, 0.700006
-    focal = (-(1 - pt_a) ** 2 * math.log(pt_a) - (1 - pt_b) ** 2 * math.log(pt_b)) / 2
+    focal = (-((1 - pt_a) ** 2) * math.log(pt_a) - (1 - pt_b) ** 2 * math.log(pt_b)) / 2
     expected = focal + (1 - 2.4 / 2.9) + (1 - 2.6 / 3.1)
     assert segmentation_loss(probs, target).item() == pytest.approx(expected, abs=1e-9)
 

@@ -72,7 +72,7 @@ def random_problem(seed, n=4, size=32, dtype=np.float64, quantise=False):
         for _ in range(rng.integers(2, 5)):
             y, x = rng.integers(0, size - 6, 2)
             h, w = rng.integers(1, 7, 2)
-            masks[i, y:y + h, x:x + w] = True
+            masks[i, y : y + h, x : x + w] = True
     maps = rng.random((n, size, size)) + 0.6 * masks * rng.random((n, size, size))
     if quantise:  # many exact ties, some of them on threshold values
         maps = np.round(maps * 40) / 40
@@ -117,8 +117,10 @@ def test_hand_computed_case():
     assert aupro(masks, maps, num_thresholds=4) == pytest.approx((0.3 - 23 / 324) / 0.3, abs=1e-12)
 
 
-@pytest.mark.parametrize("seed,dtype,quantise", [(0, np.float64, False), (1, np.float32, False),
-                                                 (2, np.float64, True), (3, np.float32, True)])
+@pytest.mark.parametrize(
+    "seed,dtype,quantise",
+    [(0, np.float64, False), (1, np.float32, False), (2, np.float64, True), (3, np.float32, True)],
+)
 def test_aupro_matches_brute_force(seed, dtype, quantise):
     masks, maps = random_problem(seed, dtype=dtype, quantise=quantise)
     fpr, pro = pro_curve(masks, maps)
@@ -136,7 +138,8 @@ def test_aupro_other_limit_matches_brute_force():
     masks, maps = random_problem(7)
     assert aupro(masks, maps, fpr_limit=0.1) == pytest.approx(brute_force_standard(masks, maps, 0.1), abs=1e-9)
     assert aupro(masks, maps, fpr_limit=0.1, variant="reference") == pytest.approx(
-        brute_force_reference(masks, maps, 0.1), abs=1e-9)
+        brute_force_reference(masks, maps, 0.1), abs=1e-9
+    )
 
 
 def test_pixel_metrics_match_sklearn():

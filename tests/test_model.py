@@ -106,8 +106,7 @@ def test_ensemble_prompts_need_only_a_backbone():
 
 def test_tiny_open_clip_config_runs_same_path_with_different_depth():
     clip = tiny_backbone(layers=6)
-    model, _ = build_model(clip, "ensemble", preset="fast", dpam=4, features_list=(2, 4, 6),
-                           layer_features="per_layer")
+    model, _ = build_model(clip, "ensemble", preset="fast", dpam=4, features_list=(2, 4, 6), layer_features="per_layer")
     assert model.tower.first_vv == 3  # last dpam - 1 = 3 blocks of 6 run the dual path
     img = Image.fromarray(np.full((100, 80), 128, dtype=np.uint8), mode="L")
     out = model(*_views(img, model.cfg.preset))

@@ -18,8 +18,16 @@ from service.model.scoring import grid_maps, token_probs
 
 from .paths import FIXTURES
 
-TOL = {"text_features": 1e-5, "text_features_raw": 1e-4, "token_prob": 1e-5, "global": 5e-5, "score": 2e-5,
-       "raw": 5e-5, "final": 2e-5, "input": 1e-6}
+TOL = {
+    "text_features": 1e-5,
+    "text_features_raw": 1e-4,
+    "token_prob": 1e-5,
+    "global": 5e-5,
+    "score": 2e-5,
+    "raw": 5e-5,
+    "final": 2e-5,
+    "input": 1e-6,
+}
 CONFIGS = {"A": ("mvtec", 2), "B": ("visa", 8), "C": ("fast", 4)}
 
 
@@ -40,8 +48,10 @@ def _images(expected):
 @pytest.fixture(scope="module")
 def models(tiny_clip, ref_checkpoint):
     clip, info = tiny_clip
-    return {cfg: build_model(clip, ref_checkpoint, preset=preset, backbone_info=info)[0]
-            for cfg, (preset, _) in CONFIGS.items()}
+    return {
+        cfg: build_model(clip, ref_checkpoint, preset=preset, backbone_info=info)[0]
+        for cfg, (preset, _) in CONFIGS.items()
+    }
 
 
 def _run(model, img):
@@ -54,8 +64,13 @@ def _run(model, img):
     tokens = [fw.tokens[0, 0]] + [fc.tokens[0, k, 0] for k in range(4)]  # per view (L, D)
     probs = [grid_maps(token_probs(t[None], model.text_features))[0].permute(1, 2, 0) for t in tokens]  # (g, g, 2)
     inputs = [v.whole] + list(v.crops)
-    return {"views": inputs, "tokens": tokens, "probs": probs,
-            "cls": torch.cat([fw.cls, fc.cls[0]]).numpy(), "out": out}
+    return {
+        "views": inputs,
+        "tokens": tokens,
+        "probs": probs,
+        "cls": torch.cat([fw.cls, fc.cls[0]]).numpy(),
+        "out": out,
+    }
 
 
 def test_text_features(tiny_clip, ref_checkpoint, models, expected):
@@ -139,7 +154,7 @@ def test_batch_of_three_equals_one_at_a_time(models, expected):
     crops = torch.from_numpy(np.stack([v.crops for v in views]))
     batched = model(whole, crops)
     for i in range(3):
-        single = model(whole[i:i + 1], crops[i:i + 1])
+        single = model(whole[i : i + 1], crops[i : i + 1])
         for name in ("image_score", "anomaly_map", "raw_map", "eval_map"):
             _close(getattr(batched, name)[i], getattr(single, name)[0].numpy(), 1e-5, f"batch vs single {name}")
         _close(batched.image_score[i], expected["A_image_score"][i], TOL["score"], "batched score vs golden")

@@ -147,8 +147,9 @@ def _train(clip, info, samples, out, **kw):
     resume = kw.pop("resume", False)
     cfg = kw.pop("cfg", TINY)
     s = TrainSettings(**{"epochs": 2, "batch_size": 2, **kw})
-    return train_prompts(clip, samples, cfg, out, s, backbone=info, data={"root": str(REAL)}, resume=resume,
-                         progress=False)
+    return train_prompts(
+        clip, samples, cfg, out, s, backbone=info, data={"root": str(REAL)}, resume=resume, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +183,13 @@ def test_disk_cache_key_and_corrupt_file(clip_info, samples, tmp_path):
     img.write_bytes(samples[0].img_path.read_bytes())
     key = cache_key(img, TINY, "abc", "fp32", "fp16")
     assert key == cache_key(img, TINY, "abc", "fp32", "fp16") and len(key) == 64
-    others = [cache_key(img, TINY.with_(layer_features="per_layer"), "abc", "fp32", "fp16"),
-              cache_key(img, TINY, "abd", "fp32", "fp16"), cache_key(img, TINY, "abc", "bf16", "fp16"),
-              cache_key(img, TINY, "abc", "fp32", "fp32"),
-              cache_key(img, DHRConfig(preset=Preset("t2", 112, 112, 196)), "abc", "fp32", "fp16")]
+    others = [
+        cache_key(img, TINY.with_(layer_features="per_layer"), "abc", "fp32", "fp16"),
+        cache_key(img, TINY, "abd", "fp32", "fp16"),
+        cache_key(img, TINY, "abc", "bf16", "fp16"),
+        cache_key(img, TINY, "abc", "fp32", "fp32"),
+        cache_key(img, DHRConfig(preset=Preset("t2", 112, 112, 196)), "abc", "fp32", "fp16"),
+    ]
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
     others.append(cache_key(img, TINY, "abc", "fp32", "fp16"))
     assert len({key, *others}) == 7
@@ -242,19 +246,48 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_run_train_end_to_end_on_real_images(clip_info, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = run_train(_args("--data", str(REAL), "--classes", "magnetic_tile,steel_sd900", "--limit", "1",
-                         "--backbone", str(TINY_CLIP), "--preset", "fast", "--epochs", "2", "--batch-size", "2",
-                         "--device", "cpu", "--no-progress", "--out", str(out)))
+    rc = run_train(
+        _args(
+            "--data",
+            str(REAL),
+            "--classes",
+            "magnetic_tile,steel_sd900",
+            "--limit",
+            "1",
+            "--backbone",
+            str(TINY_CLIP),
+            "--preset",
+            "fast",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        )
+    )
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["epoch_001.safetensors", "epoch_002.safetensors",
-                                                     "optimizer_epoch_002.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "epoch_001.safetensors",
+        "epoch_002.safetensors",
+        "optimizer_epoch_002.pt",
+    ]
     meta = _meta(out / "epoch_002.safetensors")
     assert meta["preset"] == "fast" and meta["layer_features"] == "final"
     assert meta["backbone"] == {"name": TINY_CLIP.name, "sha256": clip_info[1].sha256}
     tr = meta["training"]
     assert tr["data"] == {"root": str(REAL), "split": "test", "classes": ["magnetic_tile", "steel_sd900"], "limit": 1}
-    assert (tr["epochs"], tr["epoch"], tr["batch_size"], tr["lr"], tr["seed"], tr["n_images"]) == (2, 2, 2, 1e-3,
-                                                                                                   111, 2)
+    assert (tr["epochs"], tr["epoch"], tr["batch_size"], tr["lr"], tr["seed"], tr["n_images"]) == (
+        2,
+        2,
+        2,
+        1e-3,
+        111,
+        2,
+    )
     assert tr["betas"] == [0.5, 0.999] and len(tr["epoch_losses"]) == 2
     assert all(0 < v < 4 * 3 for v in tr["epoch_losses"])  # 4 layers x (focal + 2 dice terms, each < 1)
     assert "mean loss" in capsys.readouterr().out
@@ -274,8 +307,9 @@ def test_run_train_end_to_end_on_real_images(clip_info, tmp_path, capsys):
 def test_run_train_user_errors_are_one_line(tmp_path, capsys):
     from service.cli import main
 
-    rc = main(["train", "--data", str(tmp_path / "missing"), "--backbone", str(TINY_CLIP), "--out",
-               str(tmp_path / "o")])
+    rc = main(
+        ["train", "--data", str(tmp_path / "missing"), "--backbone", str(TINY_CLIP), "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and str(tmp_path / "missing") in err and "not a directory" in err
 
@@ -285,8 +319,21 @@ def test_run_train_user_errors_are_one_line(tmp_path, capsys):
     first = sorted(src.iterdir())[0]
     (good / "a.jpg").write_bytes(first.read_bytes())
     (good / "b.jpg").write_bytes(first.read_bytes()[:600])  # valid header, truncated pixel data
-    argv = ("--data", str(tmp_path / "ds"), "--backbone", str(TINY_CLIP), "--preset", "fast", "--epochs", "1",
-            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o2"))
+    argv = (
+        "--data",
+        str(tmp_path / "ds"),
+        "--backbone",
+        str(TINY_CLIP),
+        "--preset",
+        "fast",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "o2"),
+    )
     rc = main(["train", *argv])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("dhrclip train: ") and str(good / "b.jpg") in err

@@ -38,8 +38,12 @@ logger = logging.getLogger("dhrclip.api")
 
 
 def too_large(limit_bytes: int, what: str) -> Problem:
-    return Problem(413, "Upload too large", f"{what} exceeds the limit of {limit_bytes} bytes "
-                   f"({limit_bytes / 2**20:g} MiB, DHR_MAX_UPLOAD_MB)", "upload-too-large")
+    return Problem(
+        413,
+        "Upload too large",
+        f"{what} exceeds the limit of {limit_bytes} bytes ({limit_bytes / 2**20:g} MiB, DHR_MAX_UPLOAD_MB)",
+        "upload-too-large",
+    )
 
 
 def route_template(scope: Scope) -> str:
@@ -104,8 +108,9 @@ class RequestMiddleware:
             else:
                 await self.app(scope, counting_receive, send_with_id)
         except Exception:
-            logger.exception("unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"),
-                             request_id)
+            logger.exception(
+                "unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id
+            )
             if sent["started"]:
                 raise  # the response is half sent; only the server can close the connection
             body = internal_error_body(scope.get("path", ""), request_id)
@@ -117,9 +122,15 @@ class RequestMiddleware:
         route = route_template(scope)
         method = scope.get("method", "")
         self.metrics.observe_request(method, route, status, seconds)
-        fields = {"method": method, "path": scope.get("path", ""), "route": route, "status": status,
-                  "duration_ms": round(seconds * 1000.0, 3), "request_id": request_id,
-                  "n_images": int(state.get("n_images", 0))}
+        fields = {
+            "method": method,
+            "path": scope.get("path", ""),
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000.0, 3),
+            "request_id": request_id,
+            "n_images": int(state.get("n_images", 0)),
+        }
         access_logger.info(json.dumps(fields, separators=(",", ":")), extra={"access": fields})
 
 
@@ -127,8 +138,11 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per log line: ``ts``, ``level``, ``logger`` and either the access fields or ``msg``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-               + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "logger": record.name}
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             out.update(access)

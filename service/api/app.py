@@ -51,8 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await ctx.close()
 
-    app = FastAPI(title="DHR-CLIP inspection service", version=service.__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="DHR-CLIP inspection service", version=service.__version__, description=DESCRIPTION, lifespan=lifespan
+    )
     app.state.ctx = ServiceContext(settings, metrics=metrics)  # replaced at start-up; status "loading" until then
     app.state.settings = settings
     install_problem_handlers(app)

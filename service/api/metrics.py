@@ -45,14 +45,24 @@ class Metrics:
         r = self.registry
         labels = ["method", "route", "status"]
         self.requests = Counter("dhr_http_requests", "HTTP requests answered", labels, registry=r)
-        self.latency = Histogram("dhr_http_request_duration_seconds", "HTTP request wall time in seconds", labels,
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "dhr_http_request_duration_seconds",
+            "HTTP request wall time in seconds",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("dhr_queue_depth", "Images waiting for a model batch", registry=r)
         self.batch_size = Histogram("dhr_batch_size", "Images per model call", buckets=BATCH_BUCKETS, registry=r)
-        self.batch_wait = Histogram("dhr_batch_wait_seconds", "Queue wait of the oldest image of a batch",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("dhr_inference_seconds", "Wall time of one model call (one batch) in seconds",
-                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_wait = Histogram(
+            "dhr_batch_wait_seconds", "Queue wait of the oldest image of a batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "dhr_inference_seconds",
+            "Wall time of one model call (one batch) in seconds",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._batcher: Callable[[], object | None] = lambda: None
         r.register(_BatcherCollector(lambda: self._batcher()))
         self.images = Counter("dhr_images", "Images inspected and stored, by verdict", ["verdict"], registry=r)
@@ -92,9 +102,11 @@ class Metrics:
 class _BatcherCollector(Collector):
     """Exports the batcher's own counters at scrape time (0 while no engine runs)."""
 
-    FIELDS = (("dhr_batches", "batches_total", "Model calls made by the batcher"),
-              ("dhr_failed_batches", "failed_batches_total", "Model calls that raised"),
-              ("dhr_queue_rejections", "rejected_total", "Images refused because the queue was full"))
+    FIELDS = (
+        ("dhr_batches", "batches_total", "Model calls made by the batcher"),
+        ("dhr_failed_batches", "failed_batches_total", "Model calls that raised"),
+        ("dhr_queue_rejections", "rejected_total", "Images refused because the queue was full"),
+    )
 
     def __init__(self, read: Callable[[], object | None]) -> None:
         self._read = read

@@ -73,9 +73,13 @@ async def analyse(engine: Engine, upload: Upload, pixel_threshold: float) -> Ana
     t2 = time.perf_counter()
     post = await engine.postprocess(result, decoded, pixel_threshold)
     t3 = time.perf_counter()
-    timing = {"decode": _ms(t1 - t0), "queue": _ms(batch.get("queue_s", 0.0)),
-              "inference": _ms(batch.get("run_s", t2 - t1)), "batch_size": int(batch.get("batch_size", 1)),
-              "postprocess": _ms(t3 - t2)}
+    timing = {
+        "decode": _ms(t1 - t0),
+        "queue": _ms(batch.get("queue_s", 0.0)),
+        "inference": _ms(batch.get("run_s", t2 - t1)),
+        "batch_size": int(batch.get("batch_size", 1)),
+        "postprocess": _ms(t3 - t2),
+    }
     return Analysed(upload, decoded, result, post, timing)
 
 
@@ -84,23 +88,32 @@ def failure_problem(exc: BaseException, upload: Upload, timeout_s: float) -> Pro
     if isinstance(exc, ImageError):
         return image_problem(exc)
     if isinstance(exc, QueueFullError):
-        return service_unavailable(f"{upload.filename}: {exc}; retry later", QUEUE_FULL_RETRY_AFTER_S,
-                                   "queue-full", "Inference queue full")
+        return service_unavailable(
+            f"{upload.filename}: {exc}; retry later", QUEUE_FULL_RETRY_AFTER_S, "queue-full", "Inference queue full"
+        )
     if isinstance(exc, BatcherClosedError):
-        return service_unavailable(f"{upload.filename}: the service is shutting down", QUEUE_FULL_RETRY_AFTER_S,
-                                   "shutting-down", "Service shutting down")
+        return service_unavailable(
+            f"{upload.filename}: the service is shutting down",
+            QUEUE_FULL_RETRY_AFTER_S,
+            "shutting-down",
+            "Service shutting down",
+        )
     if isinstance(exc, TimeoutError):
-        return Problem(504, "Inference timed out", f"{upload.filename}: not analysed within {timeout_s:g} s "
-                       "(DHR_REQUEST_TIMEOUT_S)", "timeout")
+        return Problem(
+            504,
+            "Inference timed out",
+            f"{upload.filename}: not analysed within {timeout_s:g} s (DHR_REQUEST_TIMEOUT_S)",
+            "timeout",
+        )
     logger.error("analysis of %s failed", upload.filename, exc_info=(type(exc), exc, exc.__traceback__))
     return Problem(500, "Inference failed", f"{upload.filename}: {type(exc).__name__}: {exc}", "inference-failed")
 
 
-async def analyse_all(engine: Engine, uploads: list[Upload], pixel_threshold: float,
-                      timeout_s: float) -> list[Analysed]:
+async def analyse_all(
+    engine: Engine, uploads: list[Upload], pixel_threshold: float, timeout_s: float
+) -> list[Analysed]:
     """Every upload concurrently, each bounded by ``timeout_s``; raises the Problem of the first failure."""
-    tasks = [asyncio.create_task(asyncio.wait_for(analyse(engine, u, pixel_threshold), timeout_s))
-             for u in uploads]
+    tasks = [asyncio.create_task(asyncio.wait_for(analyse(engine, u, pixel_threshold), timeout_s)) for u in uploads]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
@@ -120,19 +133,31 @@ def build_record(item: Analysed, decision: Decision, model: dict) -> InspectionR
     score = float(item.result.score(decision.image_score))
     verdict = "defect" if score >= decision.image_threshold else "ok"
     return InspectionRecord(
-        product=decision.product, line=decision.line, part_id=decision.part_id, filename=item.upload.filename,
-        width=item.decoded.width, height=item.decoded.height, score=score, threshold=decision.image_threshold,
-        verdict=verdict, image_score=decision.image_score, pixel_threshold=decision.pixel_threshold,
-        defect_area_ratio=float(item.post.defect_area_ratio), regions=[r.to_dict() for r in item.post.regions],
-        model=dict(model), timing_ms=dict(item.timing_ms))
+        product=decision.product,
+        line=decision.line,
+        part_id=decision.part_id,
+        filename=item.upload.filename,
+        width=item.decoded.width,
+        height=item.decoded.height,
+        score=score,
+        threshold=decision.image_threshold,
+        verdict=verdict,
+        image_score=decision.image_score,
+        pixel_threshold=decision.pixel_threshold,
+        defect_area_ratio=float(item.post.defect_area_ratio),
+        regions=[r.to_dict() for r in item.post.regions],
+        model=dict(model),
+        timing_ms=dict(item.timing_ms),
+    )
 
 
 def artefacts_of(post: PostResult) -> dict[str, bytes]:
     return {"overlay": post.overlay_png, "heatmap": post.heatmap_png, "mask": post.mask_png}
 
 
-def store_all(store: InspectionStore, records: list[InspectionRecord],
-              analysed: list[Analysed]) -> list[tuple[InspectionRecord, float, float]]:
+def store_all(
+    store: InspectionStore, records: list[InspectionRecord], analysed: list[Analysed]
+) -> list[tuple[InspectionRecord, float, float]]:
     """Blocking: write every record with its PNGs, in order.
 
     Returns ``(stored record, store ms, perf_counter() when committed)`` per record.

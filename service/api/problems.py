@@ -39,8 +39,15 @@ class Problem(StarletteHTTPException):
     request body is read (the upload size limit of the request middleware).
     """
 
-    def __init__(self, status: int, title: str, detail: str, slug: str | None = None,
-                 headers: dict[str, str] | None = None, extra: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        slug: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(status_code=int(status), detail=detail, headers=dict(headers or {}))
         self.status, self.title = int(status), title
         self.type = TYPE_BASE + slug if slug else "about:blank"
@@ -59,8 +66,12 @@ class Problem(StarletteHTTPException):
         return out
 
     def response(self, instance: str | None = None, request_id: str | None = None) -> JSONResponse:
-        return JSONResponse(self.body(instance, request_id), status_code=self.status, headers=self.headers,
-                            media_type=PROBLEM_MEDIA_TYPE)
+        return JSONResponse(
+            self.body(instance, request_id),
+            status_code=self.status,
+            headers=self.headers,
+            media_type=PROBLEM_MEDIA_TYPE,
+        )
 
 
 def image_problem(exc: ImageError) -> Problem:
@@ -69,8 +80,9 @@ def image_problem(exc: ImageError) -> Problem:
     return Problem(status, title, str(exc), slug)
 
 
-def service_unavailable(detail: str, retry_after_s: int | None, slug: str = "not-ready",
-                        title: str = "Model not ready") -> Problem:
+def service_unavailable(
+    detail: str, retry_after_s: int | None, slug: str = "not-ready", title: str = "Model not ready"
+) -> Problem:
     """503, with ``Retry-After`` when waiting can help."""
     headers = {"Retry-After": str(int(retry_after_s))} if retry_after_s is not None else None
     return Problem(503, title, detail, slug, headers=headers)
@@ -89,8 +101,7 @@ def _loc(loc) -> str:
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": _loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-              for e in exc.errors()]
+    errors = [{"loc": _loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
     detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "the request is not valid"
     problem = Problem(422, "Invalid request", detail, "validation-error", extra={"errors": errors})
     return problem.response(request.url.path, _request_id(request))
@@ -104,8 +115,10 @@ async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONRe
         title = "HTTP error"
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
     if detail is None:
-        detail = {404: f"no resource at {request.url.path}",
-                  405: f"method {request.method} is not allowed on {request.url.path}"}.get(status, title)
+        detail = {
+            404: f"no resource at {request.url.path}",
+            405: f"method {request.method} is not allowed on {request.url.path}",
+        }.get(status, title)
     problem = Problem(status, title, detail, headers=getattr(exc, "headers", None) or None)
     return problem.response(request.url.path, _request_id(request))
 
@@ -124,8 +137,9 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 def internal_error_body(instance: str, request_id: str) -> dict:
     """Body of the 500 answered when a route raised something unexpected (details go to the log only)."""
-    return Problem(500, "Internal server error", f"an unexpected error occurred; quote request id {request_id}",
-                   "internal-error").body(instance, request_id)
+    return Problem(
+        500, "Internal server error", f"an unexpected error occurred; quote request id {request_id}", "internal-error"
+    ).body(instance, request_id)
 
 
 class ProblemOut(BaseModel):
@@ -142,5 +156,6 @@ class ProblemOut(BaseModel):
 def problem_responses(*statuses: int) -> dict[int | str, dict]:
     """``responses=`` entries documenting problem+json answers in the OpenAPI document."""
     schema = ProblemOut.model_json_schema()
-    return {s: {"description": HTTPStatus(s).phrase, "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}}}
-            for s in statuses}
+    return {
+        s: {"description": HTTPStatus(s).phrase, "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}}} for s in statuses
+    }

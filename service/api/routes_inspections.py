@@ -51,13 +51,13 @@ def _ctx(request: Request) -> ServiceContext:
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
     if value is not None and (value.tzinfo is None or value.utcoffset() is None):
-        raise Problem(422, "Invalid request", f"{name} must carry a time zone, e.g. 2026-01-31T08:00:00Z",
-                      "validation-error")
+        raise Problem(
+            422, "Invalid request", f"{name} must carry a time zone, e.g. 2026-01-31T08:00:00Z", "validation-error"
+        )
     return value
 
 
-@router.get("/inspections", response_model=InspectionPage, tags=["inspection"],
-            responses=problem_responses(401, 422))
+@router.get("/inspections", response_model=InspectionPage, tags=["inspection"], responses=problem_responses(401, 422))
 async def list_inspections(
     request: Request,
     product: str | None = Query(None, max_length=200),
@@ -71,17 +71,28 @@ async def list_inspections(
     ctx = _ctx(request)
     since, until = _aware(since, "since"), _aware(until, "until")
     try:
-        records, next_cursor = await asyncio.to_thread(ctx.require_store().list, product=product, line=line,
-                                                       verdict=verdict, since=since, until=until, limit=limit,
-                                                       cursor=cursor)
+        records, next_cursor = await asyncio.to_thread(
+            ctx.require_store().list,
+            product=product,
+            line=line,
+            verdict=verdict,
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )
     except ValueError as exc:  # invalid cursor
         raise Problem(422, "Invalid request", str(exc), "validation-error") from None
     root = request.scope.get("root_path", "")
     return {"items": [record_out(r, root) for r in records], "next_cursor": next_cursor}
 
 
-@router.get("/inspections/{inspection_id}", response_model=InspectionOut, tags=["inspection"],
-            responses=problem_responses(401, 404))
+@router.get(
+    "/inspections/{inspection_id}",
+    response_model=InspectionOut,
+    tags=["inspection"],
+    responses=problem_responses(401, 404),
+)
 async def get_inspection(request: Request, inspection_id: InspectionId):
     ctx = _ctx(request)
     record = await asyncio.to_thread(ctx.require_store().get, inspection_id)
@@ -90,14 +101,18 @@ async def get_inspection(request: Request, inspection_id: InspectionId):
     return record_out(record, request.scope.get("root_path", ""))
 
 
-@router.get("/inspections/{inspection_id}/{kind}.png", response_class=FileResponse, tags=["inspection"],
-            responses={200: {"content": {"image/png": {}}, "description": "the PNG"},
-                       **problem_responses(401, 404, 500)})
+@router.get(
+    "/inspections/{inspection_id}/{kind}.png",
+    response_class=FileResponse,
+    tags=["inspection"],
+    responses={200: {"content": {"image/png": {}}, "description": "the PNG"}, **problem_responses(401, 404, 500)},
+)
 async def get_artefact(request: Request, kind: str, inspection_id: InspectionId):
     ctx = _ctx(request)
     if kind not in ARTEFACT_KINDS:
-        raise Problem(404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}",
-                      "not-found")
+        raise Problem(
+            404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}", "not-found"
+        )
     try:
         path = await asyncio.to_thread(ctx.require_store().artefact_path, inspection_id, kind)
     except FileNotFoundError as exc:
@@ -105,8 +120,9 @@ async def get_artefact(request: Request, kind: str, inspection_id: InspectionId)
         raise Problem(500, "Artefact missing", str(exc), "artefact-missing") from None
     if path is None:
         raise Problem(404, "Artefact not found", f"no {kind}.png for inspection {inspection_id!r}", "not-found")
-    return FileResponse(path, media_type="image/png", filename=f"{inspection_id}-{kind}.png",
-                        content_disposition_type="inline")
+    return FileResponse(
+        path, media_type="image/png", filename=f"{inspection_id}-{kind}.png", content_disposition_type="inline"
+    )
 
 
 @router.get("/products", response_model=ProductList, tags=["products"], responses=problem_responses(401))
@@ -123,10 +139,13 @@ async def get_product(request: Request, name: ProductName):
     return product_out(profile)
 
 
-@router.put("/products/{name}", response_model=ProductOut, tags=["products"],
-            responses=problem_responses(401, 422))
+@router.put("/products/{name}", response_model=ProductOut, tags=["products"], responses=problem_responses(401, 422))
 async def put_product(body: ProductIn, request: Request, name: ProductName):
-    profile = ProductProfile(name=name, image_threshold=body.image_threshold, pixel_threshold=body.pixel_threshold,
-                             image_score=body.image_score)
+    profile = ProductProfile(
+        name=name,
+        image_threshold=body.image_threshold,
+        pixel_threshold=body.pixel_threshold,
+        image_score=body.image_score,
+    )
     stored = await asyncio.to_thread(_ctx(request).require_store().put_product, profile)
     return product_out(stored)

@@ -33,8 +33,9 @@ def _ctx(request: Request) -> ServiceContext:
 def _not_ready(ctx: ServiceContext) -> JSONResponse:
     status = "error" if ctx.status == ERROR else "loading"
     headers = {"Retry-After": str(LOADING_RETRY_AFTER_S)} if status == "loading" else None
-    return JSONResponse({"status": status, "reason": ctx.reason or "the model is loading"}, status_code=503,
-                        headers=headers)
+    return JSONResponse(
+        {"status": status, "reason": ctx.reason or "the model is loading"}, status_code=503, headers=headers
+    )
 
 
 @router.get("/livez", summary="Liveness: the process answers")
@@ -59,16 +60,27 @@ async def health(request: Request):
     info = engine.info.to_dict()
     stored = await asyncio.to_thread(ctx.require_store().count)
     return {
-        "status": "ok", "model": info, "device": info["device"], "precision": info["precision"],
-        "preset": info["preset"], "queue_depth": engine.queue_depth, "queue_size": s.queue_size,
-        "max_batch_size": s.max_batch_size, "uptime_s": round(time.time() - ctx.started_at, 3),
-        "last_inference_at": ctx.last_inference_iso(), "warmup_s": engine.warmup_s,
+        "status": "ok",
+        "model": info,
+        "device": info["device"],
+        "precision": info["precision"],
+        "preset": info["preset"],
+        "queue_depth": engine.queue_depth,
+        "queue_size": s.queue_size,
+        "max_batch_size": s.max_batch_size,
+        "uptime_s": round(time.time() - ctx.started_at, 3),
+        "last_inference_at": ctx.last_inference_iso(),
+        "warmup_s": engine.warmup_s,
         "counts": {"total": ctx.counts.total, "ok": ctx.counts.ok, "defect": ctx.counts.defect, "stored": stored},
     }
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
 async def metrics(request: Request):
     m = _ctx(request).metrics
     return Response(m.render(), media_type=m.content_type)

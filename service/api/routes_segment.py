@@ -31,17 +31,37 @@ from .state import ServiceContext
 router = APIRouter(tags=["inspection"], dependencies=[Depends(require_api_key)])
 
 _TEXT = {"type": "string", "maxLength": 200}
-SEGMENT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["image"],
-    "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                  "description": "one or more image files (JPEG, PNG, BMP, TIFF, WebP, ...)"},
-        "product": {**_TEXT, "description": "product name; its profile (PUT /products/{name}) sets thresholds"},
-        "line": {**_TEXT, "description": "production line"},
-        "part_id": {**_TEXT, "description": "part identifier"},
-        "image_score": {"type": "string", "enum": ["reference", "map_max", "map_topk"]},
-        "include": {"type": "string", "description": "comma list of overlay, heatmap, mask (base64 PNGs)"},
-    }}}}}}
+SEGMENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more image files (JPEG, PNG, BMP, TIFF, WebP, ...)",
+                        },
+                        "product": {
+                            **_TEXT,
+                            "description": "product name; its profile (PUT /products/{name}) sets thresholds",
+                        },
+                        "line": {**_TEXT, "description": "production line"},
+                        "part_id": {**_TEXT, "description": "part identifier"},
+                        "image_score": {"type": "string", "enum": ["reference", "map_max", "map_topk"]},
+                        "include": {
+                            "type": "string",
+                            "description": "comma list of overlay, heatmap, mask (base64 PNGs)",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class SegmentForm(BaseModel):
@@ -70,8 +90,9 @@ def parse_fields(form) -> SegmentForm:
     for name in SegmentForm.model_fields:
         value = form.get(name)
         if isinstance(value, UploadFile):
-            raise RequestValidationError([{"loc": ("body", name), "msg": "must be a text field, not a file",
-                                           "type": "string_type"}])
+            raise RequestValidationError(
+                [{"loc": ("body", name), "msg": "must be a text field, not a file", "type": "string_type"}]
+            )
         if value is not None and value.strip():
             raw[name] = value.strip()
     try:
@@ -84,16 +105,20 @@ async def read_uploads(form, ctx: ServiceContext) -> list[Upload]:
     """The ``image`` files as bytes: 400 none/not a file, 413 too many or one over the byte limit."""
     items = form.getlist("image")
     if not items:
-        raise Problem(400, "No image", "send one or more files in the multipart/form-data field 'image'",
-                      "no-image")
+        raise Problem(400, "No image", "send one or more files in the multipart/form-data field 'image'", "no-image")
     not_files = [i for i, item in enumerate(items) if not isinstance(item, UploadFile)]
     if not_files:
-        raise Problem(400, "Image is not a file", f"'image' entry {not_files[0]} is a text field; send files",
-                      "no-image")
+        raise Problem(
+            400, "Image is not a file", f"'image' entry {not_files[0]} is a text field; send files", "no-image"
+        )
     limit = ctx.settings.queue_size
     if len(items) > limit:
-        raise Problem(413, "Too many images", f"{len(items)} images in one request; at most {limit} "
-                      "(DHR_QUEUE_SIZE)", "too-many-images")
+        raise Problem(
+            413,
+            "Too many images",
+            f"{len(items)} images in one request; at most {limit} (DHR_QUEUE_SIZE)",
+            "too-many-images",
+        )
     uploads, total = [], 0
     for i, item in enumerate(items):
         data = await item.read()
@@ -134,12 +159,22 @@ async def decide(ctx: ServiceContext, fields: SegmentForm) -> Decision:
     return Decision(fields.product, fields.line, fields.part_id, fields.image_score or variant, image_t, pixel_t)
 
 
-@router.post("/segment", response_model=SegmentResponse, openapi_extra=SEGMENT_BODY,
-             summary="Inspect images: anomaly score, verdict, regions, heatmap/mask/overlay",
-             responses={200: {"content": {"image/png": {}}, "description": "JSON results, or one PNG"},
-                        **problem_responses(400, 401, 406, 413, 415, 422, 500, 503, 504)})
-async def segment(request: Request, output: Literal["overlay", "heatmap", "mask"] | None = Query(
-        None, description="answer the PNG of this kind instead of JSON (one image only)")):
+@router.post(
+    "/segment",
+    response_model=SegmentResponse,
+    openapi_extra=SEGMENT_BODY,
+    summary="Inspect images: anomaly score, verdict, regions, heatmap/mask/overlay",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "JSON results, or one PNG"},
+        **problem_responses(400, 401, 406, 413, 415, 422, 500, 503, 504),
+    },
+)
+async def segment(
+    request: Request,
+    output: Literal["overlay", "heatmap", "mask"] | None = Query(
+        None, description="answer the PNG of this kind instead of JSON (one image only)"
+    ),
+):
     t_start = time.perf_counter()
     ctx: ServiceContext = request.app.state.ctx
     engine = ctx.require_engine()
@@ -150,10 +185,19 @@ async def segment(request: Request, output: Literal["overlay", "heatmap", "mask"
     png_kind = output or ("overlay" if png_wanted(request.headers.get("accept")) else None)
     if png_kind and len(uploads) != 1:
         if output:
-            raise Problem(422, "One image needed", f"output={output} answers one PNG; this request has "
-                          f"{len(uploads)} images", "png-needs-one-image")
-        raise Problem(406, "Not Acceptable", f"Accept: image/png answers one PNG; this request has {len(uploads)} "
-                      "images (ask for JSON and use include=)", "png-needs-one-image")
+            raise Problem(
+                422,
+                "One image needed",
+                f"output={output} answers one PNG; this request has {len(uploads)} images",
+                "png-needs-one-image",
+            )
+        raise Problem(
+            406,
+            "Not Acceptable",
+            f"Accept: image/png answers one PNG; this request has {len(uploads)} "
+            "images (ask for JSON and use include=)",
+            "png-needs-one-image",
+        )
 
     decision = await decide(ctx, fields)
     analysed = await analyse_all(engine, uploads, decision.pixel_threshold, ctx.settings.request_timeout_s)
@@ -166,9 +210,14 @@ async def segment(request: Request, output: Literal["overlay", "heatmap", "mask"
 
     if png_kind:
         record, png = stored[0][0], artefacts_of(analysed[0].post)
-        headers = {"X-Inspection-Id": record.id, "X-Score": repr(record.score), "X-Verdict": record.verdict,
-                   "X-Threshold": repr(record.threshold), "X-Image-Score": record.image_score,
-                   "Location": links_for(record.id, request.scope.get("root_path", ""))["self"]}
+        headers = {
+            "X-Inspection-Id": record.id,
+            "X-Score": repr(record.score),
+            "X-Verdict": record.verdict,
+            "X-Threshold": repr(record.threshold),
+            "X-Image-Score": record.image_score,
+            "Location": links_for(record.id, request.scope.get("root_path", ""))["self"],
+        }
         return Response(png[png_kind], media_type="image/png", headers=headers)
 
     root = request.scope.get("root_path", "")

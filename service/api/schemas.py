@@ -148,16 +148,32 @@ def links_for(record_id: str, root_path: str = "") -> dict[str, str]:
 def record_out(record: InspectionRecord, root_path: str = "") -> dict:
     """A stored record as the JSON of GET /inspections/{id}."""
     return {
-        "id": record.id, "created_at": record.created_at, "filename": record.filename, "product": record.product,
-        "line": record.line, "part_id": record.part_id, "width": record.width, "height": record.height,
-        "score": record.score, "threshold": record.threshold, "verdict": record.verdict,
-        "image_score": record.image_score, "pixel_threshold": record.pixel_threshold,
-        "defect_area_ratio": record.defect_area_ratio, "regions": record.regions, "model": record.model,
-        "timing_ms": record.timing_ms, "links": links_for(record.id, root_path),
+        "id": record.id,
+        "created_at": record.created_at,
+        "filename": record.filename,
+        "product": record.product,
+        "line": record.line,
+        "part_id": record.part_id,
+        "width": record.width,
+        "height": record.height,
+        "score": record.score,
+        "threshold": record.threshold,
+        "verdict": record.verdict,
+        "image_score": record.image_score,
+        "pixel_threshold": record.pixel_threshold,
+        "defect_area_ratio": record.defect_area_ratio,
+        "regions": record.regions,
+        "model": record.model,
+        "timing_ms": record.timing_ms,
+        "links": links_for(record.id, root_path),
     }
 
 
 def product_out(profile: ProductProfile) -> dict:
-    return {"name": profile.name, "image_threshold": profile.image_threshold,
-            "pixel_threshold": profile.pixel_threshold, "image_score": profile.image_score,
-            "updated_at": profile.updated_at}
+    return {
+        "name": profile.name,
+        "image_threshold": profile.image_threshold,
+        "pixel_threshold": profile.pixel_threshold,
+        "image_score": profile.image_score,
+        "updated_at": profile.updated_at,
+    }

@@ -38,11 +38,21 @@ def _check(request: Request, given: str | None) -> None:
     if not keys:
         return
     if given is None:
-        raise Problem(401, "Missing API key", f"send one of the configured keys in the {API_KEY_HEADER} header",
-                      "unauthorized", headers=_CHALLENGE)
+        raise Problem(
+            401,
+            "Missing API key",
+            f"send one of the configured keys in the {API_KEY_HEADER} header",
+            "unauthorized",
+            headers=_CHALLENGE,
+        )
     if not key_is_valid(given, keys):
-        raise Problem(401, "Invalid API key", f"the {API_KEY_HEADER} header does not hold a configured key",
-                      "unauthorized", headers=_CHALLENGE)
+        raise Problem(
+            401,
+            "Invalid API key",
+            f"the {API_KEY_HEADER} header does not hold a configured key",
+            "unauthorized",
+            headers=_CHALLENGE,
+        )
 
 
 async def require_api_key(request: Request, key: str | None = Security(api_key_scheme)) -> None:

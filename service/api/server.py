@@ -28,8 +28,9 @@ DEFAULT_PORT = 8000
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, settings: Settings | None = None,
-          log_level: str = "info") -> None:
+def serve(
+    host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, settings: Settings | None = None, log_level: str = "info"
+) -> None:
     """Run the service until interrupted (blocking). ``settings=None``: read ``DHR_*`` / ``.env`` now."""
     import uvicorn
 
@@ -38,17 +39,31 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, settings: Settings
     settings = settings if settings is not None else Settings()
     configure_logging(log_level)
     app = create_app(settings)
-    logger.info("serving on http://%s:%d (preset %s, device %s, data %s)", host, port, settings.preset,
-                settings.device, settings.data_dir)
-    config = uvicorn.Config(app, host=host, port=int(port), log_level=log_level, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=max(5, int(settings.request_timeout_s) + 5))
+    logger.info(
+        "serving on http://%s:%d (preset %s, device %s, data %s)",
+        host,
+        port,
+        settings.preset,
+        settings.device,
+        settings.data_dir,
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=int(port),
+        log_level=log_level,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=max(5, int(settings.request_timeout_s) + 5),
+    )
     uvicorn.Server(config).run()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``dhrclip serve``."""
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}; "
-                        "0.0.0.0 for every interface)")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}; 0.0.0.0 for every interface)"
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
     parser.add_argument("--env-file", default=None, help="read DHR_* settings from this file instead of ./.env")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")

@@ -89,8 +89,14 @@ class ServiceContext:
         engine = None
         try:
             model, info, self.choice = await asyncio.to_thread(load_weights, s)
-            cfg = EngineConfig(max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, queue_size=s.queue_size,
-                               workers=s.workers, max_pixels=s.max_pixels, warmup=s.warmup)
+            cfg = EngineConfig(
+                max_batch_size=s.max_batch_size,
+                max_wait_ms=s.max_wait_ms,
+                queue_size=s.queue_size,
+                workers=s.workers,
+                max_pixels=s.max_pixels,
+                warmup=s.warmup,
+            )
             engine = Engine(model, info, cfg, on_batch=self.metrics.observe_batch)
             await engine.start()
         except asyncio.CancelledError:
@@ -99,22 +105,29 @@ class ServiceContext:
             raise
         except Exception as exc:  # noqa: BLE001 - any load failure is reported by /health, /readyz and /segment
             self.status, self.reason = ERROR, f"model not loaded: {exc}"
-            logger.error("model load failed after %.1f s: %s", time.perf_counter() - t0, exc,
-                         exc_info=not isinstance(exc, (RuntimeError, ValueError)))
+            logger.error(
+                "model load failed after %.1f s: %s",
+                time.perf_counter() - t0,
+                exc,
+                exc_info=not isinstance(exc, (RuntimeError, ValueError)),
+            )
             return
         self.engine = engine
         self.status, self.reason = READY, ""
         self.metrics.set_model(engine.info.to_dict())
-        logger.info("model ready in %.1f s (warm-up %s s): %s", time.perf_counter() - t0, engine.warmup_s,
-                    self.choice.describe())
+        logger.info(
+            "model ready in %.1f s (warm-up %s s): %s",
+            time.perf_counter() - t0,
+            engine.warmup_s,
+            self.choice.describe(),
+        )
 
     async def _retention_loop(self) -> None:
         """Apply DHR_RETENTION_DAYS / DHR_RETENTION_MAX_COUNT now and every DHR_RETENTION_INTERVAL_S."""
         s = self.settings
         while True:
             try:
-                deleted = await asyncio.to_thread(self.store.enforce_retention, s.retention_days,
-                                                  s.retention_max_count)
+                deleted = await asyncio.to_thread(self.store.enforce_retention, s.retention_days, s.retention_max_count)
                 if deleted:
                     logger.info("retention: deleted %d inspections", deleted)
             except Exception:  # noqa: BLE001 - logged with traceback; the next pass tries again
@@ -137,8 +150,9 @@ class ServiceContext:
     def require_store(self) -> InspectionStore:
         """The open store, or a 503 problem when the app's lifespan has not started (or has ended)."""
         if self.store is None:
-            raise service_unavailable("the service has not started: run the app with its lifespan", None,
-                                      "not-started", "Service not started")
+            raise service_unavailable(
+                "the service has not started: run the app with its lifespan", None, "not-started", "Service not started"
+            )
         return self.store
 
     def last_inference_iso(self) -> str | None:

@@ -43,8 +43,10 @@ class WeightsChoice:
     device: str  # resolved: "cpu", "cuda", "cuda:1", "mps"
 
     def describe(self) -> str:
-        return (f"backbone={self.backbone} ({self.backbone_source}), prompts={self.prompts} "
-                f"({self.prompts_source}), device={self.device}")
+        return (
+            f"backbone={self.backbone} ({self.backbone_source}), prompts={self.prompts} "
+            f"({self.prompts_source}), device={self.device}"
+        )
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -63,8 +65,10 @@ def resolve_backbone(settings: Settings) -> tuple[str, str]:
         return str(files[0]), "model_weights"
     if len(files) > 1:
         names = ", ".join(p.name for p in files)
-        raise WeightsError(f"{folder} holds {len(files)} files ({names}); keep one backbone there or set "
-                           "DHR_BACKBONE to the file to use")
+        raise WeightsError(
+            f"{folder} holds {len(files)} files ({names}); keep one backbone there or set "
+            "DHR_BACKBONE to the file to use"
+        )
     return "openai", "default"
 
 
@@ -93,9 +97,17 @@ def load_weights(settings: Settings) -> tuple[DHRCLIP, ModelInfo, WeightsChoice]
     """
     choice = choose_weights(settings)
     logger.info("loading model: %s", choice.describe())
-    model, info = load_model(choice.backbone, choice.prompts, preset=settings.preset, device=choice.device,
-                             precision=settings.precision, allow_download=settings.allow_download)
+    model, info = load_model(
+        choice.backbone,
+        choice.prompts,
+        preset=settings.preset,
+        device=choice.device,
+        precision=settings.precision,
+        allow_download=settings.allow_download,
+    )
     if choice.prompts_source == "default":
-        logger.warning("no prompt checkpoint in %s: serving the zero-shot prompt ensemble (prompts_kind=ensemble)",
-                       settings.model_weights_dir / "prompts")
+        logger.warning(
+            "no prompt checkpoint in %s: serving the zero-shot prompt ensemble (prompts_kind=ensemble)",
+            settings.model_weights_dir / "prompts",
+        )
     return model, info, choice

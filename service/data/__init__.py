@@ -11,5 +11,13 @@ from service.data.datasets import (
     write_meta_json,
 )
 
-__all__ = ["DatasetError", "Sample", "build_meta", "load_dataset", "load_mask", "parse_classes", "read_image",
-           "write_meta_json"]
+__all__ = [
+    "DatasetError",
+    "Sample",
+    "build_meta",
+    "load_dataset",
+    "load_mask",
+    "parse_classes",
+    "read_image",
+    "write_meta_json",
+]

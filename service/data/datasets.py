@@ -267,7 +267,8 @@ def _scan_split(root: Path, cls_dir: Path, cls: str, split: str) -> list[dict]:
     entries = []
     for specie in species:
         images = sorted(
-            p for p in (split_dir / specie).iterdir()
+            p
+            for p in (split_dir / specie).iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
         )
         for img in images:
@@ -277,13 +278,15 @@ def _scan_split(root: Path, cls_dir: Path, cls: str, split: str) -> list[dict]:
                 if not mask.is_file():
                     raise DatasetError(f"{mask}: mask file not found for image {img}")
                 mask_rel = mask.relative_to(root).as_posix()
-            entries.append({
-                "img_path": img.relative_to(root).as_posix(),
-                "mask_path": mask_rel,
-                "cls_name": cls,
-                "specie_name": specie,
-                "anomaly": int(specie != GOOD),
-            })
+            entries.append(
+                {
+                    "img_path": img.relative_to(root).as_posix(),
+                    "mask_path": mask_rel,
+                    "cls_name": cls,
+                    "specie_name": specie,
+                    "anomaly": int(specie != GOOD),
+                }
+            )
     return entries
 
 
@@ -314,6 +317,8 @@ def read_image(path: str | Path) -> Image.Image:
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
     if orientation not in (0, 1):
-        raise DatasetError(f"{path}: EXIF orientation {orientation} would rotate the image away from its mask; "
-                           "strip the orientation tag first")
+        raise DatasetError(
+            f"{path}: EXIF orientation {orientation} would rotate the image away from its mask; "
+            "strip the orientation tag first"
+        )
     return img

@@ -43,8 +43,9 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = 40_000_000)
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError("unsupported", f"{name}: not an image format this service reads "
-                                        "(JPEG, PNG, BMP, TIFF, WebP, ...)") from None
+        raise ImageError(
+            "unsupported", f"{name}: not an image format this service reads (JPEG, PNG, BMP, TIFF, WebP, ...)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any header failure is a bad upload
         raise ImageError("corrupt", f"{name}: cannot read the image header ({e})") from None
     w, h = img.size

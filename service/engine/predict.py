@@ -35,11 +35,15 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-def _write_outputs(stem: str, dec: DecodedImage, out, i: int, info: ModelInfo, opts: PredictOptions,
-                   timings: dict) -> dict:
+def _write_outputs(
+    stem: str, dec: DecodedImage, out, i: int, info: ModelInfo, opts: PredictOptions, timings: dict
+) -> dict:
     t0 = time.perf_counter()
-    scores = {"reference": float(out.image_score[i]), "map_max": float(out.map_max[i]),
-              "map_topk": float(out.map_topk[i])}
+    scores = {
+        "reference": float(out.image_score[i]),
+        "map_max": float(out.map_max[i]),
+        "map_topk": float(out.map_topk[i]),
+    }
     amap = out.anomaly_map[i].clamp(0, 1).numpy()
     post = postprocess(amap, dec.rgb(), opts.pixel_threshold)
     d = opts.out_dir
@@ -47,18 +51,32 @@ def _write_outputs(stem: str, dec: DecodedImage, out, i: int, info: ModelInfo, o
     (d / f"{stem}.mask.png").write_bytes(post.mask_png)
     (d / f"{stem}.overlay.png").write_bytes(post.overlay_png)
     if opts.save_maps:
-        np.savez_compressed(d / f"{stem}.maps.npz", raw_map=out.raw_map[i].numpy().astype(np.float32),
-                            anomaly_map=out.anomaly_map[i].numpy().astype(np.float32),
-                            eval_map=out.eval_map[i].numpy().astype(np.float32))
+        np.savez_compressed(
+            d / f"{stem}.maps.npz",
+            raw_map=out.raw_map[i].numpy().astype(np.float32),
+            anomaly_map=out.anomaly_map[i].numpy().astype(np.float32),
+            eval_map=out.eval_map[i].numpy().astype(np.float32),
+        )
     score = scores[opts.image_score]
     record = {
-        "file": dec.name, "width": dec.width, "height": dec.height, "format": dec.format, "mode": dec.mode,
-        "preset": info.preset, "image_score": opts.image_score, "score": score,
-        "score_reference": scores["reference"], "score_map_max": scores["map_max"],
-        "score_map_topk": scores["map_topk"], "threshold": opts.image_threshold,
-        "verdict": "defect" if score >= opts.image_threshold else "ok", "pixel_threshold": opts.pixel_threshold,
-        "defect_area_ratio": post.defect_area_ratio, "regions": [r.to_dict() for r in post.regions],
-        "model": info.to_dict(), "timing_ms": {**timings, "postprocess": 1000 * (time.perf_counter() - t0)},
+        "file": dec.name,
+        "width": dec.width,
+        "height": dec.height,
+        "format": dec.format,
+        "mode": dec.mode,
+        "preset": info.preset,
+        "image_score": opts.image_score,
+        "score": score,
+        "score_reference": scores["reference"],
+        "score_map_max": scores["map_max"],
+        "score_map_topk": scores["map_topk"],
+        "threshold": opts.image_threshold,
+        "verdict": "defect" if score >= opts.image_threshold else "ok",
+        "pixel_threshold": opts.pixel_threshold,
+        "defect_area_ratio": post.defect_area_ratio,
+        "regions": [r.to_dict() for r in post.regions],
+        "model": info.to_dict(),
+        "timing_ms": {**timings, "postprocess": 1000 * (time.perf_counter() - t0)},
     }
     (d / f"{stem}.json").write_text(json.dumps(record, indent=2))
     return record
@@ -81,8 +99,10 @@ def predict_files(paths: list[Path], model: DHRCLIP, info: ModelInfo, opts: Pred
         infer_ms = 1000 * (time.perf_counter() - t0) / len(pending)
         for i, (stem, dec, _, decode_ms) in enumerate(pending):
             rec = _write_outputs(stem, dec, out, i, info, opts, {"decode": decode_ms, "inference": infer_ms})
-            print(f"{dec.name}: score {rec['score']:.4f} ({rec['verdict']}), {len(rec['regions'])} region(s), "
-                  f"{infer_ms:.0f} ms")
+            print(
+                f"{dec.name}: score {rec['score']:.4f} ({rec['verdict']}), {len(rec['regions'])} region(s), "
+                f"{infer_ms:.0f} ms"
+            )
         pending.clear()
 
     for path in paths:
@@ -90,8 +110,9 @@ def predict_files(paths: list[Path], model: DHRCLIP, info: ModelInfo, opts: Pred
         try:
             dec = decode_image(Path(path).read_bytes(), str(path), opts.max_pixels)
         except (ImageError, OSError) as e:
-            print(f"dhrclip predict: {e if isinstance(e, ImageError) else f'{path}: {e.strerror or e}'}",
-                  file=sys.stderr)
+            print(
+                f"dhrclip predict: {e if isinstance(e, ImageError) else f'{path}: {e.strerror or e}'}", file=sys.stderr
+            )
             failures += 1
             continue
         views = views_for(dec, preset)

@@ -63,9 +63,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
         for b in batch_sizes:
-            views = [Views(rng.integers(0, 256, (p.image_size, p.image_size, 3), dtype=np.uint8),
-                           rng.integers(0, 256, (4, p.patch_size, p.patch_size, 3), dtype=np.uint8))
-                     for _ in range(b)]
+            views = [
+                Views(
+                    rng.integers(0, 256, (p.image_size, p.image_size, 3), dtype=np.uint8),
+                    rng.integers(0, 256, (4, p.patch_size, p.patch_size, 3), dtype=np.uint8),
+                )
+                for _ in range(b)
+            ]
             self.run(views)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()
@@ -75,14 +79,17 @@ class ModelRunner:
 class Engine:
     """Async facade used by the API: ``decode`` -> ``infer`` -> ``postprocess``."""
 
-    def __init__(self, model: DHRCLIP, info: ModelInfo, cfg: EngineConfig = EngineConfig(),
-                 on_batch=None):
+    def __init__(self, model: DHRCLIP, info: ModelInfo, cfg: EngineConfig = EngineConfig(), on_batch=None):
         self.model, self.info, self.cfg = model, info, cfg
         self.runner = ModelRunner(model)
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="dhr-cpu")
         self.batcher: DynamicBatcher[Views, ImageResult] = DynamicBatcher(
-            self.runner.run, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-            queue_size=cfg.queue_size, on_batch=self._on_batch)
+            self.runner.run,
+            max_batch_size=cfg.max_batch_size,
+            max_wait_ms=cfg.max_wait_ms,
+            queue_size=cfg.queue_size,
+            on_batch=self._on_batch,
+        )
         self._user_on_batch = on_batch
         self.ready = False
         self.warmup_s: float | None = None
@@ -126,8 +133,10 @@ class Engine:
         """Queue one image for the next batch (raises QueueFullError when the queue is full)."""
         return await self.batcher.submit(views, timings)
 
-    async def postprocess(self, result: ImageResult, decoded: DecodedImage, pixel_threshold: float,
-                          include=("heatmap", "mask", "overlay")) -> PostResult:
+    async def postprocess(
+        self, result: ImageResult, decoded: DecodedImage, pixel_threshold: float, include=("heatmap", "mask", "overlay")
+    ) -> PostResult:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.pool, lambda: postprocess(result.anomaly_map, decoded.rgb(), pixel_threshold, include=include))
+            self.pool, lambda: postprocess(result.anomaly_map, decoded.rgb(), pixel_threshold, include=include)
+        )

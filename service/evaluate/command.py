@@ -58,15 +58,22 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--limit", type=int, default=None, help="first N test images per class")
     io.add_argument("--report", default=None, help="write the full report as JSON to this file")
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="openai",
-                       help="CLIP weights: a file (OpenAI .pt, TorchScript, open_clip checkpoint) or 'openai' (cache)")
+    model.add_argument(
+        "--backbone",
+        default="openai",
+        help="CLIP weights: a file (OpenAI .pt, TorchScript, open_clip checkpoint) or 'openai' (cache)",
+    )
     model.add_argument("--allow-download", action="store_true", help="let open_clip download the 'openai' weights")
     model.add_argument("--prompts", default="ensemble", help="prompt checkpoint file or directory, or 'ensemble'")
     model.add_argument("--preset", choices=sorted(PRESETS), default="mvtec", help="S/P/T geometry (default mvtec)")
     run = parser.add_argument_group("protocol and execution")
-    run.add_argument("--protocol", choices=PROTOCOLS, default="paper",
-                     help="'paper': min-max normalised T x T maps against T x T masks (the paper's table); "
-                          "'service': the service's maps at each image's original size")
+    run.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="paper",
+        help="'paper': min-max normalised T x T maps against T x T masks (the paper's table); "
+        "'service': the service's maps at each image's original size",
+    )
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     run.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
@@ -86,21 +93,39 @@ def run_evaluate(args: argparse.Namespace) -> int:
     by_class = load_dataset(root, split="test", classes=parse_classes(args.classes), limit=args.limit)
     if not by_class:
         raise ValueError(f"{root}: no test images")
-    model, info = load_model(args.backbone, args.prompts, preset=args.preset, device=args.device,
-                             precision=args.precision, allow_download=args.allow_download)
+    model, info = load_model(
+        args.backbone,
+        args.prompts,
+        preset=args.preset,
+        device=args.device,
+        precision=args.precision,
+        allow_download=args.allow_download,
+    )
     n = sum(len(s) for s in by_class.values())
-    print(f"evaluating {n} images of {len(by_class)} class(es) ({', '.join(by_class)}); protocol {args.protocol}, "
-          f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {args.device} {args.precision}",
-          file=sys.stderr)
-    body = evaluate(model, by_class, protocol=args.protocol, batch_size=args.batch_size,
-                    progress=not args.no_progress)
-    report = {"protocol": body["protocol"], "preset": body["preset"], "model": info.to_dict(), "data": str(root),
-              "limit": args.limit, "classes": body["classes"], "mean": body["mean"], "seconds": body["seconds"],
-              "timing": body["timing"]}
+    print(
+        f"evaluating {n} images of {len(by_class)} class(es) ({', '.join(by_class)}); protocol {args.protocol}, "
+        f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {args.device} {args.precision}",
+        file=sys.stderr,
+    )
+    body = evaluate(model, by_class, protocol=args.protocol, batch_size=args.batch_size, progress=not args.no_progress)
+    report = {
+        "protocol": body["protocol"],
+        "preset": body["preset"],
+        "model": info.to_dict(),
+        "data": str(root),
+        "limit": args.limit,
+        "classes": body["classes"],
+        "mean": body["mean"],
+        "seconds": body["seconds"],
+        "timing": body["timing"],
+    }
     print(format_table(report))
     t = body["timing"]
-    print(f"{n} images in {body['seconds']:.1f} s ({body['seconds'] / n:.2f} s per image: model {t['model']:.1f} s, "
-          f"loading {t['load']:.1f} s, metrics {t['metrics']:.1f} s)", file=sys.stderr)
+    print(
+        f"{n} images in {body['seconds']:.1f} s ({body['seconds'] / n:.2f} s per image: model {t['model']:.1f} s, "
+        f"loading {t['load']:.1f} s, metrics {t['metrics']:.1f} s)",
+        file=sys.stderr,
+    )
     if report_path is not None:
         print(f"wrote {write_report(report, report_path)}", file=sys.stderr)
     return 0
@@ -127,8 +152,13 @@ def format_table(report: dict) -> str:
         groups = [[fmt(values[k]) for k in PIXEL_KEYS], *([fmt(values[v][k]) for k in IMAGE_KEYS] for v in variants)]
         return line((name, str(n), str(anom)), groups)
 
-    title = SEP.join([" " * (name_w + 2 * count_w), f"{'pixel':>{COL * len(PIXEL_HEADERS)}}",
-                      *(f"{v:>{COL * len(IMAGE_HEADERS)}}" for v in variants)])
+    title = SEP.join(
+        [
+            " " * (name_w + 2 * count_w),
+            f"{'pixel':>{COL * len(PIXEL_HEADERS)}}",
+            *(f"{v:>{COL * len(IMAGE_HEADERS)}}" for v in variants),
+        ]
+    )
     heads = line(("class", "n", "anom"), [list(PIXEL_HEADERS), *(list(IMAGE_HEADERS) for _ in variants)])
     rule = "-" * len(heads)
     lines = [title, heads, rule]

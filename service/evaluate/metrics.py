@@ -114,8 +114,9 @@ def aupro_from_curve(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = 0.3, v
     return _standard_area(fpr, pro, fpr_limit)
 
 
-def pro_curve(masks: np.ndarray | Sequence[np.ndarray], maps: np.ndarray | Sequence[np.ndarray],
-              num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(
+    masks: np.ndarray | Sequence[np.ndarray], maps: np.ndarray | Sequence[np.ndarray], num_thresholds: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
     """``(FPR, PRO)``, each ``(K,)``, at the reference thresholds ``t_k`` in ascending order (so FPR falls).
 
     ``masks``/``maps``: ``(N, H, W)`` arrays, or sequences of ``(H_i, W_i)`` arrays for images of different sizes

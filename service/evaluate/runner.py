@@ -66,8 +66,14 @@ class ClassData:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def collect_class(model, samples: Sequence[Sample], protocol: str = "paper", batch_size: int = 4,
-                  progress: bool = False, desc: str = "") -> ClassData:
+def collect_class(
+    model,
+    samples: Sequence[Sample],
+    protocol: str = "paper",
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "",
+) -> ClassData:
     """Run ``model`` over ``samples`` in batches; return maps, masks, labels and the three image scores.
 
     All masks are read first (a broken mask fails before any forward pass). Paper protocol: maps ``(N, T, T)``
@@ -97,7 +103,7 @@ def collect_class(model, samples: Sequence[Sample], protocol: str = "paper", bat
 
     bar = tqdm(total=len(samples), desc=desc or "evaluate", unit="img", disable=not progress, leave=False)
     for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
+        batch = samples[start : start + batch_size]
         t0 = time.perf_counter()
         views = [load_views(read_image(s.img_path), preset) for s in batch]
         whole, crops = stack_views(views)  # (B, S, S, 3), (B, 4, P, P, 3) uint8
@@ -109,10 +115,12 @@ def collect_class(model, samples: Sequence[Sample], protocol: str = "paper", bat
         source = out.eval_map if protocol == "paper" else out.anomaly_map
         batch_maps = source.detach().float().cpu().numpy()  # (B, T, T)
         if batch_maps.shape != (len(batch), t_size, t_size):
-            raise ValueError(f"model returned maps of shape {batch_maps.shape}, expected ({len(batch)}, {t_size}, "
-                             f"{t_size}) for preset {preset.name}")
+            raise ValueError(
+                f"model returned maps of shape {batch_maps.shape}, expected ({len(batch)}, {t_size}, "
+                f"{t_size}) for preset {preset.name}"
+            )
         for name in IMAGE_SCORES:
-            scores[name][start:start + len(batch)] = getattr(out, SCORE_FIELDS[name]).detach().float().cpu().numpy()
+            scores[name][start : start + len(batch)] = getattr(out, SCORE_FIELDS[name]).detach().float().cpu().numpy()
         for j, amap in enumerate(batch_maps):
             i = start + j
             if protocol == "paper":
@@ -134,8 +142,12 @@ def class_metrics(data: ClassData) -> dict:
     return pooled_metrics(data.masks, data.maps, data.labels, data.scores)
 
 
-def pooled_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], labels: np.ndarray,
-                   scores_by_variant: dict[str, np.ndarray]) -> dict:
+def pooled_metrics(
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    labels: np.ndarray,
+    scores_by_variant: dict[str, np.ndarray],
+) -> dict:
     """:func:`compute_metrics` for images of different sizes: ``masks[i]``, ``maps[i]`` of shape ``(H_i, W_i)``.
 
     AUROC and F1-max pool all pixels of all images (spatial layout plays no part); AUPRO uses
@@ -160,13 +172,16 @@ def pooled_metrics(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], labe
     labels = np.asarray(labels)
     both = np.isin([0, 1], labels).all()
     for name, scores in scores_by_variant.items():
-        result[name] = {k: (f(labels, scores) if both else None)
-                        for k, f in zip(IMAGE_KEYS, (image_auroc, image_ap, image_f1_max), strict=True)}
+        result[name] = {
+            k: (f(labels, scores) if both else None)
+            for k, f in zip(IMAGE_KEYS, (image_auroc, image_ap, image_f1_max), strict=True)
+        }
     return result
 
 
 def mean_metrics(per_class: dict[str, dict]) -> dict:
     """Mean over classes of every metric, skipping ``None``; a metric ``None`` in every class stays ``None``."""
+
     def mean(values: list) -> float | None:
         kept = [v for v in values if v is not None]
         return float(np.mean(kept)) if kept else None
@@ -179,8 +194,14 @@ def mean_metrics(per_class: dict[str, dict]) -> dict:
     return out
 
 
-def evaluate(model, samples_by_class: dict[str, Sequence[Sample]], protocol: str = "paper", batch_size: int = 4,
-             progress: bool = True, on_class: Callable[[str, ClassData], None] | None = None) -> dict:
+def evaluate(
+    model,
+    samples_by_class: dict[str, Sequence[Sample]],
+    protocol: str = "paper",
+    batch_size: int = 4,
+    progress: bool = True,
+    on_class: Callable[[str, ClassData], None] | None = None,
+) -> dict:
     """Evaluate every class; returns the report body.
 
     ``on_class(cls, data)`` is called with each class's :class:`ClassData` (maps, masks, scores) before it is freed,
@@ -209,8 +230,14 @@ def evaluate(model, samples_by_class: dict[str, Sequence[Sample]], protocol: str
         if on_class is not None:
             on_class(cls, data)
         del data  # one class's maps in memory at a time
-    return {"protocol": protocol, "preset": model.cfg.preset.name, "classes": classes,
-            "mean": mean_metrics(classes), "seconds": time.perf_counter() - t_start, "timing": timing}
+    return {
+        "protocol": protocol,
+        "preset": model.cfg.preset.name,
+        "classes": classes,
+        "mean": mean_metrics(classes),
+        "seconds": time.perf_counter() - t_start,
+        "timing": timing,
+    }
 
 
 def _check_protocol(protocol: str) -> None:

@@ -79,29 +79,45 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BackboneError(f"{path}: expected a dict of tensors (a CLIP state dict)")
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
 def _count(sd: dict, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
 def build_clip(sd: dict[str, torch.Tensor], source: str = "<state dict>") -> CLIP:
     """An fp32 open_clip ``CLIP`` (QuickGELU) whose architecture is read off the tensor shapes."""
-    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
-                "positional_embedding", "token_embedding.weight", "ln_final.weight"]
+    required = [
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "visual.proj",
+        "text_projection",
+        "positional_embedding",
+        "token_embedding.weight",
+        "ln_final.weight",
+    ]
     missing = [k for k in required if k not in sd]
     if missing:
         raise BackboneError(f"{source}: not a ViT CLIP state dict, missing {', '.join(missing)}")
     width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["ln_final.weight"].shape[0]
-    vision_cfg = CLIPVisionCfg(layers=_count(sd, "visual.transformer.resblocks."), width=width,
-                               head_width=64, patch_size=patch, image_size=patch * grid)
-    text_cfg = CLIPTextCfg(context_length=sd["positional_embedding"].shape[0],
-                           vocab_size=sd["token_embedding.weight"].shape[0], width=text_width,
-                           heads=max(1, text_width // 64), layers=_count(sd, "transformer.resblocks."))
+    vision_cfg = CLIPVisionCfg(
+        layers=_count(sd, "visual.transformer.resblocks."),
+        width=width,
+        head_width=64,
+        patch_size=patch,
+        image_size=patch * grid,
+    )
+    text_cfg = CLIPTextCfg(
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        width=text_width,
+        heads=max(1, text_width // 64),
+        layers=_count(sd, "transformer.resblocks."),
+    )
     model = CLIP(sd["text_projection"].shape[1], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)
     sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     result = model.load_state_dict(sd, strict=False)
@@ -143,18 +159,26 @@ def resolve_openai(cache_dir: str | None = None, allow_download: bool = False) -
     raise BackboneError(
         f"OpenAI {OPENAI_NAME} weights ({OPENAI_FILENAME}) are not in the open_clip cache ({why}); "
         f"copy {OPENAI_FILENAME} (sha256 {OPENAI_SHA256_PREFIX[:8]}...) to model_weights/backbone/ or point "
-        "DHR_BACKBONE / --backbone at it (see model_weights/README.md)")
+        "DHR_BACKBONE / --backbone at it (see model_weights/README.md)"
+    )
 
 
-def load_backbone(source: str | Path, *, cache_dir: str | None = None,
-                  allow_download: bool = False) -> tuple[CLIP, BackboneInfo]:
+def load_backbone(
+    source: str | Path, *, cache_dir: str | None = None, allow_download: bool = False
+) -> tuple[CLIP, BackboneInfo]:
     """(fp32 CLIP on the CPU, identity) for a file path or ``"openai"``."""
     path = resolve_openai(cache_dir, allow_download) if str(source) == "openai" else Path(source)
     model = build_clip(read_state_dict(path), str(path))
     vis = model.visual
     name = OPENAI_NAME if str(source) == "openai" else path.name
-    info = BackboneInfo(name=name, path=str(path), sha256=sha256_file(path), vision_width=vis.conv1.out_channels,
-                        vision_layers=len(vis.transformer.resblocks), embed_dim=vis.proj.shape[1])
+    info = BackboneInfo(
+        name=name,
+        path=str(path),
+        sha256=sha256_file(path),
+        vision_width=vis.conv1.out_channels,
+        vision_layers=len(vis.transformer.resblocks),
+        embed_dim=vis.proj.shape[1],
+    )
     return model, info
 
 

@@ -51,8 +51,9 @@ class PromptCheckpoint:
         return Path(self.path).stem if self.path else "unsaved"
 
     def learner(self) -> PromptLearner:
-        pl = PromptLearner(self.width, n_ctx=self.ctx_pos.shape[0], depth=self.deep.shape[0] + 1,
-                           t_n_ctx=self.deep.shape[1])
+        pl = PromptLearner(
+            self.width, n_ctx=self.ctx_pos.shape[0], depth=self.deep.shape[0] + 1, t_n_ctx=self.deep.shape[1]
+        )
         with torch.no_grad():
             pl.ctx_pos.copy_(self.ctx_pos)
             pl.ctx_neg.copy_(self.ctx_neg)
@@ -61,28 +62,37 @@ class PromptCheckpoint:
 
     def check_width(self, width: int) -> None:
         if self.width != width:
-            raise CheckpointError(f"{self.path or 'checkpoint'}: ctx_pos has shape {tuple(self.ctx_pos.shape)} "
-                                  f"(width {self.width}) but the backbone's text width is {width}")
+            raise CheckpointError(
+                f"{self.path or 'checkpoint'}: ctx_pos has shape {tuple(self.ctx_pos.shape)} "
+                f"(width {self.width}) but the backbone's text width is {width}"
+            )
 
 
 def from_learner(learner: PromptLearner, meta: dict | None = None) -> PromptCheckpoint:
-    return PromptCheckpoint(learner.ctx_pos.detach().cpu().float().clone(),
-                            learner.ctx_neg.detach().cpu().float().clone(),
-                            learner.deep.detach().cpu().float().clone(), dict(meta or {}))
+    return PromptCheckpoint(
+        learner.ctx_pos.detach().cpu().float().clone(),
+        learner.ctx_neg.detach().cpu().float().clone(),
+        learner.deep.detach().cpu().float().clone(),
+        dict(meta or {}),
+    )
 
 
 def _validate(ck: PromptCheckpoint, src: str) -> PromptCheckpoint:
     if ck.ctx_pos.ndim != 2 or ck.ctx_pos.shape != ck.ctx_neg.shape:
-        raise CheckpointError(f"{src}: ctx_pos {tuple(ck.ctx_pos.shape)} and ctx_neg {tuple(ck.ctx_neg.shape)} "
-                              "must both be (n_ctx, width)")
+        raise CheckpointError(
+            f"{src}: ctx_pos {tuple(ck.ctx_pos.shape)} and ctx_neg {tuple(ck.ctx_neg.shape)} "
+            "must both be (n_ctx, width)"
+        )
     if ck.deep.ndim != 3 or ck.deep.shape[2] != ck.width:
         raise CheckpointError(f"{src}: deep prompts {tuple(ck.deep.shape)} must be (depth-1, t_n_ctx, {ck.width})")
     if ck.deep.shape[1] > ck.ctx_pos.shape[0]:
         raise CheckpointError(f"{src}: t_n_ctx {ck.deep.shape[1]} exceeds n_ctx {ck.ctx_pos.shape[0]}")
     depth = ck.meta.get("depth")
     if depth is not None and depth != ck.deep.shape[0] + 1:
-        raise CheckpointError(f"{src}: metadata says depth {depth} but 'deep' has shape {tuple(ck.deep.shape)} "
-                              f"(depth {ck.deep.shape[0] + 1})")
+        raise CheckpointError(
+            f"{src}: metadata says depth {depth} but 'deep' has shape {tuple(ck.deep.shape)} "
+            f"(depth {ck.deep.shape[0] + 1})"
+        )
     lf = ck.meta.get("layer_features", "final")
     if lf not in LAYER_FEATURES:
         raise CheckpointError(f"{src}: layer_features {lf!r} is not one of {LAYER_FEATURES}")
@@ -94,8 +104,9 @@ def save_checkpoint(ck: PromptCheckpoint, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(ck.meta)
-    meta.update(format=FORMAT, n_ctx=ck.ctx_pos.shape[0], depth=ck.deep.shape[0] + 1, t_n_ctx=ck.deep.shape[1],
-                width=ck.width)
+    meta.update(
+        format=FORMAT, n_ctx=ck.ctx_pos.shape[0], depth=ck.deep.shape[0] + 1, t_n_ctx=ck.deep.shape[1], width=ck.width
+    )
     meta.setdefault("layer_features", "final")
     _validate(PromptCheckpoint(ck.ctx_pos, ck.ctx_neg, ck.deep, meta), str(path))
     tensors = {"ctx_pos": ck.ctx_pos.contiguous(), "ctx_neg": ck.ctx_neg.contiguous(), "deep": ck.deep.contiguous()}

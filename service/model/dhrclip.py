@@ -41,8 +41,7 @@ class DHROutput(NamedTuple):
     raw_map: torch.Tensor  # (B, T, T) M summed over layers, reference scale [0, n_layers], before smoothing
 
 
-def view_maps(tokens: torch.Tensor, text: torch.Tensor, size: int, temperature: float,
-              anomaly: bool) -> torch.Tensor:
+def view_maps(tokens: torch.Tensor, text: torch.Tensor, size: int, temperature: float, anomaly: bool) -> torch.Tensor:
     """(N, nl, L, D) tokens -> (N, nl, C, size, size) maps; C = 1 anomaly channel, or 2 probabilities."""
     n, nl, length, d = tokens.shape
     m = upsample(grid_maps(token_probs(tokens.reshape(n * nl, length, d), text, temperature)), size)
@@ -51,8 +50,9 @@ def view_maps(tokens: torch.Tensor, text: torch.Tensor, size: int, temperature: 
     return m.reshape(n, nl, m.shape[1], size, size)
 
 
-def dhr_maps(whole_tokens: torch.Tensor, crop_tokens: torch.Tensor, text: torch.Tensor, cfg: DHRConfig,
-             anomaly: bool = True) -> torch.Tensor:
+def dhr_maps(
+    whole_tokens: torch.Tensor, crop_tokens: torch.Tensor, text: torch.Tensor, cfg: DHRConfig, anomaly: bool = True
+) -> torch.Tensor:
     """Stitched, mixed maps per layer.
 
     whole_tokens (B, nl, Ls, D), crop_tokens (B, 4, nl, Lp, D), text (2, D) unit rows -> (B, nl, C, T, T).
@@ -62,16 +62,19 @@ def dhr_maps(whole_tokens: torch.Tensor, crop_tokens: torch.Tensor, text: torch.
     whole = view_maps(whole_tokens, text, p.image_size, cfg.temperature, anomaly)  # (B, nl, C, S, S)
     crops = view_maps(crop_tokens.flatten(0, 1), text, p.patch_size, cfg.temperature, anomaly)  # (4B, nl, C, P, P)
     c = whole.shape[2]
-    mixed = dhr_mix(whole.reshape(b, nl * c, p.image_size, p.image_size),
-                    crops.reshape(b, 4, nl * c, p.patch_size, p.patch_size), p, cfg.alpha)
+    mixed = dhr_mix(
+        whole.reshape(b, nl * c, p.image_size, p.image_size),
+        crops.reshape(b, 4, nl * c, p.patch_size, p.patch_size),
+        p,
+        cfg.alpha,
+    )
     return mixed.reshape(b, nl, c, p.target_size, p.target_size)
 
 
 class DHRCLIP(nn.Module):
     """Vision tower + two cached unit text vectors; nothing of the text tower stays here."""
 
-    def __init__(self, visual: nn.Module, text_features: torch.Tensor, cfg: DHRConfig,
-                 precision: str = "fp32"):
+    def __init__(self, visual: nn.Module, text_features: torch.Tensor, cfg: DHRConfig, precision: str = "fp32"):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -115,8 +118,12 @@ class DHRCLIP(nn.Module):
         service = smooth / n_layers
         return DHROutput(
             image_score=reference_image_score(whole.cls, crops.cls, self.text_features, cfg.alpha, cfg.temperature),
-            map_max=map_max(service), map_topk=map_topk(service, cfg.topk_fraction),
-            anomaly_map=service, eval_map=minmax(smooth), raw_map=raw)
+            map_max=map_max(service),
+            map_topk=map_topk(service, cfg.topk_fraction),
+            anomaly_map=service,
+            eval_map=minmax(smooth),
+            raw_map=raw,
+        )
 
     @torch.inference_mode()
     def forward(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor) -> DHROutput:

@@ -32,8 +32,9 @@ class ModelInfo:
         return asdict(self)
 
 
-def text_features_for(clip, prompts: PromptCheckpoint | str, device: str | torch.device = "cpu",
-                      class_name: str = "object") -> torch.Tensor:
+def text_features_for(
+    clip, prompts: PromptCheckpoint | str, device: str | torch.device = "cpu", class_name: str = "object"
+) -> torch.Tensor:
     """(2, D) unit text features [normal, anomalous], computed once in fp32 with the text tower."""
     dev = torch.device(device)
     moved = dev.type != "cpu"
@@ -54,9 +55,16 @@ def text_features_for(clip, prompts: PromptCheckpoint | str, device: str | torch
     return F.normalize(raw.float(), dim=-1).cpu()
 
 
-def build_model(clip, prompts: PromptCheckpoint | str, *, preset: str = "mvtec", device: str = "cpu",
-                precision: str = "fp32", backbone_info: BackboneInfo | None = None, **overrides) -> tuple[DHRCLIP,
-                                                                                                          ModelInfo]:
+def build_model(
+    clip,
+    prompts: PromptCheckpoint | str,
+    *,
+    preset: str = "mvtec",
+    device: str = "cpu",
+    precision: str = "fp32",
+    backbone_info: BackboneInfo | None = None,
+    **overrides,
+) -> tuple[DHRCLIP, ModelInfo]:
     """A DHRCLIP on ``device`` holding ``clip.visual`` and the cached text features; the text tower stays behind.
 
     ``layer_features`` comes from the checkpoint's metadata (a checkpoint is served the way it was trained).
@@ -69,18 +77,31 @@ def build_model(clip, prompts: PromptCheckpoint | str, *, preset: str = "mvtec",
     text = text_features_for(clip, prompts, device)
     model = DHRCLIP(clip.visual, text, cfg, precision).to(device).eval()
     info = ModelInfo(
-        backbone=backbone_info.name if backbone_info else "in-memory", backbone_sha256=backbone_info.sha256
-        if backbone_info else "", prompts=prompts.id if learned else "ensemble",
-        prompts_sha256=prompts.sha256 if learned else None, prompts_kind="learned" if learned else "ensemble",
-        preset=preset, precision=precision, device=str(device), layer_features=cfg.layer_features)
+        backbone=backbone_info.name if backbone_info else "in-memory",
+        backbone_sha256=backbone_info.sha256 if backbone_info else "",
+        prompts=prompts.id if learned else "ensemble",
+        prompts_sha256=prompts.sha256 if learned else None,
+        prompts_kind="learned" if learned else "ensemble",
+        preset=preset,
+        precision=precision,
+        device=str(device),
+        layer_features=cfg.layer_features,
+    )
     return model, info
 
 
-def load_model(backbone: str | Path, prompts: str | Path, *, preset: str = "mvtec", device: str = "auto",
-               precision: str = "fp32", allow_download: bool = False, **overrides) -> tuple[DHRCLIP, ModelInfo]:
+def load_model(
+    backbone: str | Path,
+    prompts: str | Path,
+    *,
+    preset: str = "mvtec",
+    device: str = "auto",
+    precision: str = "fp32",
+    allow_download: bool = False,
+    **overrides,
+) -> tuple[DHRCLIP, ModelInfo]:
     """From files: ``backbone`` a CLIP file or ``"openai"``; ``prompts`` a checkpoint file/dir or ``"ensemble"``."""
     device = resolve_device(device)
     ck = "ensemble" if str(prompts) == "ensemble" else load_checkpoint(prompts)
     clip, binfo = load_backbone(backbone, allow_download=allow_download)
-    return build_model(clip, ck, preset=preset, device=device, precision=precision, backbone_info=binfo,
-                       **overrides)
+    return build_model(clip, ck, preset=preset, device=device, precision=precision, backbone_info=binfo, **overrides)

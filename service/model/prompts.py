@@ -76,27 +76,55 @@ def encode_learned(clip, prompts: PromptLearner, class_name: str = "object") -> 
     ids = tokenize([normal, anomalous], clip.context_length).to(device)  # (2, 77)
     emb = clip.token_embedding(ids).float()  # (2, 77, W)
     ctx = torch.stack([prompts.ctx_pos, prompts.ctx_neg])  # (2, n_ctx, W)
-    x = torch.cat([emb[:, :1], ctx, emb[:, 1 + prompts.n_ctx:]], dim=1) + clip.positional_embedding.float()
+    x = torch.cat([emb[:, :1], ctx, emb[:, 1 + prompts.n_ctx :]], dim=1) + clip.positional_embedding.float()
     blocks, mask = _text_blocks(clip)
     t = prompts.t_n_ctx
     for b, blk in enumerate(blocks):
         if 1 <= b < prompts.depth:
             deep = prompts.deep[b - 1].unsqueeze(0).expand(2, -1, -1).half().float()  # fp16 rounding (quirk Q1)
-            x = torch.cat([x[:, :1], deep, x[:, 1 + t:]], dim=1)
+            x = torch.cat([x[:, :1], deep, x[:, 1 + t :]], dim=1)
         x = blk(x, attn_mask=mask)
     x = clip.ln_final(x)
     eot = x[torch.arange(2, device=device), ids.argmax(dim=-1)]  # (2, W)
     return eot @ clip.text_projection
 
 
-NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "intact {}", "{} without flaw",
-                 "{} without defect", "{} without damage", "clean {}"]
-ANOMALOUS_STATES = ["damaged {}", "broken {}", "defective {}", "{} with flaw", "{} with defect", "{} with damage",
-                    "scratched {}", "cracked {}", "contaminated {}", "{} with a hole", "dented {}"]
-TEMPLATES = ["a photo of a {}.", "a close-up photo of a {}.", "a cropped photo of the {}.", "a bright photo of a {}.",
-             "a dark photo of the {}.", "a photo of the {} for visual inspection.", "an industrial photo of a {}.",
-             "a high-resolution photo of the {}.", "a photo of a {} on a production line.",
-             "a low-resolution photo of a {}."]
+NORMAL_STATES = [
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "intact {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+    "clean {}",
+]
+ANOMALOUS_STATES = [
+    "damaged {}",
+    "broken {}",
+    "defective {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+    "scratched {}",
+    "cracked {}",
+    "contaminated {}",
+    "{} with a hole",
+    "dented {}",
+]
+TEMPLATES = [
+    "a photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a photo of the {} for visual inspection.",
+    "an industrial photo of a {}.",
+    "a high-resolution photo of the {}.",
+    "a photo of a {} on a production line.",
+    "a low-resolution photo of a {}.",
+]
 
 
 @torch.no_grad()

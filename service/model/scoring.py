@@ -87,8 +87,9 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(rng > 0, (maps - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(maps))
 
 
-def reference_image_score(whole_cls: torch.Tensor, crop_cls: torch.Tensor, text: torch.Tensor,
-                          alpha: float = 0.75, temperature: float = 0.07) -> torch.Tensor:
+def reference_image_score(
+    whole_cls: torch.Tensor, crop_cls: torch.Tensor, text: torch.Tensor, alpha: float = 0.75, temperature: float = 0.07
+) -> torch.Tensor:
     """softmax((alpha z_g + (1 - alpha) z_l) / tau)[anomalous] (spec B §4.6).
 
     whole_cls (B, D) is L2-normalised here; crop_cls (B, 4, D) enters unnormalised (quirk Q4); text (2, D).

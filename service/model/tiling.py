@@ -30,12 +30,12 @@ def stitch(crops: torch.Tensor, preset: Preset) -> torch.Tensor:
     k = 0
     for y0 in offs:
         for x0 in offs:
-            canvas[:, :, y0:y0 + p, x0:x0 + p] += crops[:, k]
+            canvas[:, :, y0 : y0 + p, x0 : x0 + p] += crops[:, k]
             k += 1
     o = 2 * p - t
     if o > 0:
-        canvas[:, :, p - o:p, :] /= 2
-        canvas[:, :, :, p - o:p] /= 2
+        canvas[:, :, p - o : p, :] /= 2
+        canvas[:, :, :, p - o : p] /= 2
     return canvas
 
 

@@ -63,7 +63,8 @@ class DHRVisionTower(nn.Module):
         key = (grid, str(device), dtype)
         if key not in self._pos_cache:  # derived from the original table every time: stateless by construction
             self._pos_cache[key] = interpolate_positions(self.visual.positional_embedding.detach().float(), grid).to(
-                device=device, dtype=dtype)
+                device=device, dtype=dtype
+            )
         return self._pos_cache[key]
 
     def _apply(self, fn, recurse=True):  # device/dtype moves invalidate the positional cache

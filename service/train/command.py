@@ -28,8 +28,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data and output")
     io.add_argument("--data", required=True, help="dataset root (meta.json, VisA split_csv or MVTec tree)")
     io.add_argument("--out", required=True, help="folder for epoch_NNN.safetensors checkpoints")
-    io.add_argument("--split", choices=("test", "train", "all"), default="test",
-                    help="split to train on (default test: the auxiliary dataset's test images carry masks)")
+    io.add_argument(
+        "--split",
+        choices=("test", "train", "all"),
+        default="test",
+        help="split to train on (default test: the auxiliary dataset's test images carry masks)",
+    )
     io.add_argument("--classes", default=None, help="comma-separated class names (default: all)")
     io.add_argument("--limit", type=int, default=None, help="first N images per class")
     io.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint in --out")
@@ -37,8 +41,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backbone", default="openai", help="CLIP weights file, or 'openai' (ViT-L-14-336 cache)")
     model.add_argument("--allow-download", action="store_true", help="let open_clip download the 'openai' weights")
     model.add_argument("--preset", choices=sorted(PRESETS), default="mvtec", help="S/P/T geometry (default mvtec)")
-    model.add_argument("--layer-features", choices=("final", "per_layer"), default="final",
-                       help="'final': every layer reads y^24 (reference); 'per_layer': true y^6/12/18/24")
+    model.add_argument(
+        "--layer-features",
+        choices=("final", "per_layer"),
+        default="final",
+        help="'final': every layer reads y^24 (reference); 'per_layer': true y^6/12/18/24",
+    )
     model.add_argument("--n-ctx", type=int, default=d.n_ctx, help="learned context tokens per prompt")
     model.add_argument("--depth", type=int, default=d.depth, help="text blocks 1..depth-1 get deep prompts")
     model.add_argument("--t-n-ctx", type=int, default=d.t_n_ctx, help="tokens per deep prompt")
@@ -48,16 +56,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=float, default=d.lr)
     opt.add_argument("--seed", type=int, default=d.seed)
     run = parser.add_argument_group("execution")
-    run.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                     help="default: cuda when available, else cpu")
-    run.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                     help="frozen vision tower precision for feature extraction (text side is always fp32)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="frozen vision tower precision for feature extraction (text side is always fp32)",
+    )
     cache = run.add_mutually_exclusive_group()
-    cache.add_argument("--cache-dir", default=None,
-                       help="keep view features on disk here (reused across runs) instead of in memory")
+    cache.add_argument(
+        "--cache-dir", default=None, help="keep view features on disk here (reused across runs) instead of in memory"
+    )
     cache.add_argument("--no-cache", action="store_true", help="recompute view features every epoch (reference)")
-    run.add_argument("--cache-dtype", choices=("fp16", "fp32"), default=d.feature_dtype,
-                     help="storage dtype of view features, applied in every cache mode (default fp16)")
+    run.add_argument(
+        "--cache-dtype",
+        choices=("fp16", "fp32"),
+        default=d.feature_dtype,
+        help="storage dtype of view features, applied in every cache mode (default fp16)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -71,21 +87,45 @@ def run_train(args: argparse.Namespace) -> int:
     samples = [s for items in by_class.values() for s in items]
     cfg = DHRConfig(preset=get_preset(args.preset), layer_features=args.layer_features)
     cache = "none" if args.no_cache else "disk" if args.cache_dir else "memory"
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx, device=device,
-                             precision=args.precision, feature_dtype=args.cache_dtype, cache=cache,
-                             cache_dir=args.cache_dir)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        n_ctx=args.n_ctx,
+        depth=args.depth,
+        t_n_ctx=args.t_n_ctx,
+        device=device,
+        precision=args.precision,
+        feature_dtype=args.cache_dtype,
+        cache=cache,
+        cache_dir=args.cache_dir,
+    )
     clip, info = load_backbone(args.backbone, allow_download=args.allow_download)
     data = {"root": str(root), "split": args.split, "classes": list(by_class), "limit": args.limit}
     n_anom = sum(s.anomaly for s in samples)
-    print(f"training prompts on {len(samples)} images ({n_anom} with defects) of {', '.join(by_class)}; "
-          f"backbone {info.name}, preset {cfg.preset.name}, layer_features {cfg.layer_features}, {device}",
-          file=sys.stderr)
-    result = train_prompts(clip, samples, cfg, args.out, settings, backbone=info, data=data, resume=args.resume,
-                           progress=not args.no_progress)
+    print(
+        f"training prompts on {len(samples)} images ({n_anom} with defects) of {', '.join(by_class)}; "
+        f"backbone {info.name}, preset {cfg.preset.name}, layer_features {cfg.layer_features}, {device}",
+        file=sys.stderr,
+    )
+    result = train_prompts(
+        clip,
+        samples,
+        cfg,
+        args.out,
+        settings,
+        backbone=info,
+        data=data,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     if result.start_epoch >= settings.epochs:
-        print(f"{args.out}: already trained for {result.start_epoch} epochs (>= --epochs {settings.epochs}); "
-              "nothing to do", file=sys.stderr)
+        print(
+            f"{args.out}: already trained for {result.start_epoch} epochs (>= --epochs {settings.epochs}); "
+            "nothing to do",
+            file=sys.stderr,
+        )
         return 0
     if cache != "none":
         print(f"view features: {result.extracted} extracted in {result.prepare_seconds:.1f} s", file=sys.stderr)

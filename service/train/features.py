@@ -60,8 +60,14 @@ class FeatureExtractor:
     the caller's model is never cast.
     """
 
-    def __init__(self, visual: torch.nn.Module, cfg: DHRConfig, device: str | torch.device = "cpu",
-                 precision: str = "fp32", feature_dtype: str = "fp16"):
+    def __init__(
+        self,
+        visual: torch.nn.Module,
+        cfg: DHRConfig,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        feature_dtype: str = "fp16",
+    ):
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
         if precision != "fp32":
@@ -85,10 +91,18 @@ def cache_key(img_path: str | Path, cfg: DHRConfig, backbone_sha256: str, precis
     path = Path(img_path).resolve()
     st = path.stat()
     p = cfg.preset
-    fields = {"img": str(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size,
-              "preset": [p.image_size, p.patch_size, p.target_size], "backbone_sha256": backbone_sha256,
-              "layer_features": cfg.layer_features, "features_list": list(cfg.features_list), "dpam": cfg.dpam,
-              "precision": precision, "feature_dtype": feature_dtype}
+    fields = {
+        "img": str(path),
+        "mtime_ns": st.st_mtime_ns,
+        "size": st.st_size,
+        "preset": [p.image_size, p.patch_size, p.target_size],
+        "backbone_sha256": backbone_sha256,
+        "layer_features": cfg.layer_features,
+        "features_list": list(cfg.features_list),
+        "dpam": cfg.dpam,
+        "precision": precision,
+        "feature_dtype": feature_dtype,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -99,8 +113,14 @@ class FeatureStore:
     Counters: ``extracted`` (tower forward passes), ``disk_hits`` (features read from an existing cache file).
     """
 
-    def __init__(self, extractor: FeatureExtractor, img_paths: list[Path], cache: str = "memory",
-                 cache_dir: str | Path | None = None, backbone_sha256: str = ""):
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        img_paths: list[Path],
+        cache: str = "memory",
+        cache_dir: str | Path | None = None,
+        backbone_sha256: str = "",
+    ):
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
         if cache == "disk" and (cache_dir is None or not backbone_sha256):
@@ -142,8 +162,11 @@ class FeatureStore:
             else:
                 feats = self._extract(i)
                 tmp = f.with_name(f.name + ".tmp")
-                save_file({"whole": feats.whole.contiguous(), "crops": feats.crops.contiguous()}, str(tmp),
-                          metadata={"img_path": str(self.paths[i].resolve())})
+                save_file(
+                    {"whole": feats.whole.contiguous(), "crops": feats.crops.contiguous()},
+                    str(tmp),
+                    metadata={"img_path": str(self.paths[i].resolve())},
+                )
                 tmp.replace(f)
             self._files[i] = f
 
@@ -153,11 +176,14 @@ class FeatureStore:
             with safe_open(str(f), framework="pt") as h:
                 whole, crops = h.get_tensor("whole"), h.get_tensor("crops")
         except Exception as e:  # noqa: BLE001 - any reader failure is one line naming the file
-            raise FeatureCacheError(f"{f}: unreadable feature cache file ({type(e).__name__}: {e}); "
-                                    "delete it to recompute") from e
+            raise FeatureCacheError(
+                f"{f}: unreadable feature cache file ({type(e).__name__}: {e}); delete it to recompute"
+            ) from e
         if whole.dtype != dtype or crops.dtype != dtype or whole.ndim != 3 or crops.ndim != 4 or crops.shape[0] != 4:
-            raise FeatureCacheError(f"{f}: feature cache file holds whole {tuple(whole.shape)} {whole.dtype}, crops "
-                                    f"{tuple(crops.shape)} {crops.dtype}; expected {dtype}; delete it to recompute")
+            raise FeatureCacheError(
+                f"{f}: feature cache file holds whole {tuple(whole.shape)} {whole.dtype}, crops "
+                f"{tuple(crops.shape)} {crops.dtype}; expected {dtype}; delete it to recompute"
+            )
         return ViewFeatures(whole, crops)
 
     def get(self, i: int) -> ViewFeatures:

@@ -38,8 +38,10 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) ->
 def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``1 - mean_b d_b`` for a probability map ``(B, H, W)`` and a target ``(B, H, W)``; returns a scalar."""
     if prob.dim() != 3 or prob.shape != target.shape:
-        raise ValueError(f"dice_loss needs prob and target of the same (B, H, W) shape, got {tuple(prob.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"dice_loss needs prob and target of the same (B, H, W) shape, got {tuple(prob.shape)} "
+            f"and {tuple(target.shape)}"
+        )
     p = prob.reshape(prob.shape[0], -1)  # (B, H*W)
     g = target.reshape(target.shape[0], -1).to(p.dtype)  # (B, H*W)
     dice = (2.0 * (p * g).sum(dim=1) + DICE_SMOOTH) / (p.sum(dim=1) + g.sum(dim=1) + DICE_SMOOTH)  # (B,)

@@ -64,15 +64,18 @@ class TrainSettings:
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise TrainError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, "
-                             f"{self.lr}")
+            raise TrainError(
+                f"need epochs >= 1, batch_size >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}"
+            )
         if self.precision not in PRECISIONS:
             raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise TrainError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
         if self.cache not in CACHE_MODES or (self.cache == "disk") != (self.cache_dir is not None):
-            raise TrainError(f"cache must be one of {CACHE_MODES}, with cache_dir exactly when 'disk' "
-                             f"(got {self.cache!r}, cache_dir={self.cache_dir!r})")
+            raise TrainError(
+                f"cache must be one of {CACHE_MODES}, with cache_dir exactly when 'disk' "
+                f"(got {self.cache!r}, cache_dir={self.cache_dir!r})"
+            )
 
 
 # settings that must agree for a resumed run to continue the same trajectory
@@ -99,8 +102,15 @@ def batch_loss(maps: torch.Tensor, gt: torch.Tensor, cfg: DHRConfig) -> torch.Te
     return total * (n_layers // nl)
 
 
-def train_step(clip, learner: PromptLearner, optimizer: torch.optim.Optimizer, whole: torch.Tensor,
-               crops: torch.Tensor, gt: torch.Tensor, cfg: DHRConfig) -> float:
+def train_step(
+    clip,
+    learner: PromptLearner,
+    optimizer: torch.optim.Optimizer,
+    whole: torch.Tensor,
+    crops: torch.Tensor,
+    gt: torch.Tensor,
+    cfg: DHRConfig,
+) -> float:
     """One Adam step on a batch; whole (B, nl, Ls, D), crops (B, 4, nl, Lp, D), gt (B, T, T). Returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     text = F.normalize(encode_learned(clip, learner), dim=-1)  # (2, D)
@@ -146,11 +156,23 @@ def _gt(packed: list[np.ndarray], indices: list[int], t: int, device) -> torch.T
 def _meta(cfg: DHRConfig, s: TrainSettings, backbone: dict, data: dict, n_images: int, losses: list[float]) -> dict:
     p = cfg.preset
     training = {k: v for k, v in asdict(s).items() if k not in ("cache", "cache_dir")}
-    training.update(betas=list(s.betas), epoch=len(losses), epoch_losses=list(losses), n_images=n_images, data=data,
-                    feature_cache=s.cache, features_list=list(cfg.features_list), optimizer="adam")
-    return {"preset": p.name, "preset_sizes": {"image_size": p.image_size, "patch_size": p.patch_size,
-                                               "target_size": p.target_size},
-            "layer_features": cfg.layer_features, "backbone": backbone, "training": training}
+    training.update(
+        betas=list(s.betas),
+        epoch=len(losses),
+        epoch_losses=list(losses),
+        n_images=n_images,
+        data=data,
+        feature_cache=s.cache,
+        features_list=list(cfg.features_list),
+        optimizer="adam",
+    )
+    return {
+        "preset": p.name,
+        "preset_sizes": {"image_size": p.image_size, "patch_size": p.patch_size, "target_size": p.target_size},
+        "layer_features": cfg.layer_features,
+        "backbone": backbone,
+        "training": training,
+    }
 
 
 def _resume(out_dir: Path, learner: PromptLearner, optimizer, expected: dict) -> tuple[int, list[float]]:
@@ -162,11 +184,13 @@ def _resume(out_dir: Path, learner: PromptLearner, optimizer, expected: dict) ->
     ck = load_checkpoint(found[epoch])
     for key in ("preset", "preset_sizes", "layer_features"):
         if ck.meta.get(key) != expected[key]:
-            raise TrainError(f"{found[epoch]}: cannot resume, {key} is {ck.meta.get(key)!r}, this run has "
-                             f"{expected[key]!r}")
+            raise TrainError(
+                f"{found[epoch]}: cannot resume, {key} is {ck.meta.get(key)!r}, this run has {expected[key]!r}"
+            )
     if ck.meta.get("backbone", {}).get("sha256") != expected["backbone"]["sha256"]:
-        raise TrainError(f"{found[epoch]}: cannot resume, it was trained on another backbone "
-                         f"({ck.meta.get('backbone')})")
+        raise TrainError(
+            f"{found[epoch]}: cannot resume, it was trained on another backbone ({ck.meta.get('backbone')})"
+        )
     old, new = ck.meta.get("training", {}), expected["training"]
     for key in RESUME_KEYS:
         if old.get(key) != new[key]:
@@ -186,9 +210,18 @@ def _resume(out_dir: Path, learner: PromptLearner, optimizer, expected: dict) ->
     return epoch, list(old.get("epoch_losses", []))[:epoch]
 
 
-def train_prompts(clip, samples: list[Sample], cfg: DHRConfig, out_dir: str | Path,
-                  settings: TrainSettings | None = None, *, backbone: BackboneInfo | dict | None = None,
-                  data: dict | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+def train_prompts(
+    clip,
+    samples: list[Sample],
+    cfg: DHRConfig,
+    out_dir: str | Path,
+    settings: TrainSettings | None = None,
+    *,
+    backbone: BackboneInfo | dict | None = None,
+    data: dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Train prompts on ``samples`` (each with a mask or defect-free) and write a checkpoint per epoch.
 
     ``clip`` is an open_clip CLIP (fp32); it is frozen and moved to ``settings.device``. ``backbone`` names it in the
@@ -219,8 +252,13 @@ def train_prompts(clip, samples: list[Sample], cfg: DHRConfig, out_dir: str | Pa
     result = TrainResult(losses, [], learner, start)
     if start >= s.epochs:
         return result
-    store = FeatureStore(FeatureExtractor(clip.visual, cfg, device, s.precision, s.feature_dtype),
-                         [x.img_path for x in samples], s.cache, s.cache_dir, backbone["sha256"])
+    store = FeatureStore(
+        FeatureExtractor(clip.visual, cfg, device, s.precision, s.feature_dtype),
+        [x.img_path for x in samples],
+        s.cache,
+        s.cache_dir,
+        backbone["sha256"],
+    )
     t0 = time.perf_counter()
     store.prepare(progress)
     result.prepare_seconds = time.perf_counter() - t0
@@ -232,10 +270,9 @@ def train_prompts(clip, samples: list[Sample], cfg: DHRConfig, out_dir: str | Pa
             continue
         t0 = time.perf_counter()
         batch_losses: list[float] = []
-        bar = tqdm(range(0, n, s.batch_size), desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch",
-                   disable=not progress)
+        bar = tqdm(range(0, n, s.batch_size), desc=f"epoch {epoch + 1}/{s.epochs}", unit="batch", disable=not progress)
         for b0 in bar:
-            idx = perm[b0:b0 + s.batch_size]
+            idx = perm[b0 : b0 + s.batch_size]
             whole, crops = store.batch(idx, device)  # (B, nl, Ls, D), (B, 4, nl, Lp, D)
             batch_losses.append(train_step(clip, learner, optimizer, whole, crops, _gt(masks, idx, t, device), cfg))
             bar.set_postfix(loss=f"{np.mean(batch_losses):.4f}")
