@@ -11,7 +11,6 @@ matmul peak, counts the FLOPs of one image, and prints bf16's deviation from fp3
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from service.model import DHRCLIP, DHRConfig, get_preset, random_backbone
-from service.model.dhrclip import PRECISIONS, dhr_maps
+from service.model.dhrclip import dhr_maps, dtype_of
 from service.model.preprocess import normalize
 from service.model.scoring import reference_image_score
 from service.model.vision import VisionFeatures
@@ -79,7 +78,7 @@ def counted_flops(model: DHRCLIP, whole, crops) -> float:
 
 def naive(model: DHRCLIP, whole_u8: torch.Tensor, crops_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The reference's structure with our code: per image, 5 tower calls at batch 1, scipy Gaussian on the CPU."""
-    cfg, dev, dtype = model.cfg, model.device, PRECISIONS[model.precision]
+    cfg, dev, dtype = model.cfg, model.device, dtype_of(model.precision)
     maps, scores = [], []
     with torch.inference_mode():
         for b in range(whole_u8.shape[0]):
@@ -122,7 +121,7 @@ def main() -> None:
     vis = clip.visual
     width, layers = vis.conv1.out_channels, len(vis.transformer.resblocks)
     mlp = vis.transformer.resblocks[0].mlp.c_fc.out_features
-    g_s, g_p = preset.image_size // 14, preset.patch_size // 14
+    g_s, g_p = preset.image_size // 14, preset.crop_size // 14
     flops = analytic_flops(width, layers, mlp, g_s * g_s + 1, 19, 1) + analytic_flops(
         width, layers, mlp, g_p * g_p + 1, 19, 4
     )
@@ -130,17 +129,17 @@ def main() -> None:
         f"device {dev} ({torch.cuda.get_device_name() if dev.startswith('cuda') else 'CPU'}), "
         f"threads {torch.get_num_threads()}, torch {torch.__version__}, model {args.model}, preset {preset}"
     )
-    peaks = {p: matmul_peak(dev, PRECISIONS[p]) for p in args.precisions.split(",")}
+    peaks = {p: matmul_peak(dev, dtype_of(p)) for p in args.precisions.split(",")}
     for p, v in peaks.items():
         print(f"matmul peak {p}: {v / 1e12:.3f} TFLOP/s (4096^3)")
     bmax = max(int(b) for b in args.batch_sizes.split(","))
     rng = np.random.default_rng(0)
     whole_all = torch.from_numpy(rng.integers(0, 256, (bmax, preset.image_size, preset.image_size, 3), np.uint8))
-    crops_all = torch.from_numpy(rng.integers(0, 256, (bmax, 4, preset.patch_size, preset.patch_size, 3), np.uint8))
+    crops_all = torch.from_numpy(rng.integers(0, 256, (bmax, 4, preset.crop_size, preset.crop_size, 3), np.uint8))
     text = torch.nn.functional.normalize(torch.randn(2, vis.proj.shape[1]), dim=-1)
     ref_maps = None
     for prec in args.precisions.split(","):
-        model = DHRCLIP(copy.deepcopy(vis), text, DHRConfig(preset=preset), prec)
+        model = DHRCLIP(vis, text, DHRConfig(preset=preset), prec)
         model = model.to(dev).eval()
         if prec == args.precisions.split(",")[0]:
             counted = counted_flops(model, whole_all[:1], crops_all[:1])
@@ -170,12 +169,12 @@ def main() -> None:
             if b == 1:
                 maps = out.anomaly_map.float().cpu()
                 if ref_maps is None:
-                    ref_maps = (prec, maps, out.image_score.float().cpu())
+                    ref_maps = (prec, maps, out.reference.float().cpu())
                 else:
                     print(
                         f"{prec} vs {ref_maps[0]} max deviation: anomaly map "
                         f"{(maps - ref_maps[1]).abs().max():.3e}, image score "
-                        f"{(out.image_score.float().cpu() - ref_maps[2]).abs().max():.3e}"
+                        f"{(out.reference.float().cpu() - ref_maps[2]).abs().max():.3e}"
                     )
 
 

@@ -59,7 +59,7 @@ def main() -> int:
     p = cfg.preset
     print(
         f"# {MODEL} random weights (built in {build_s:.1f} s), preset {p.name} S/P/T {p.image_size}/"
-        f"{p.patch_size}/{p.target_size}, layer_features {cfg.layer_features}, {len(samples)} images, batch "
+        f"{p.crop_size}/{p.target_size}, layer_features {cfg.layer_features}, {len(samples)} images, batch "
         f"{args.batch_size}, {args.epochs} epochs, device {args.device}, precision {args.precision}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     )

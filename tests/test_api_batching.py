@@ -48,7 +48,7 @@ def test_concurrent_requests_share_batches_and_keep_their_own_results(tmp_path, 
     runner = ModelRunner(model)
     for img, res in zip(images, results, strict=True):  # each equals the image served alone
         alone = runner.run([load_views(img, runner.preset)])[0]
-        assert res["score"] == pytest.approx(alone.image_score, abs=1e-5)
+        assert res["score"] == pytest.approx(alone.scores.reference, abs=1e-5)
     assert len({round(x["score"], 8) for x in results}) == n
 
 

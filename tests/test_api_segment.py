@@ -168,11 +168,13 @@ def test_scores_equal_the_model_alone_for_every_variant(client, direct_model):
     by_profile = client.post("/segment", files=file, data={"product": "parity"}).json()["results"][0]
     override = client.post("/segment", files=file, data={"product": "parity", "image_score": "map_topk"}).json()
     override = override["results"][0]
-    assert ref["image_score"] == "reference" and ref["score"] == pytest.approx(alone.image_score, abs=1e-5)
-    assert by_profile["image_score"] == "map_max" and by_profile["score"] == pytest.approx(alone.map_max, abs=1e-5)
-    assert override["image_score"] == "map_topk" and override["score"] == pytest.approx(alone.map_topk, abs=1e-5)
+    assert ref["image_score"] == "reference" and ref["score"] == pytest.approx(alone.scores.reference, abs=1e-5)
+    assert by_profile["image_score"] == "map_max" and by_profile["score"] == pytest.approx(
+        alone.scores.map_max, abs=1e-5
+    )
+    assert override["image_score"] == "map_topk" and override["score"] == pytest.approx(alone.scores.map_topk, abs=1e-5)
     assert (by_profile["threshold"], by_profile["pixel_threshold"]) == (0.4, 0.6)
-    assert by_profile["verdict"] == ("defect" if alone.map_max >= 0.4 else "ok")
+    assert by_profile["verdict"] == ("defect" if alone.scores.map_max >= 0.4 else "ok")
     # the stored mask is the model's map resized to 640x480 and thresholded at the profile's 0.6
     mask = np.asarray(decode_png(client.get(by_profile["links"]["mask"]).content)) > 0
     expected = resize_map(alone.anomaly_map, 640, 480) >= 0.6

@@ -74,7 +74,7 @@ def test_predict_writes_every_output_and_survives_a_bad_file(tmp_path, capsys, t
     model, _ = build_model(tiny_clip[0], ref_checkpoint, preset="fast")
     v = load_views(Image.open(inputs[0]), model.cfg.preset)
     direct = model(torch.from_numpy(np.array(v.whole))[None], torch.from_numpy(np.array(v.crops))[None])
-    assert rec["score_reference"] == pytest.approx(direct.image_score.item(), abs=1e-6)
+    assert rec["score_reference"] == pytest.approx(direct.reference.item(), abs=1e-6)
 
 
 def test_predict_missing_backbone_is_one_line(tmp_path, capsys):

@@ -54,15 +54,15 @@ class ImageAsMap:
         self.transform = transform
         self.calls = 0
 
-    def __call__(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor):
+    def __call__(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor, extra=()):
         self.calls += 1
-        p, t = FAST.patch_size, FAST.target_size
+        p, t = FAST.crop_size, FAST.target_size
         canvas = torch.zeros(crops_u8.shape[0], t, t)
         for k, (y, x) in enumerate((y, x) for y in (0, t - p) for x in (0, t - p)):
             canvas[:, y : y + p, x : x + p] = crops_u8[:, k, :, :, 0].float() / 255.0
         amap = self.transform(canvas)  # (B, T, T)
         score = amap.flatten(1).mean(dim=1)
-        return SimpleNamespace(image_score=score, map_max=score, map_topk=score, anomaly_map=amap, eval_map=amap)
+        return SimpleNamespace(reference=score, map_max=score, map_topk=score, anomaly_map=amap, eval_map=amap)
 
 
 def _write_class(root: Path, items: list[tuple[str, str, np.ndarray]]) -> None:

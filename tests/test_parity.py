@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.model import build_model, load_views
+from service.model import EXTRA_MAPS, build_model, load_views
 from service.model.prompts import encode_learned
 from service.model.scoring import grid_maps, token_probs
 
@@ -60,7 +60,7 @@ def _run(model, img):
     whole, crops = torch.from_numpy(np.array(v.whole))[None], torch.from_numpy(np.array(v.crops))[None]
     with torch.inference_mode():
         fw, fc = model.encode_views(whole, crops)
-        out = model.score(fw, fc)
+        out = model.score(fw, fc, EXTRA_MAPS)
     tokens = [fw.tokens[0, 0]] + [fc.tokens[0, k, 0] for k in range(4)]  # per view (L, D)
     probs = [grid_maps(token_probs(t[None], model.text_features))[0].permute(1, 2, 0) for t in tokens]  # (g, g, 2)
     inputs = [v.whole] + list(v.crops)
@@ -103,7 +103,7 @@ def _check_maps(cfg, i, r, expected):
     stride = CONFIGS[cfg][1]
     out = r["out"]
     raw, final = out.raw_map[0].numpy(), out.eval_map[0].numpy()
-    _close(out.image_score[0], expected[f"{cfg}_image_score"][i], TOL["score"], f"{cfg} img{i} score")
+    _close(out.reference[0], expected[f"{cfg}_image_score"][i], TOL["score"], f"{cfg} img{i} score")
     _close(raw[::stride, ::stride], expected[f"{cfg}_raw_map_stride{stride}"][i], TOL["raw"], f"{cfg} img{i} raw")
     _close(final[::stride, ::stride], expected[f"{cfg}_final_map_stride{stride}"][i], TOL["final"], "final")
     yx = expected[f"{cfg}_sample_yx"]
@@ -152,9 +152,9 @@ def test_batch_of_three_equals_one_at_a_time(models, expected):
     views = [load_views(img, model.cfg.preset) for img in _images(expected)]
     whole = torch.from_numpy(np.stack([v.whole for v in views]))
     crops = torch.from_numpy(np.stack([v.crops for v in views]))
-    batched = model(whole, crops)
+    batched = model(whole, crops, EXTRA_MAPS)
     for i in range(3):
-        single = model(whole[i : i + 1], crops[i : i + 1])
-        for name in ("image_score", "anomaly_map", "raw_map", "eval_map"):
+        single = model(whole[i : i + 1], crops[i : i + 1], EXTRA_MAPS)
+        for name in ("reference", "anomaly_map", "raw_map", "eval_map"):
             _close(getattr(batched, name)[i], getattr(single, name)[0].numpy(), 1e-5, f"batch vs single {name}")
-        _close(batched.image_score[i], expected["A_image_score"][i], TOL["score"], "batched score vs golden")
+        _close(batched.reference[i], expected["A_image_score"][i], TOL["score"], "batched score vs golden")

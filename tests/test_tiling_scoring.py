@@ -104,4 +104,4 @@ def test_views_shapes_for_every_preset():
         p = get_preset(name)
         v = make_views(img, p)
         assert v.whole.shape == (p.image_size, p.image_size, 3)
-        assert v.crops.shape == (4, p.patch_size, p.patch_size, 3)
+        assert v.crops.shape == (4, p.crop_size, p.crop_size, 3)

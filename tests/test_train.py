@@ -301,7 +301,7 @@ def test_run_train_end_to_end_on_real_images(clip_info, tmp_path, capsys):
     views = load_views(read_image(REAL / "steel_sd900" / "test" / "inclusion" / "In_13.bmp"), model.cfg.preset)
     res = model(torch.from_numpy(np.array(views.whole))[None], torch.from_numpy(np.array(views.crops))[None])
     assert res.anomaly_map.shape == (1, 448, 448) and torch.isfinite(res.anomaly_map).all()
-    assert minfo.layer_features == "final" and 0 < res.image_score.item() < 1
+    assert minfo.layer_features == "final" and 0 < res.reference.item() < 1
 
 
 def test_run_train_user_errors_are_one_line(tmp_path, capsys):

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from service.engine.batcher import BatchStats
+from service.inspection import VERDICTS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
@@ -66,7 +67,7 @@ class Metrics:
         self._batcher: Callable[[], object | None] = lambda: None
         r.register(_BatcherCollector(lambda: self._batcher()))
         self.images = Counter("dhr_images", "Images inspected and stored, by verdict", ["verdict"], registry=r)
-        for verdict in ("ok", "defect"):
+        for verdict in VERDICTS:
             self.images.labels(verdict=verdict)  # export zeros from the start
         self.ready = Gauge("dhr_model_ready", "1 when the model is loaded and serving, else 0", registry=r)
         self.model_info = Info("dhr_model", "Identity of the served model", registry=r)

@@ -6,9 +6,9 @@ others are cancelled (an image not yet in a running batch leaves the queue), the
 image in upload order is answered, and nothing is stored. Only when every image is analysed are the records
 written (PNG files, then rows; one thread call, in upload order) and only then is the answer sent.
 
-Decision rule for one image: ``score = result.score(image_score)``; ``verdict = "defect" if score >= threshold
-else "ok"``. ``threshold`` / ``pixel_threshold`` / ``image_score`` come from the product profile when the request
-names a product that has one, else from the settings; a request's ``image_score`` overrides the variant.
+Decision rule for one image: ``score = getattr(result.scores, image_score)``, ``verdict(score, thresholds)``
+(``service.inspection``). ``thresholds`` and ``image_score`` come from the product profile when the request names a
+product that has one, else from the settings; a request's ``image_score`` overrides the variant.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from service.engine.batcher import BatcherClosedError, QueueFullError
 from service.engine.decode import DecodedImage, ImageError
 from service.engine.postprocess import PostResult
 from service.engine.runner import Engine, ImageResult
+from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
 from service.storage import InspectionRecord, InspectionStore
 
 from .problems import Problem, image_problem, service_unavailable
@@ -45,9 +46,8 @@ class Decision:
     product: str | None
     line: str | None
     part_id: str | None
-    image_score: str  # reference | map_max | map_topk
-    image_threshold: float
-    pixel_threshold: float
+    image_score: str  # a variant of IMAGE_SCORES
+    thresholds: Thresholds
 
 
 @dataclass
@@ -130,8 +130,7 @@ async def analyse_all(
 
 def build_record(item: Analysed, decision: Decision, model: dict) -> InspectionRecord:
     """The inspection record of one analysed image (not yet stored)."""
-    score = float(item.result.score(decision.image_score))
-    verdict = "defect" if score >= decision.image_threshold else "ok"
+    score = float(getattr(item.result.scores, decision.image_score))
     return InspectionRecord(
         product=decision.product,
         line=decision.line,
@@ -140,10 +139,10 @@ def build_record(item: Analysed, decision: Decision, model: dict) -> InspectionR
         width=item.decoded.width,
         height=item.decoded.height,
         score=score,
-        threshold=decision.image_threshold,
-        verdict=verdict,
+        threshold=decision.thresholds.image,
+        verdict=verdict(score, decision.thresholds),
         image_score=decision.image_score,
-        pixel_threshold=decision.pixel_threshold,
+        pixel_threshold=decision.thresholds.pixel,
         defect_area_ratio=float(item.post.defect_area_ratio),
         regions=[r.to_dict() for r in item.post.regions],
         model=dict(model),
@@ -152,7 +151,8 @@ def build_record(item: Analysed, decision: Decision, model: dict) -> InspectionR
 
 
 def artefacts_of(post: PostResult) -> dict[str, bytes]:
-    return {"overlay": post.overlay_png, "heatmap": post.heatmap_png, "mask": post.mask_png}
+    """``{kind: PNG bytes}`` of every artefact kind."""
+    return {kind: post.png(kind) for kind in ARTEFACT_KINDS}
 
 
 def store_all(

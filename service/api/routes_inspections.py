@@ -16,16 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse
 
+from service.inspection import ARTEFACT_KINDS, Verdict
 from service.storage import ProductProfile
 
 from .problems import Problem, problem_responses
 from .schemas import (
-    ARTEFACT_KINDS,
     InspectionOut,
     InspectionPage,
     ProductIn,
@@ -62,7 +62,7 @@ async def list_inspections(
     request: Request,
     product: str | None = Query(None, max_length=200),
     line: str | None = Query(None, max_length=200),
-    verdict: Literal["ok", "defect"] | None = Query(None),
+    verdict: Verdict | None = Query(None),
     since: datetime | None = Query(None, description="created_at >= since (ISO 8601 with zone)"),
     until: datetime | None = Query(None, description="created_at < until (ISO 8601 with zone)"),
     limit: int = Query(50, ge=1, le=500),

@@ -71,7 +71,7 @@ async def health(request: Request):
         "uptime_s": round(time.time() - ctx.started_at, 3),
         "last_inference_at": ctx.last_inference_iso(),
         "warmup_s": engine.warmup_s,
-        "counts": {"total": ctx.counts.total, "ok": ctx.counts.ok, "defect": ctx.counts.defect, "stored": stored},
+        "counts": {**ctx.counts.to_dict(), "stored": stored},
     }
 
 

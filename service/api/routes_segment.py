@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,12 +19,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
+from service.engine import IMAGE_SCORES, ImageScore
+from service.inspection import ARTEFACT_KINDS, ArtefactKind, Thresholds
+
 from .access_log import too_large
 from .pipeline import Decision, Upload, analyse_all, artefacts_of, build_record, store_all
 from .problems import Problem, problem_responses
-from .schemas import ARTEFACT_KINDS, SegmentResponse, links_for, record_out
+from .schemas import SegmentResponse, links_for, record_out
 from .security import require_api_key
-from .settings import ImageScore
 from .state import ServiceContext
 
 router = APIRouter(tags=["inspection"], dependencies=[Depends(require_api_key)])
@@ -51,7 +52,7 @@ SEGMENT_BODY = {
                         },
                         "line": {**_TEXT, "description": "production line"},
                         "part_id": {**_TEXT, "description": "part identifier"},
-                        "image_score": {"type": "string", "enum": ["reference", "map_max", "map_topk"]},
+                        "image_score": {"type": "string", "enum": list(IMAGE_SCORES)},
                         "include": {
                             "type": "string",
                             "description": "comma list of overlay, heatmap, mask (base64 PNGs)",
@@ -152,11 +153,9 @@ def png_wanted(accept: str | None) -> bool:
 async def decide(ctx: ServiceContext, fields: SegmentForm) -> Decision:
     s = ctx.settings
     profile = await asyncio.to_thread(ctx.require_store().get_product, fields.product) if fields.product else None
-    if profile is not None:
-        variant, image_t, pixel_t = profile.image_score, profile.image_threshold, profile.pixel_threshold
-    else:
-        variant, image_t, pixel_t = s.image_score, s.image_threshold, s.pixel_threshold
-    return Decision(fields.product, fields.line, fields.part_id, fields.image_score or variant, image_t, pixel_t)
+    source = profile if profile is not None else s
+    thresholds = Thresholds(image=source.image_threshold, pixel=source.pixel_threshold)
+    return Decision(fields.product, fields.line, fields.part_id, fields.image_score or source.image_score, thresholds)
 
 
 @router.post(
@@ -171,7 +170,7 @@ async def decide(ctx: ServiceContext, fields: SegmentForm) -> Decision:
 )
 async def segment(
     request: Request,
-    output: Literal["overlay", "heatmap", "mask"] | None = Query(
+    output: ArtefactKind | None = Query(
         None, description="answer the PNG of this kind instead of JSON (one image only)"
     ),
 ):
@@ -200,7 +199,7 @@ async def segment(
         )
 
     decision = await decide(ctx, fields)
-    analysed = await analyse_all(engine, uploads, decision.pixel_threshold, ctx.settings.request_timeout_s)
+    analysed = await analyse_all(engine, uploads, decision.thresholds.pixel, ctx.settings.request_timeout_s)
     model = engine.info.to_dict()
     records = [build_record(item, decision, model) for item in analysed]
     stored = await asyncio.to_thread(store_all, ctx.require_store(), records, analysed)

@@ -12,12 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.engine import ImageScore
+from service.inspection import ARTEFACT_KINDS, Verdict
 from service.storage import InspectionRecord, ProductProfile
-
-from .settings import ImageScore
-
-ARTEFACT_KINDS = ("overlay", "heatmap", "mask")
-Verdict = Literal["ok", "defect"]
 
 
 class RegionOut(BaseModel):

@@ -40,15 +40,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, get_args
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine import IMAGE_SCORES, PRECISIONS, PRESETS
-
-ImageScore = Literal["reference", "map_max", "map_topk"]
-assert set(get_args(ImageScore)) == set(IMAGE_SCORES), "ImageScore must list the image-score variants"
+from service.engine import ImageScore, Precision, PresetName
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _OPTIONAL = ("backbone", "prompts", "database_url", "retention_days", "retention_max_count")
@@ -61,9 +58,9 @@ class Settings(BaseSettings):
 
     backbone: str | None = None
     prompts: str | None = None
-    preset: str = "mvtec"
+    preset: PresetName = "mvtec"
     device: str = "auto"
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     allow_download: bool = False
     model_weights_dir: Path = Path("./model_weights")
 
@@ -118,10 +115,11 @@ class Settings(BaseSettings):
             value = int(value)
         return value
 
-    @field_validator("preset", "precision")
+    @field_validator("preset", "precision", mode="before")
     @classmethod
     def _known_choice(cls, value: str, info: ValidationInfo) -> str:
-        choices = {"preset": PRESETS, "precision": PRECISIONS}[info.field_name]
+        """One line naming the choices (the Literal's own message would list them less readably)."""
+        choices = get_args(cls.model_fields[info.field_name].annotation)
         if value not in choices:
             raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {', '.join(choices)}")
         return value

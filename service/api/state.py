@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from service.engine.runner import Engine, EngineConfig
+from service.inspection import VERDICTS
 from service.storage import InspectionStore
 
 from .metrics import Metrics
@@ -34,15 +35,18 @@ LOADING_RETRY_AFTER_S = 5
 
 @dataclass
 class Counts:
-    """Inspections answered since start, by verdict."""
+    """Inspections answered since start, in total and by verdict."""
 
     total: int = 0
-    ok: int = 0
-    defect: int = 0
+    by_verdict: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
 
     def add(self, verdict: str) -> None:
         self.total += 1
-        setattr(self, verdict, getattr(self, verdict) + 1)
+        self.by_verdict[verdict] += 1
+
+    def to_dict(self) -> dict[str, int]:
+        """``{"total": n, <verdict>: n, ...}``."""
+        return {"total": self.total, **self.by_verdict}
 
 
 @dataclass

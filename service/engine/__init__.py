@@ -4,7 +4,30 @@ The API reaches the model only through this package (``api -> engine -> model``)
 the names of the model's choices are re-exported here.
 """
 
-from service.model import DHRCLIP, IMAGE_SCORES, PRECISIONS, PRESETS, ModelInfo, load_model
+from service.model import (
+    DHRCLIP,
+    IMAGE_SCORES,
+    PRECISIONS,
+    PRESETS,
+    ImageScore,
+    ImageScores,
+    ModelInfo,
+    Precision,
+    PresetName,
+    load_model,
+)
 from service.model.devices import resolve_device
 
-__all__ = ["DHRCLIP", "IMAGE_SCORES", "PRECISIONS", "PRESETS", "ModelInfo", "load_model", "resolve_device"]
+__all__ = [
+    "DHRCLIP",
+    "IMAGE_SCORES",
+    "PRECISIONS",
+    "PRESETS",
+    "ImageScore",
+    "ImageScores",
+    "ModelInfo",
+    "Precision",
+    "PresetName",
+    "load_model",
+    "resolve_device",
+]

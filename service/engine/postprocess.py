@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-ARTEFACT_KINDS = ("heatmap", "mask", "overlay")
+from service.inspection import ARTEFACT_KINDS
+
 MAX_POLYGON_POINTS = 64
 OUTLINE_RGB = (255, 255, 255)
 OUTLINE_THICKNESS = 2
@@ -74,6 +75,12 @@ class PostResult:
     regions: list[Region]
     defect_area_ratio: float
     map_max: float
+
+    def png(self, kind: str) -> bytes | None:
+        """The PNG of an artefact kind (``heatmap_png`` etc.)."""
+        if kind not in ARTEFACT_KINDS:
+            raise ValueError(f"unknown artefact kind {kind!r}; choose from {', '.join(ARTEFACT_KINDS)}")
+        return getattr(self, f"{kind}_png")
 
 
 def _check_map(score_map: np.ndarray, name: str = "score_map") -> np.ndarray:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.model import DHRCLIP, ModelInfo, stack_views
+from service.inspection import Thresholds, verdict
+from service.model import DHRCLIP, EXTRA_MAPS, IMAGE_SCORES, ModelInfo, stack_views
 
 from .decode import DecodedImage, ImageError, decode_image, views_for
 from .postprocess import postprocess
@@ -39,11 +40,7 @@ def _write_outputs(
     stem: str, dec: DecodedImage, out, i: int, info: ModelInfo, opts: PredictOptions, timings: dict
 ) -> dict:
     t0 = time.perf_counter()
-    scores = {
-        "reference": float(out.image_score[i]),
-        "map_max": float(out.map_max[i]),
-        "map_topk": float(out.map_topk[i]),
-    }
+    scores = {v: float(getattr(out, v)[i]) for v in IMAGE_SCORES}
     amap = out.anomaly_map[i].clamp(0, 1).numpy()
     post = postprocess(amap, dec.rgb(), opts.pixel_threshold)
     d = opts.out_dir
@@ -67,11 +64,9 @@ def _write_outputs(
         "preset": info.preset,
         "image_score": opts.image_score,
         "score": score,
-        "score_reference": scores["reference"],
-        "score_map_max": scores["map_max"],
-        "score_map_topk": scores["map_topk"],
+        **{f"score_{v}": s for v, s in scores.items()},
         "threshold": opts.image_threshold,
-        "verdict": "defect" if score >= opts.image_threshold else "ok",
+        "verdict": verdict(score, Thresholds(opts.image_threshold, opts.pixel_threshold)),
         "pixel_threshold": opts.pixel_threshold,
         "defect_area_ratio": post.defect_area_ratio,
         "regions": [r.to_dict() for r in post.regions],
@@ -94,8 +89,8 @@ def predict_files(paths: list[Path], model: DHRCLIP, info: ModelInfo, opts: Pred
         if not pending:
             return
         t0 = time.perf_counter()
-        out = model(*stack_views([p[2] for p in pending]))
-        out = type(out)(*(t.float().cpu() for t in out))
+        out = model(*stack_views([p[2] for p in pending]), EXTRA_MAPS if opts.save_maps else ())
+        out = type(out)(*(None if t is None else t.float().cpu() for t in out))
         infer_ms = 1000 * (time.perf_counter() - t0) / len(pending)
         for i, (stem, dec, _, decode_ms) in enumerate(pending):
             rec = _write_outputs(stem, dec, out, i, info, opts, {"decode": decode_ms, "inference": infer_ms})

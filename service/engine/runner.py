@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.model import DHRCLIP, ModelInfo, Views, stack_views
+from service.model import DHRCLIP, ImageScores, ModelInfo, Views, stack_views
 
 from .batcher import BatchStats, DynamicBatcher
 from .decode import DecodedImage, decode_image, views_for
@@ -33,15 +33,10 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One image's model output on the CPU."""
+    """One image's model output on the CPU; a score variant ``v`` is ``getattr(result.scores, v)``."""
 
-    image_score: float  # reference variant
-    map_max: float
-    map_topk: float
+    scores: ImageScores[float]
     anomaly_map: np.ndarray  # (T, T) float32 in [0, 1], squashed-square geometry
-
-    def score(self, variant: str) -> float:
-        return {"reference": self.image_score, "map_max": self.map_max, "map_topk": self.map_topk}[variant]
 
 
 class ModelRunner:
@@ -52,10 +47,11 @@ class ModelRunner:
         self.preset = model.cfg.preset
 
     def run(self, batch: list[Views]) -> list[ImageResult]:
+        """Views of B images -> B results (scores and the clamped service map on the CPU)."""
         out = self.model(*stack_views(batch))
-        maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()
-        scores = torch.stack([out.image_score, out.map_max, out.map_topk], 1).float().cpu().numpy()
-        return [ImageResult(float(s[0]), float(s[1]), float(s[2]), m) for s, m in zip(scores, maps, strict=True)]
+        maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()  # (B, T, T)
+        scores = torch.stack(out.scores(), 1).float().cpu().tolist()  # (B, 3)
+        return [ImageResult(ImageScores(*s), m) for s, m in zip(scores, maps, strict=True)]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run dummy batches once (allocations, kernel selection); returns seconds spent."""
@@ -66,7 +62,7 @@ class ModelRunner:
             views = [
                 Views(
                     rng.integers(0, 256, (p.image_size, p.image_size, 3), dtype=np.uint8),
-                    rng.integers(0, 256, (4, p.patch_size, p.patch_size, 3), dtype=np.uint8),
+                    rng.integers(0, 256, (4, p.crop_size, p.crop_size, 3), dtype=np.uint8),
                 )
                 for _ in range(b)
             ]

@@ -7,8 +7,8 @@ Two protocols decide which map is scored against which mask:
   PIL bilinear of the 0/255 mask, ``> 0.5``). Every map of a class has one shape, so :func:`compute_metrics` runs
   on the stacked ``(N, T, T)`` arrays.
 * ``"service"`` (what a user of the API gets): the service ``anomaly_map`` (``gaussian(M / n_layers)``, not
-  min-max normalised, Part A item 6), clamped to [0, 1] and resized back to the image's own ``(H_i, W_i)`` with
-  OpenCV bilinear (pixel centres: ``dst(x) = src((x + 1/2) T / W - 1/2)``, as the engine does), against the mask
+  min-max normalised, Part A item 6), clamped to [0, 1] and resized back to the image's own ``(H_i, W_i)`` by the
+  engine's :func:`~service.engine.postprocess.resize_map` (OpenCV bilinear at pixel centres), against the mask
   at its original size. Images of a class may differ in size: pixels are then pooled by :func:`pooled_metrics`.
 
 Per image three image scores are kept, one per variant of Part A item 5: ``reference``, ``map_max``, ``map_topk``.
@@ -17,8 +17,9 @@ averages each metric over the classes where it is defined (a metric undefined in
 Maps are held in memory for one class at a time (float32: 1,000 images at T = 672 are 1.8 GB) and freed after.
 
 The model is injectable: anything with ``cfg.preset`` (a :class:`~service.model.Preset`) and the
-:class:`~service.model.DHRCLIP` call ``model(whole (B, S, S, 3) uint8, crops (B, 4, P, P, 3) uint8)`` returning an
-object with ``image_score``, ``map_max``, ``map_topk`` ``(B,)`` and ``anomaly_map``, ``eval_map`` ``(B, T, T)``.
+:class:`~service.model.DHRCLIP` call ``model(whole (B, S, S, 3) uint8, crops (B, 4, P, P, 3) uint8, extra=...)``
+returning an object with the image-score variants ``reference``, ``map_max``, ``map_topk`` ``(B,)`` and
+``anomaly_map`` ``(B, T, T)``, plus ``eval_map`` ``(B, T, T)`` when ``extra`` names it (paper protocol).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from service.data import Sample, load_mask, read_image
+from service.engine.postprocess import resize_map
 from service.model import IMAGE_SCORES, load_views, stack_views
 
 from .metrics import (
@@ -47,7 +48,6 @@ from .metrics import (
 PROTOCOLS = ("paper", "service")
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupro_ref", "pixel_f1_max")
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
-SCORE_FIELDS = {"reference": "image_score", "map_max": "map_max", "map_topk": "map_topk"}  # variant -> output field
 
 
 @dataclass
@@ -108,7 +108,7 @@ def collect_class(
         views = [load_views(read_image(s.img_path), preset) for s in batch]
         whole, crops = stack_views(views)  # (B, S, S, 3), (B, 4, P, P, 3) uint8
         t1 = time.perf_counter()
-        out = model(whole, crops)
+        out = model(whole, crops, extra=("eval_map",) if protocol == "paper" else ())
         t2 = time.perf_counter()
         seconds["load"] += t1 - t0
         seconds["model"] += t2 - t1
@@ -120,14 +120,14 @@ def collect_class(
                 f"{t_size}) for preset {preset.name}"
             )
         for name in IMAGE_SCORES:
-            scores[name][start : start + len(batch)] = getattr(out, SCORE_FIELDS[name]).detach().float().cpu().numpy()
+            scores[name][start : start + len(batch)] = getattr(out, name).detach().float().cpu().numpy()
         for j, amap in enumerate(batch_maps):
             i = start + j
             if protocol == "paper":
                 maps[i] = amap
             else:
                 h, w = maps[i].shape
-                maps[i] = cv2.resize(np.clip(amap, 0.0, 1.0), (w, h), interpolation=cv2.INTER_LINEAR)
+                maps[i] = resize_map(np.clip(amap, 0.0, 1.0), w, h)
         seconds["model"] += time.perf_counter() - t2  # map hand-over counts with the model
         bar.update(len(batch))
     bar.close()

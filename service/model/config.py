@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Generic, Literal, NamedTuple, TypeVar
 
+# Each choice of the model is named once, here; Literal types, argparse choices, OpenAPI enums and settings
+# validation all derive from these tables.
 LAYER_FEATURES = ("final", "per_layer")
-IMAGE_SCORES = ("reference", "map_max", "map_topk")
+LayerFeatures = Literal[LAYER_FEATURES]
+# precision name -> torch dtype name (the vision tower's compute dtype; LayerNorm always runs in fp32)
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRECISIONS = tuple(PRECISION_DTYPES)
+Precision = Literal[PRECISIONS]
+
+T = TypeVar("T")
+
+
+class ImageScores(NamedTuple, Generic[T]):
+    """The image-score variants (Part A item 5); each a float, a (B,) tensor or an (N,) array.
+
+    ``reference``: softmax of the mixed CLS similarities; ``map_max``: max of the service map; ``map_topk``: mean
+    of its top ``topk_fraction`` pixels. A variant's value is ``getattr(scores, variant)``.
+    """
+
+    reference: T
+    map_max: T
+    map_topk: T
+
+
+IMAGE_SCORES: tuple[str, ...] = ImageScores._fields
+ImageScore = Literal[IMAGE_SCORES]
 
 
 @dataclass(frozen=True)
@@ -13,16 +38,16 @@ class Preset:
     """Dynamic-high-resolution geometry.
 
     The image is squashed to ``target_size`` T x T; the whole view is that image resized to ``image_size`` S;
-    four ``patch_size`` P crops are cut at offsets 0 and T - P (spec Part A item 3). Requires T/2 <= P <= T.
+    four ``crop_size`` P crops are cut at offsets 0 and T - P (spec Part A item 3). Requires T/2 <= P <= T.
     """
 
     name: str
     image_size: int  # S
-    patch_size: int  # P
+    crop_size: int  # P (not the ViT's 14-pixel patch)
     target_size: int  # T
 
     def __post_init__(self):
-        s, p, t = self.image_size, self.patch_size, self.target_size
+        s, p, t = self.image_size, self.crop_size, self.target_size
         if not (2 * p >= t and p <= t):
             raise ValueError(f"preset {self.name}: need T/2 <= P <= T, got P={p}, T={t}")
         if s % 14 or p % 14:
@@ -31,12 +56,12 @@ class Preset:
     @property
     def crop_offsets(self) -> tuple[int, int]:
         """Top/left offsets of the crops along one axis: (0, T - P)."""
-        return (0, self.target_size - self.patch_size)
+        return (0, self.target_size - self.crop_size)
 
     @property
     def one_batch(self) -> bool:
         """Whole view and crops share a size, so all 5 views go through the tower as one batch."""
-        return self.image_size == self.patch_size
+        return self.image_size == self.crop_size
 
 
 PRESETS: dict[str, Preset] = {
@@ -44,6 +69,7 @@ PRESETS: dict[str, Preset] = {
     "visa": Preset("visa", 518, 518, 1024),
     "fast": Preset("fast", 336, 224, 448),
 }
+PresetName = Literal[tuple(PRESETS)]
 
 
 def get_preset(name: str) -> Preset:
@@ -60,7 +86,7 @@ class DHRConfig:
     preset: Preset = field(default_factory=lambda: PRESETS["mvtec"])
     dpam: int = 20  # the last dpam - 1 vision blocks run the V-V dual path (reference: 19 of 24)
     features_list: tuple[int, ...] = (6, 12, 18, 24)  # 1-based layers summed into the raw map
-    layer_features: str = "final"  # "final": every layer reads y^24 (reference); "per_layer": true y^l
+    layer_features: LayerFeatures = "final"  # "final": every layer reads y^24 (reference); "per_layer": true y^l
     alpha: float = 0.75  # weight of the whole view against the crop canvas
     temperature: float = 0.07
     sigma: float = 8.0

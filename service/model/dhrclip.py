@@ -8,13 +8,15 @@ then smoothed with a Gaussian of sigma and scored.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Collection
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DHRConfig
+from .config import IMAGE_SCORES, PRECISION_DTYPES, PRECISIONS, DHRConfig, ImageScores
 from .preprocess import normalize
 from .scoring import (
     anomaly_channel,
@@ -29,16 +31,45 @@ from .scoring import (
 from .tiling import dhr_mix, upsample
 from .vision import DHRVisionTower, VisionFeatures
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXTRA_MAPS = ("eval_map", "raw_map")  # computed only when asked for (evaluation, ``predict --save-maps``)
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (``fp32``, ``bf16``, ``fp16``)."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return getattr(torch, PRECISION_DTYPES[precision])
 
 
 class DHROutput(NamedTuple):
-    image_score: torch.Tensor  # (B,) reference score (Part A item 1)
+    """Scores and maps of a batch; an image-score variant ``v`` is ``getattr(out, v)`` (:data:`IMAGE_SCORES`)."""
+
+    reference: torch.Tensor  # (B,) reference score (Part A item 1)
     map_max: torch.Tensor  # (B,) max of anomaly_map
     map_topk: torch.Tensor  # (B,) mean of the top 1 % of anomaly_map
     anomaly_map: torch.Tensor  # (B, T, T) service map: gaussian(M / n_layers), a probability in [0, 1]
-    eval_map: torch.Tensor  # (B, T, T) paper protocol: minmax(gaussian(M)) per image
-    raw_map: torch.Tensor  # (B, T, T) M summed over layers, reference scale [0, n_layers], before smoothing
+    eval_map: torch.Tensor | None = None  # (B, T, T) paper protocol: minmax(gaussian(M)) per image; on request
+    raw_map: torch.Tensor | None = None  # (B, T, T) M summed over layers, scale [0, n_layers], unsmoothed; on request
+
+    def scores(self) -> ImageScores[torch.Tensor]:
+        """The three (B,) image scores."""
+        return ImageScores(*(getattr(self, v) for v in IMAGE_SCORES))
+
+
+def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` with floating parameters and buffers in ``dtype``, LayerNorms kept fp32.
+
+    The caller's module is left as it is; only the converted tensors are allocated (no full-precision copy).
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for mod in module.modules():
+        keep = isinstance(mod, nn.LayerNorm)
+        for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+            if id(t) in memo or not t.is_floating_point():
+                continue
+            new = t.detach().to(torch.float32 if keep else dtype)
+            memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(module, memo)
 
 
 def view_maps(tokens: torch.Tensor, text: torch.Tensor, size: int, temperature: float, anomaly: bool) -> torch.Tensor:
@@ -60,11 +91,11 @@ def dhr_maps(
     p = cfg.preset
     b, nl = whole_tokens.shape[:2]
     whole = view_maps(whole_tokens, text, p.image_size, cfg.temperature, anomaly)  # (B, nl, C, S, S)
-    crops = view_maps(crop_tokens.flatten(0, 1), text, p.patch_size, cfg.temperature, anomaly)  # (4B, nl, C, P, P)
+    crops = view_maps(crop_tokens.flatten(0, 1), text, p.crop_size, cfg.temperature, anomaly)  # (4B, nl, C, P, P)
     c = whole.shape[2]
     mixed = dhr_mix(
         whole.reshape(b, nl * c, p.image_size, p.image_size),
-        crops.reshape(b, 4, nl * c, p.patch_size, p.patch_size),
+        crops.reshape(b, 4, nl * c, p.crop_size, p.crop_size),
         p,
         cfg.alpha,
     )
@@ -72,20 +103,18 @@ def dhr_maps(
 
 
 class DHRCLIP(nn.Module):
-    """Vision tower + two cached unit text vectors; nothing of the text tower stays here."""
+    """Vision tower + two cached unit text vectors; nothing of the text tower stays here.
+
+    At fp32 the caller's ``visual`` is used as is; at bf16/fp16 the tower holds a converted copy
+    (:func:`cast_copy`), so the caller's module is never cast.
+    """
 
     def __init__(self, visual: nn.Module, text_features: torch.Tensor, cfg: DHRConfig, precision: str = "fp32"):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        dtype = dtype_of(precision)
         self.cfg = cfg
         self.precision = precision
-        self.tower = DHRVisionTower(visual, cfg)
-        if precision != "fp32":
-            visual.to(PRECISIONS[precision])
-            for mod in visual.modules():  # LayerNorm parameters stay fp32; the tower normalises in fp32
-                if isinstance(mod, nn.LayerNorm):
-                    mod.float()
+        self.tower = DHRVisionTower(visual if precision == "fp32" else cast_copy(visual, dtype), cfg)
         self.register_buffer("text_features", F.normalize(text_features.detach().float(), dim=-1))  # (2, D)
 
     @property
@@ -97,7 +126,7 @@ class DHRCLIP(nn.Module):
 
         Tokens: (B, nl, L, D) and (B, 4, nl, L, D); cls: (B, D) and (B, 4, D).
         """
-        dtype, dev = PRECISIONS[self.precision], self.device
+        dtype, dev = dtype_of(self.precision), self.device
         b = whole_u8.shape[0]
         whole = normalize(whole_u8.to(dev, non_blocking=True), dtype)  # (B, 3, S, S)
         crops = normalize(crops_u8.to(dev, non_blocking=True), dtype).flatten(0, 1)  # (4B, 3, P, P)
@@ -109,7 +138,11 @@ class DHRCLIP(nn.Module):
         fw, fc = self.tower(whole), self.tower(crops)
         return fw, VisionFeatures(fc.tokens.view(b, 4, *fc.tokens.shape[1:]), fc.cls.view(b, 4, -1))
 
-    def score(self, whole: VisionFeatures, crops: VisionFeatures) -> DHROutput:
+    def score(self, whole: VisionFeatures, crops: VisionFeatures, extra: Collection[str] = ()) -> DHROutput:
+        """Scores and the service map; ``extra`` names the maps of :data:`EXTRA_MAPS` to add (else None)."""
+        unknown = set(extra) - set(EXTRA_MAPS)
+        if unknown:
+            raise ValueError(f"unknown extra maps {sorted(unknown)}; choose from {', '.join(EXTRA_MAPS)}")
         cfg = self.cfg
         m = dhr_maps(whole.tokens, crops.tokens, self.text_features, cfg)[:, :, 0]  # (B, nl, T, T)
         n_layers = len(cfg.features_list)
@@ -117,15 +150,18 @@ class DHRCLIP(nn.Module):
         smooth = gaussian_blur(raw, cfg.sigma)
         service = smooth / n_layers
         return DHROutput(
-            image_score=reference_image_score(whole.cls, crops.cls, self.text_features, cfg.alpha, cfg.temperature),
+            reference=reference_image_score(whole.cls, crops.cls, self.text_features, cfg.alpha, cfg.temperature),
             map_max=map_max(service),
             map_topk=map_topk(service, cfg.topk_fraction),
             anomaly_map=service,
-            eval_map=minmax(smooth),
-            raw_map=raw,
+            eval_map=minmax(smooth) if "eval_map" in extra else None,
+            raw_map=raw if "raw_map" in extra else None,
         )
 
     @torch.inference_mode()
-    def forward(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor) -> DHROutput:
-        """whole (B, S, S, 3) uint8, crops (B, 4, P, P, 3) uint8 -> DHROutput on the model's device."""
-        return self.score(*self.encode_views(whole_u8, crops_u8))
+    def forward(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor, extra: Collection[str] = ()) -> DHROutput:
+        """whole (B, S, S, 3) uint8, crops (B, 4, P, P, 3) uint8 -> DHROutput on the model's device.
+
+        ``extra``: which of ``eval_map`` / ``raw_map`` to compute as well (the service needs neither).
+        """
+        return self.score(*self.encode_views(whole_u8, crops_u8), extra)

@@ -57,7 +57,7 @@ def prepare_image(img: Image.Image) -> Image.Image:
 
 def make_views(img: Image.Image, preset: Preset) -> Views:
     """Whole view and four crops of an image prepared by :func:`prepare_image`."""
-    s, p, t = preset.image_size, preset.patch_size, preset.target_size
+    s, p, t = preset.image_size, preset.crop_size, preset.target_size
     squashed = img.resize((t, t))  # PIL default filter: bicubic for L/RGB, antialiased
     whole = squashed if s == t else squashed.resize((s, s), Image.Resampling.BICUBIC)
     offs = preset.crop_offsets

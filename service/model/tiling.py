@@ -22,7 +22,7 @@ def stitch(crops: torch.Tensor, preset: Preset) -> torch.Tensor:
     [P - o, P) is halved, then the band of columns: o = 2P - T, the central o x o square ends up divided by 4.
     """
     b, n, c, side, _ = crops.shape
-    t, p = preset.target_size, preset.patch_size
+    t, p = preset.target_size, preset.crop_size
     if n != 4 or side != p:
         raise ValueError(f"expected (B, 4, C, {p}, {p}) crops for preset {preset.name}, got {tuple(crops.shape)}")
     canvas = crops.new_zeros(b, c, t, t)

@@ -20,7 +20,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-VERDICTS = ("ok", "defect")
+from service.inspection import VERDICTS
+
 ID_RE = re.compile(r"^[0-9a-f]{28}$")
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from service.data import load_dataset, parse_classes
-from service.model import PRESETS, DHRConfig, get_preset, load_backbone
+from service.model import LAYER_FEATURES, PRECISIONS, PRESETS, DHRConfig, get_preset, load_backbone
 from service.model.devices import resolve_device
 
-from .trainer import PRECISIONS, TrainError, TrainSettings, train_prompts
+from .trainer import TrainError, TrainSettings, train_prompts
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", choices=sorted(PRESETS), default="mvtec", help="S/P/T geometry (default mvtec)")
     model.add_argument(
         "--layer-features",
-        choices=("final", "per_layer"),
+        choices=LAYER_FEATURES,
         default="final",
         help="'final': every layer reads y^24 (reference); 'per_layer': true y^6/12/18/24",
     )

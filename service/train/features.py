@@ -26,19 +26,17 @@ cache for larger sets.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from service.data import read_image
-from service.model import DHRCLIP, DHRConfig, load_views
+from service.model import DHRCLIP, DHRConfig, load_views, stack_views
 
 FEATURE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 CACHE_MODES = ("memory", "disk", "none")
@@ -56,8 +54,8 @@ class ViewFeatures(NamedTuple):
 class FeatureExtractor:
     """Frozen DHR vision tower on ``device`` at ``precision``: image file -> :class:`ViewFeatures`.
 
-    The caller's ``visual`` is used as is in fp32 (moved to ``device``); for bf16/fp16 a converted copy is made, so
-    the caller's model is never cast.
+    The caller's ``visual`` is used as is in fp32 (moved to ``device``); for bf16/fp16 :class:`DHRCLIP` holds a
+    converted copy, so the caller's model is never cast.
     """
 
     def __init__(
@@ -70,8 +68,6 @@ class FeatureExtractor:
     ):
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
-        if precision != "fp32":
-            visual = copy.deepcopy(visual)
         width = visual.proj.shape[1]
         self.cfg, self.precision, self.feature_dtype = cfg, precision, feature_dtype
         self.model = DHRCLIP(visual, torch.zeros(2, width), cfg, precision).to(device).eval()  # text unused here
@@ -79,9 +75,7 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, img_path: str | Path) -> ViewFeatures:
         views = load_views(read_image(img_path), self.cfg.preset)
-        whole_u8 = torch.from_numpy(np.array(views.whole)).unsqueeze(0)  # (1, S, S, 3)
-        crops_u8 = torch.from_numpy(np.array(views.crops)).unsqueeze(0)  # (1, 4, P, P, 3)
-        fw, fc = self.model.encode_views(whole_u8, crops_u8)
+        fw, fc = self.model.encode_views(*stack_views([views]))  # a batch of one: (1, S, S, 3), (1, 4, P, P, 3)
         dtype = FEATURE_DTYPES[self.feature_dtype]
         return ViewFeatures(fw.tokens[0].to("cpu", dtype), fc.tokens[0].to("cpu", dtype))
 
@@ -95,7 +89,7 @@ def cache_key(img_path: str | Path, cfg: DHRConfig, backbone_sha256: str, precis
         "img": str(path),
         "mtime_ns": st.st_mtime_ns,
         "size": st.st_size,
-        "preset": [p.image_size, p.patch_size, p.target_size],
+        "preset": [p.image_size, p.crop_size, p.target_size],
         "backbone_sha256": backbone_sha256,
         "layer_features": cfg.layer_features,
         "features_list": list(cfg.features_list),

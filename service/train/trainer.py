@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from service.data import Sample, load_mask
-from service.model import BackboneInfo, DHRConfig, dhr_maps, load_checkpoint, save_checkpoint
+from service.model import PRECISIONS, BackboneInfo, DHRConfig, dhr_maps, load_checkpoint, save_checkpoint
 from service.model.checkpoint import from_learner
 from service.model.prompts import PromptLearner, encode_learned
 
@@ -38,7 +38,6 @@ from .features import CACHE_MODES, FEATURE_DTYPES, FeatureExtractor, FeatureStor
 from .losses import segmentation_loss
 
 EPOCH_RE = re.compile(r"epoch_(\d+)\.safetensors")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class TrainError(ValueError):
@@ -168,7 +167,8 @@ def _meta(cfg: DHRConfig, s: TrainSettings, backbone: dict, data: dict, n_images
     )
     return {
         "preset": p.name,
-        "preset_sizes": {"image_size": p.image_size, "patch_size": p.patch_size, "target_size": p.target_size},
+        # "patch_size": the on-disk key of checkpoints written before Preset.patch_size became crop_size
+        "preset_sizes": {"image_size": p.image_size, "patch_size": p.crop_size, "target_size": p.target_size},
         "layer_features": cfg.layer_features,
         "backbone": backbone,
         "training": training,

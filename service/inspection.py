@@ -1,0 +1,44 @@
+"""What one inspection decides and produces, named once for every layer: verdicts, thresholds, artefact kinds.
+
+No dependencies: the engine, storage, API, CLI and evaluation import these names; ``Literal`` types, OpenAPI enums,
+argparse choices and database checks derive from the tuples below.
+
+Decision rule for an image score ``s`` (of the chosen variant, see ``service.model.IMAGE_SCORES``)::
+
+    verdict = "defect" if s >= thresholds.image else "ok"
+
+written as zones (:meth:`Thresholds.zones`): the verdict is the last zone whose lower bound ``s`` reaches, "ok"
+below every bound. A further zone (e.g. a ``review`` band under ``image``) is one more entry there and in
+:data:`VERDICTS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+VERDICTS = ("ok", "defect")  # in order of increasing score
+Verdict = Literal[VERDICTS]
+ARTEFACT_KINDS = ("overlay", "heatmap", "mask")  # the PNGs made for and stored with every inspection
+ArtefactKind = Literal[ARTEFACT_KINDS]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How one image is judged: ``image`` on the image score (verdict), ``pixel`` on the anomaly map (mask)."""
+
+    image: float = 0.5
+    pixel: float = 0.5
+
+    def zones(self) -> tuple[tuple[float, Verdict], ...]:
+        """``(lower bound, verdict)`` of every zone above "ok", by increasing bound."""
+        return ((self.image, "defect"),)
+
+
+def verdict(score: float, thresholds: Thresholds) -> Verdict:
+    """The verdict of ``score``: the last zone of ``thresholds.zones()`` whose bound it reaches, else "ok"."""
+    result: Verdict = VERDICTS[0]
+    for bound, name in thresholds.zones():
+        if score >= bound:
+            result = name
+    return result
