@@ -99,3 +99,15 @@ def test_weights_import_cli(tmp_path, capsys):
     torch.save({"prompt_learner": {"ctx_pos": torch.zeros(1, 1, 12, 64)}}, bad)
     assert main(["weights", "import", str(bad), "--out", str(tmp_path / "w2")]) == 2
     assert "bad.pth: missing key 'ctx_neg'" in capsys.readouterr().err
+
+
+def test_a_plain_value_error_is_a_bug_not_a_user_error(tmp_path, monkeypatch):
+    """Only UserError becomes a one-line message with status 2; anything else propagates with its traceback."""
+    import service.predict.command as command
+
+    def broken(args):
+        raise ValueError("internal bug")
+
+    monkeypatch.setattr(command, "run_predict", broken)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["predict", str(FIXTURES / "img0_rgb_700x700.png"), "--out", str(tmp_path / "o")])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from service.engine.runner import Engine, EngineConfig
+from service.errors import UserError
 from service.inspection import VERDICTS
 from service.storage import InspectionStore
 
@@ -113,7 +114,7 @@ class ServiceContext:
                 "model load failed after %.1f s: %s",
                 time.perf_counter() - t0,
                 exc,
-                exc_info=not isinstance(exc, (RuntimeError, ValueError)),
+                exc_info=not isinstance(exc, UserError),  # a traceback only for bugs
             )
             return
         self.engine = engine

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service.errors import UserError
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 MASK_SUFFIX = "_mask.png"
 GOOD = "good"
@@ -52,7 +54,7 @@ class Sample:
     anomaly: int
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset on disk is malformed; the message is one line naming the file and what is wrong."""
 
 

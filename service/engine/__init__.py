@@ -17,6 +17,7 @@ from service.model import (
     load_model,
 )
 from service.model.devices import resolve_device
+from service.model.weights import WeightsChoice, WeightsError, find_weights
 
 __all__ = [
     "DHRCLIP",
@@ -30,4 +31,7 @@ __all__ = [
     "PresetName",
     "load_model",
     "resolve_device",
+    "WeightsChoice",
+    "WeightsError",
+    "find_weights",
 ]

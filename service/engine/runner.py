@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class ImageResult:
 
     scores: ImageScores[float]
     anomaly_map: np.ndarray  # (T, T) float32 in [0, 1], squashed-square geometry
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # (T, T) float32 extra maps asked for (EXTRA_MAPS)
 
 
 class ModelRunner:
@@ -46,12 +47,16 @@ class ModelRunner:
         self.model = model
         self.preset = model.cfg.preset
 
-    def run(self, batch: list[Views]) -> list[ImageResult]:
-        """Views of B images -> B results (scores and the clamped service map on the CPU)."""
-        out = self.model(*stack_views(batch))
+    def run(self, batch: list[Views], extra: tuple[str, ...] = ()) -> list[ImageResult]:
+        """Views of B images -> B results: scores, the clamped service map and the ``extra`` maps, on the CPU."""
+        out = self.model(*stack_views(batch), extra)
         maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()  # (B, T, T)
         scores = torch.stack(out.scores(), 1).float().cpu().tolist()  # (B, 3)
-        return [ImageResult(ImageScores(*s), m) for s, m in zip(scores, maps, strict=True)]
+        more = {name: getattr(out, name).float().cpu().numpy() for name in extra}  # name -> (B, T, T)
+        return [
+            ImageResult(ImageScores(*s), m, {name: v[i] for name, v in more.items()})
+            for i, (s, m) in enumerate(zip(scores, maps, strict=True))
+        ]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run dummy batches once (allocations, kernel selection); returns seconds spent."""

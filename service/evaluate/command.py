@@ -6,9 +6,9 @@ Examples::
     dhrclip evaluate --data /data/visa --preset visa --protocol service --classes pcb1,pcb2 --limit 20
 
 The per-class table goes to stdout, progress and the summary to stderr. User errors (a bad dataset folder, an
-unreadable image or mask, missing weights, a bad option) are raised as :class:`~service.data.DatasetError`,
-:class:`ValueError` or :class:`FileNotFoundError`; ``dhrclip`` prints them as ``dhrclip evaluate: <message>`` and
-exits with status 2.
+unreadable image or mask, missing weights, a bad option) are raised as :class:`~service.errors.UserError`
+(``DatasetError``, ``BackboneError``, ...); ``dhrclip`` prints them as ``dhrclip evaluate: <message>`` and exits with
+status 2.
 
 The table (values x 100 with one decimal, as in the paper; ``-`` marks an undefined value, e.g. the image AUROC of
 a class without defect-free images; ``AUPRO`` is the standard area up to FPR 0.3 divided by 0.3, ``AUPRO*`` the
@@ -39,8 +39,10 @@ import math
 import sys
 from pathlib import Path
 
+from service.cli_options import add_model_arguments, load_model_from_args
 from service.data import load_dataset, parse_classes
-from service.model import IMAGE_SCORES, PRECISIONS, PRESETS, load_model
+from service.errors import UserError
+from service.model import IMAGE_SCORES
 
 from .runner import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS, evaluate
 
@@ -57,15 +59,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--classes", default=None, help="comma-separated class names (default: all, in index order)")
     io.add_argument("--limit", type=int, default=None, help="first N test images per class")
     io.add_argument("--report", default=None, help="write the full report as JSON to this file")
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--backbone",
-        default="openai",
-        help="CLIP weights: a file (OpenAI .pt, TorchScript, open_clip checkpoint) or 'openai' (cache)",
-    )
-    model.add_argument("--allow-download", action="store_true", help="let open_clip download the 'openai' weights")
-    model.add_argument("--prompts", default="ensemble", help="prompt checkpoint file or directory, or 'ensemble'")
-    model.add_argument("--preset", choices=sorted(PRESETS), default="mvtec", help="S/P/T geometry (default mvtec)")
+    add_model_arguments(parser)
     run = parser.add_argument_group("protocol and execution")
     run.add_argument(
         "--protocol",
@@ -74,8 +68,6 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="'paper': min-max normalised T x T maps against T x T masks (the paper's table); "
         "'service': the service's maps at each image's original size",
     )
-    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    run.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     run.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -83,28 +75,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``dhrclip evaluate``: print the table, write ``--report``; returns 0. User errors are raised."""
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     report_path = Path(args.report).expanduser() if args.report else None
     if report_path is not None and report_path.is_dir():
-        raise ValueError(f"--report {report_path}: is a directory, expected a file name")
+        raise UserError(f"--report {report_path}: is a directory, expected a file name")
     root = Path(args.data).expanduser().absolute()
     by_class = load_dataset(root, split="test", classes=parse_classes(args.classes), limit=args.limit)
     if not by_class:
-        raise ValueError(f"{root}: no test images")
-    model, info = load_model(
-        args.backbone,
-        args.prompts,
-        preset=args.preset,
-        device=args.device,
-        precision=args.precision,
-        allow_download=args.allow_download,
-    )
+        raise UserError(f"{root}: no test images")
+    model, info = load_model_from_args(args)
     n = sum(len(s) for s in by_class.values())
     print(
         f"evaluating {n} images of {len(by_class)} class(es) ({', '.join(by_class)}); protocol {args.protocol}, "
-        f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {args.device} {args.precision}",
+        f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {info.device} {args.precision}",
         file=sys.stderr,
     )
     body = evaluate(model, by_class, protocol=args.protocol, batch_size=args.batch_size, progress=not args.no_progress)

@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
+from service.errors import UserError
+
 OPENAI_NAME = "ViT-L-14-336"
 OPENAI_FILENAME = "ViT-L-14-336px.pt"
 OPENAI_HF_REPO = "timm/vit_large_patch14_clip_336.openai"
 OPENAI_SHA256_PREFIX = "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError, RuntimeError):
     """A backbone that cannot be found or read; the message is one line naming the file and the fix."""
 
 

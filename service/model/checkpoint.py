@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from service.errors import UserError
+
 from .backbone import sha256_file
 from .config import LAYER_FEATURES
 from .prompts import PromptLearner
@@ -25,7 +27,7 @@ from .prompts import PromptLearner
 FORMAT = "dhrclip-prompts/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A prompt checkpoint that cannot be used; one line naming the file, the key and the shapes."""
 
 

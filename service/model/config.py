@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, NamedTuple, TypeVar
 
+from service.errors import UserError
+
 # Each choice of the model is named once, here; Literal types, argparse choices, OpenAPI enums and settings
 # validation all derive from these tables.
 LAYER_FEATURES = ("final", "per_layer")
@@ -76,7 +78,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from service.errors import UserError
+
 
 def resolve_device(name: str | None, label: str = "--device") -> str:
     """``auto``/None -> ``cuda`` when available, else ``cpu``; cpu, cuda, cuda:N and mps are checked to exist.
@@ -15,15 +17,15 @@ def resolve_device(name: str | None, label: str = "--device") -> str:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"{label} {name!r} is not a device name (auto, cpu, cuda, cuda:N or mps)") from None
+        raise UserError(f"{label} {name!r} is not a device name (auto, cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{label} {name}: torch sees no CUDA device on this machine (use cpu or auto)")
+            raise UserError(f"{label} {name}: torch sees no CUDA device on this machine (use cpu or auto)")
         if (dev.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"{label} {name}: only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise UserError(f"{label} {name}: only {torch.cuda.device_count()} CUDA device(s) exist")
     elif dev.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"{label} mps: the MPS backend is not available (use cpu or auto)")
+            raise UserError(f"{label} mps: the MPS backend is not available (use cpu or auto)")
     elif dev.type != "cpu":
-        raise ValueError(f"{label} {name}: only cpu, cuda and mps are supported")
+        raise UserError(f"{label} {name}: only cpu, cuda and mps are supported")
     return name

@@ -15,9 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from service.cli_options import add_model_arguments
 from service.data import load_dataset, parse_classes
-from service.model import LAYER_FEATURES, PRECISIONS, PRESETS, DHRConfig, get_preset, load_backbone
+from service.model import LAYER_FEATURES, DHRConfig, get_preset, load_backbone
 from service.model.devices import resolve_device
+from service.model.weights import find_backbone
 
 from .trainer import TrainError, TrainSettings, train_prompts
 
@@ -37,10 +39,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--classes", default=None, help="comma-separated class names (default: all)")
     io.add_argument("--limit", type=int, default=None, help="first N images per class")
     io.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint in --out")
-    model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="openai", help="CLIP weights file, or 'openai' (ViT-L-14-336 cache)")
-    model.add_argument("--allow-download", action="store_true", help="let open_clip download the 'openai' weights")
-    model.add_argument("--preset", choices=sorted(PRESETS), default="mvtec", help="S/P/T geometry (default mvtec)")
+    add_model_arguments(
+        parser, prompts=False, precision_help="frozen vision tower precision for feature extraction (text: fp32)"
+    )
+    model = parser.add_argument_group("prompts")
     model.add_argument(
         "--layer-features",
         choices=LAYER_FEATURES,
@@ -56,13 +58,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=float, default=d.lr)
     opt.add_argument("--seed", type=int, default=d.seed)
     run = parser.add_argument_group("execution")
-    run.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
-    run.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="frozen vision tower precision for feature extraction (text side is always fp32)",
-    )
     cache = run.add_mutually_exclusive_group()
     cache.add_argument(
         "--cache-dir", default=None, help="keep view features on disk here (reused across runs) instead of in memory"
@@ -78,7 +73,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Run ``dhrclip train``; returns 0. User errors (ValueError family, BackboneError) are raised for the CLI."""
+    """Run ``dhrclip train``; returns 0. User errors (UserError: DatasetError, BackboneError, TrainError) are
+    raised for the CLI."""
     if args.limit is not None and args.limit < 1:
         raise TrainError(f"--limit must be >= 1, got {args.limit}")
     device = resolve_device(args.device)
@@ -101,7 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
         cache=cache,
         cache_dir=args.cache_dir,
     )
-    clip, info = load_backbone(args.backbone, allow_download=args.allow_download)
+    backbone, _ = find_backbone(args.backbone, Path(args.model_weights_dir))
+    clip, info = load_backbone(backbone, allow_download=args.allow_download)
     data = {"root": str(root), "split": args.split, "classes": list(by_class), "limit": args.limit}
     n_anom = sum(s.anomaly for s in samples)
     print(

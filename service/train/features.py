@@ -36,13 +36,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from service.data import read_image
+from service.errors import UserError
 from service.model import DHRCLIP, DHRConfig, load_views, stack_views
 
 FEATURE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 CACHE_MODES = ("memory", "disk", "none")
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(UserError):
     """An on-disk feature file that cannot be used; the message names the file."""
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from service.data import Sample, load_mask
+from service.errors import UserError
 from service.model import PRECISIONS, BackboneInfo, DHRConfig, dhr_maps, load_checkpoint, save_checkpoint
 from service.model.checkpoint import from_learner
 from service.model.prompts import PromptLearner, encode_learned
@@ -40,7 +41,7 @@ from .losses import segmentation_loss
 EPOCH_RE = re.compile(r"epoch_(\d+)\.safetensors")
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """A training run that cannot start or resume; one line saying why."""
 
 

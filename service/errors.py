@@ -1,0 +1,10 @@
+"""The one exception type for mistakes of the user (a bad option, file, folder or setting), not of the program.
+
+The command line prints a :class:`UserError` as one line ``dhrclip <command>: <message>`` and exits with status 2;
+any other exception is a bug and shows its traceback. It subclasses :class:`ValueError`, so code that validated
+with ``except ValueError`` keeps working. No dependencies: every layer may raise it.
+"""
+
+
+class UserError(ValueError):
+    """Wrong input from the user; the message is one line naming the file, option or setting and what is wrong."""

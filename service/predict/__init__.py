@@ -1,0 +1,1 @@
+"""dhrclip predict: offline scoring of image files through the engine runner and postprocess."""

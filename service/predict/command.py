@@ -1,0 +1,155 @@
+"""``dhrclip predict``: image files in; per image a JSON record, heatmap/mask/overlay PNGs and optionally raw maps.
+
+Example::
+
+    dhrclip predict photos/*.jpg --out results/ --preset fast --threshold 0.6
+
+Each image goes the service's way: ``decode_image`` -> DHR views -> :class:`~service.engine.runner.ModelRunner`
+(batches of ``--batch-size``) -> ``postprocess`` -> ``verdict(score, thresholds)``. Per image ``<stem>.json``
+holds the scores of every variant, the verdict, the regions, the model identity and timings; ``--save-maps`` adds
+``<stem>.maps.npz`` with the ``(T, T)`` float32 ``anomaly_map``, ``eval_map`` and ``raw_map``. An unreadable file
+gets one line on stderr and is skipped (exit status 1); a bad option or missing weights end the command (status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.cli_options import add_model_arguments, load_model_from_args
+from service.engine import IMAGE_SCORES, ModelInfo
+from service.engine.decode import DecodedImage, ImageError, decode_image, views_for
+from service.engine.postprocess import postprocess
+from service.engine.runner import ImageResult, ModelRunner
+from service.inspection import Thresholds, verdict
+from service.model import EXTRA_MAPS, Views
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    out_dir: Path
+    save_maps: bool = False
+    batch_size: int = 1
+    thresholds: Thresholds = Thresholds()
+    image_score: str = "reference"
+    max_pixels: int = 200_000_000
+
+
+@dataclass
+class _Pending:
+    stem: str
+    decoded: DecodedImage
+    views: Views
+    decode_ms: float
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``dhrclip predict``."""
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--save-maps", action="store_true", help="also write <stem>.maps.npz (T x T float32 maps)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per model call")
+    d = Thresholds()
+    parser.add_argument("--threshold", type=float, default=d.image, help="image threshold of the verdict")
+    parser.add_argument("--pixel-threshold", type=float, default=d.pixel, help="mask threshold on the anomaly map")
+    parser.add_argument("--image-score", default="reference", choices=IMAGE_SCORES, help="score variant judged")
+    add_model_arguments(parser)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Run ``dhrclip predict``: 0 when every image was written, 1 when some could not be read."""
+    model, info = load_model_from_args(args)
+    opts = PredictOptions(
+        Path(args.out),
+        save_maps=args.save_maps,
+        batch_size=args.batch_size,
+        thresholds=Thresholds(image=args.threshold, pixel=args.pixel_threshold),
+        image_score=args.image_score,
+    )
+    failures = predict_files([Path(p) for p in args.images], ModelRunner(model), info, opts)
+    return 1 if failures else 0
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, k = path.stem, 1
+    while stem in used:
+        stem, k = f"{path.stem}_{k}", k + 1
+    used.add(stem)
+    return stem
+
+
+def _write_outputs(item: _Pending, result: ImageResult, info: ModelInfo, opts: PredictOptions, infer_ms: float):
+    t0 = time.perf_counter()
+    dec, th = item.decoded, opts.thresholds
+    post = postprocess(result.anomaly_map, dec.rgb(), th.pixel)
+    for kind in ("heatmap", "mask", "overlay"):
+        (opts.out_dir / f"{item.stem}.{kind}.png").write_bytes(post.png(kind))
+    if opts.save_maps:
+        np.savez_compressed(opts.out_dir / f"{item.stem}.maps.npz", anomaly_map=result.anomaly_map, **result.maps)
+    score = getattr(result.scores, opts.image_score)
+    record = {
+        "file": dec.name,
+        "width": dec.width,
+        "height": dec.height,
+        "format": dec.format,
+        "mode": dec.mode,
+        "preset": info.preset,
+        "image_score": opts.image_score,
+        "score": score,
+        **{f"score_{v}": getattr(result.scores, v) for v in IMAGE_SCORES},
+        "threshold": th.image,
+        "verdict": verdict(score, th),
+        "pixel_threshold": th.pixel,
+        "defect_area_ratio": post.defect_area_ratio,
+        "regions": [r.to_dict() for r in post.regions],
+        "model": info.to_dict(),
+        "timing_ms": {
+            "decode": item.decode_ms,
+            "inference": infer_ms,
+            "postprocess": 1000 * (time.perf_counter() - t0),
+        },
+    }
+    (opts.out_dir / f"{item.stem}.json").write_text(json.dumps(record, indent=2))
+    print(f"{dec.name}: score {score:.4f} ({record['verdict']}), {len(post.regions)} region(s), {infer_ms:.0f} ms")
+
+
+def predict_files(paths: list[Path], runner: ModelRunner, info: ModelInfo, opts: PredictOptions) -> int:
+    """Run every image; unreadable files get one line on stderr and are skipped. Returns the failure count."""
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    extra = EXTRA_MAPS if opts.save_maps else ()
+    used: set[str] = set()
+    failures = 0
+    pending: list[_Pending] = []
+
+    def flush():
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        results = runner.run([p.views for p in pending], extra)
+        infer_ms = 1000 * (time.perf_counter() - t0) / len(pending)
+        for item, result in zip(pending, results, strict=True):
+            _write_outputs(item, result, info, opts, infer_ms)
+        pending.clear()
+
+    for path in paths:
+        t0 = time.perf_counter()
+        try:
+            dec = decode_image(Path(path).read_bytes(), str(path), opts.max_pixels)
+        except (ImageError, OSError) as e:
+            print(
+                f"dhrclip predict: {e if isinstance(e, ImageError) else f'{path}: {e.strerror or e}'}", file=sys.stderr
+            )
+            failures += 1
+            continue
+        views = views_for(dec, runner.preset)
+        pending.append(_Pending(_unique_stem(Path(path), used), dec, views, 1000 * (time.perf_counter() - t0)))
+        if len(pending) >= opts.batch_size:
+            flush()
+    flush()
+    return failures
