@@ -55,12 +55,12 @@ def paths(request, tmp_path: Path) -> tuple[str, Path]:
         return f"sqlite:///{tmp_path / 'db' / 'inspections.db'}", tmp_path / "artefacts"
     if not POSTGRES_URL:
         pytest.skip("DHR_TEST_POSTGRES_URL not set")
-    from sqlalchemy import create_engine
-
-    from service.storage.models import Base
+    from sqlalchemy import MetaData, create_engine
 
     engine = create_engine(POSTGRES_URL)
-    Base.metadata.drop_all(engine)  # a fresh schema for every test
+    existing = MetaData()
+    existing.reflect(engine)
+    existing.drop_all(engine)  # a fresh schema for every test, alembic_version included
     engine.dispose()
     return POSTGRES_URL, tmp_path / "artefacts"
 

@@ -37,7 +37,6 @@ from service.storage.models import (
     ID_RE,
     KIND_RE,
     VERDICTS,
-    Base,
     InspectionRecord,
     InspectionRow,
     ProductProfile,
@@ -50,6 +49,7 @@ from service.storage.models import (
     validate_profile,
     validate_record,
 )
+from service.storage.schema import upgrade_database
 
 MAX_LIMIT = 500
 _DELETE_CHUNK = 500
@@ -111,6 +111,7 @@ class InspectionStore:
 
     database_url: SQLAlchemy URL, e.g. ``sqlite:////var/lib/dhrclip/inspections.db`` or
     ``postgresql+psycopg://user@host/db``; data_dir: root folder of the artefact files (created if absent).
+    Opening the store migrates its database in place to the newest schema (``service.storage.schema``).
     """
 
     def __init__(self, database_url: str, data_dir: Path | str) -> None:
@@ -128,7 +129,7 @@ class InspectionStore:
         self._engine = create_engine(url, **kwargs)
         if is_sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self._engine)
+        self.schema_revision = upgrade_database(self._engine)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
 
     def __enter__(self) -> Self:

@@ -1,0 +1,1 @@
+"""Alembic migration scripts of the inspection store (see ``service.storage`` for how to add one)."""
