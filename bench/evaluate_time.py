@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,6 +26,9 @@ from service.data import load_dataset  # noqa: E402
 from service.evaluate.metrics import compute_metrics  # noqa: E402
 from service.evaluate.runner import evaluate, pooled_metrics  # noqa: E402
 from service.model import build_model, random_backbone  # noqa: E402
+
+# isort: split
+import torch  # noqa: E402 - after `service`, which applies the thread policy before torch loads OpenMP
 
 DATA = ROOT.parent / "shared" / "data" / "real_defects"
 

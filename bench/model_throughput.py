@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import service  # noqa: F401 - applies the thread policy before torch loads OpenMP (service/runtime.py)
+
+# isort: split
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter

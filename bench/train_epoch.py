@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import service  # noqa: F401 - applies the thread policy before torch loads OpenMP (service/runtime.py)
+
+# isort: split
 import torch
 
 from service.data import load_dataset

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from service.errors import UserError
+from service.runtime import apply_thread_policy
 
 
 def _cmd_weights_import(args) -> int:
@@ -18,9 +19,15 @@ def _cmd_weights_import(args) -> int:
 
 
 def _cmd_data_index(args) -> int:
-    from service.data.datasets import write_meta_json
+    from service.data.datasets import build_meta, empty_masks, write_meta_json
 
-    print(f"wrote {write_meta_json(Path(args.root), Path(args.out) if args.out else None)}")
+    root = Path(args.root).expanduser().absolute()
+    meta = build_meta(root)
+    print(f"wrote {write_meta_json(root, Path(args.out) if args.out else None, meta)}")
+    empty = empty_masks(root, meta)
+    if empty:
+        names = ", ".join(p.relative_to(root).as_posix() for p in empty)
+        print(f"dhrclip data index: warning: {len(empty)} defect image(s) with an empty mask: {names}", file=sys.stderr)
     return 0
 
 
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_thread_policy()  # the same policy as the service; before any sub-command imports torch
         return int(args.func(args) or 0)
     except UserError as e:  # anything else is a bug: its traceback is shown
         print(f"dhrclip {args.command}: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import service
+from service.runtime import apply_thread_policy
 
 from . import routes_inspections, routes_ops, routes_segment
 from .access_log import RequestMiddleware
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     ``settings=None`` reads ``DHR_*`` environment variables and ``.env`` now, when the factory is called.
     """
+    thread_policy = apply_thread_policy()  # the same policy as the CLI (service/runtime.py); applied once
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
 
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ctx = ServiceContext(settings, metrics=metrics)  # replaced at start-up; status "loading" until then
     app.state.settings = settings
+    app.state.thread_policy = thread_policy
     install_problem_handlers(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_upload_bytes, metrics=metrics)
     app.include_router(routes_segment.router)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from service.engine.runner import Engine, EngineConfig
 from service.errors import UserError
 from service.inspection import VERDICTS
+from service.runtime import apply_thread_policy
 from service.storage import InspectionStore
 
 from .metrics import Metrics
@@ -120,11 +121,13 @@ class ServiceContext:
         self.engine = engine
         self.status, self.reason = READY, ""
         self.metrics.set_model(engine.info.to_dict())
+        warmup = "no warm-up" if engine.warmup_s is None else f"warm-up {engine.warmup_s:.2f} s"
         logger.info(
-            "model ready in %.1f s (warm-up %s s): %s",
+            "model ready in %.1f s (%s): %s; %s",
             time.perf_counter() - t0,
-            engine.warmup_s,
+            warmup,
             self.choice.describe(),
+            apply_thread_policy().describe(),
         )
 
     async def _retention_loop(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +60,18 @@ class DatasetError(UserError):
 
 
 def load_dataset(
-    root: str | Path, split: str = "test", classes: Sequence[str] | None = None, limit: int | None = None
+    root: str | Path,
+    split: str = "test",
+    classes: Sequence[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
 ) -> dict[str, list[Sample]]:
     """Read a dataset into ``{cls_name: [Sample, ...]}`` in index order.
 
     ``split`` is ``"train"``, ``"test"`` or ``"all"`` (train entries, then test entries, per class). ``classes``
-    selects and orders classes (unknown names raise); ``limit`` keeps the first N samples per class. Classes with
-    no sample in the split are left out. Every image file, and the mask file of every anomalous sample, must exist.
+    selects and orders classes (unknown names raise); ``limit`` keeps N samples per class, defective and good in
+    their proportions (:func:`stratified_indices`, deterministic for ``seed``). Classes with no sample in the split
+    are left out. Every image file, and the mask file of every anomalous sample, must exist.
     """
     root = Path(root).expanduser().absolute()
     if split not in SPLITS:
@@ -95,7 +101,39 @@ def load_dataset(
                 f"{root}: class(es) {', '.join(missing)} not in split {split!r}; available: {', '.join(entries)}"
             )
         entries = {c: entries[c] for c in classes}
-    return {cls: [_to_sample(root, e) for e in items[:limit]] for cls, items in entries.items()}
+    if limit is not None:
+        entries = {
+            cls: [items[i] for i in stratified_indices([e["anomaly"] for e in items], limit, f"{seed}/{cls}")]
+            for cls, items in entries.items()
+        }
+    return {cls: [_to_sample(root, e) for e in items] for cls, items in entries.items()}
+
+
+def stratified_indices(labels: Sequence[int], limit: int, seed: int | str = 0) -> list[int]:
+    """Indices (ascending) of ``min(limit, n)`` of the ``n`` items with 0/1 ``labels``, both kinds in proportion.
+
+    Defective count ``k = round(limit * n_defective / n)``, raised to 1 and lowered to ``limit - 1`` when both
+    kinds exist and ``limit >= 2`` (a small limit still sees both), then clipped to what each kind holds. Within
+    a kind the items are drawn uniformly at random by ``random.Random(seed)``, so a seed gives one selection.
+    """
+    if limit >= len(labels):
+        return list(range(len(labels)))
+    bad = [i for i, y in enumerate(labels) if y]
+    good = [i for i, y in enumerate(labels) if not y]
+    k = round(limit * len(bad) / len(labels))
+    if bad and good and limit >= 2:
+        k = min(max(k, 1), limit - 1)
+    k = min(max(k, limit - len(good)), len(bad))
+    rng = random.Random(seed)
+    return sorted(rng.sample(bad, k) + rng.sample(good, limit - k))
+
+
+def balance_warning(cls: str, samples: Sequence[Sample]) -> str | None:
+    """``"class X: 20 images, none defective"`` (or ``none good``) when one kind is missing; else None."""
+    n_bad = sum(s.anomaly for s in samples)
+    if 0 < n_bad < len(samples) or not samples:
+        return None
+    return f"class {cls}: {len(samples)} images, none {'good' if n_bad else 'defective'}"
 
 
 def build_meta(root: str | Path, classes: Sequence[str] | None = None) -> dict:
@@ -122,12 +160,36 @@ def build_meta(root: str | Path, classes: Sequence[str] | None = None) -> dict:
     return meta
 
 
-def write_meta_json(root: str | Path, out: str | Path | None = None) -> Path:
-    """Write :func:`build_meta` of ``root`` as JSON (4-space indent, trailing newline) to ``out`` or root/meta.json."""
+def write_meta_json(root: str | Path, out: str | Path | None = None, meta: dict | None = None) -> Path:
+    """Write ``meta`` (default :func:`build_meta` of ``root``) as JSON (4-space indent, trailing newline) to ``out``
+    or root/meta.json."""
     root = Path(root).expanduser().absolute()
     out = root / "meta.json" if out is None else Path(out)
-    out.write_text(json.dumps(build_meta(root), indent=4) + "\n", encoding="utf-8")
+    meta = build_meta(root) if meta is None else meta
+    out.write_text(json.dumps(meta, indent=4) + "\n", encoding="utf-8")
     return out
+
+
+def empty_masks(root: str | Path, meta: dict) -> list[Path]:
+    """Mask files of the defective entries of a meta.json index (paths relative to ``root``) with no pixel > 0.
+
+    Such an image counts as defective while its mask marks no defect pixel, which bends pixel metrics and the
+    segmentation loss; ``dhrclip data index`` names them.
+    """
+    root = Path(root).expanduser().absolute()
+    found = []
+    for split in ("train", "test"):
+        for items in meta.get(split, {}).values():
+            for e in items:
+                if e["anomaly"] == 1 and e["mask_path"]:
+                    path = root / e["mask_path"]
+                    try:
+                        with Image.open(path) as im:
+                            if im.convert("L").getbbox() is None:
+                                found.append(path)
+                    except (OSError, UnidentifiedImageError) as exc:
+                        raise DatasetError(f"{path}: cannot read mask ({exc})") from exc
+    return found
 
 
 def load_mask(sample: Sample, size: tuple[int, int] | None = None) -> np.ndarray:

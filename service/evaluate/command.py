@@ -24,7 +24,7 @@ reference variant that rescales the kept FPRs to [0, 1], what the paper prints):
 
 The JSON report keeps the values in [0, 1] (``null`` when undefined)::
 
-    {"protocol", "preset", "model": ModelInfo, "data": root, "limit", "classes": {cls: {metrics..., "n_images",
+    {"protocol", "preset", "model": ModelInfo, "data": root, "limit", "seed", "classes": {cls: {metrics..., "n_images",
      "n_anomalous"}}, "mean": {metrics...}, "seconds", "timing": {"load", "model", "metrics"}}
 
 with metrics ``pixel_auroc, pixel_aupro, pixel_aupro_ref, pixel_f1_max`` and per image-score variant
@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 from service.cli_options import add_model_arguments, load_model_from_args
-from service.data import load_dataset, parse_classes
+from service.data import balance_warning, load_dataset, parse_classes
 from service.errors import UserError
 from service.model import IMAGE_SCORES
 
@@ -57,7 +57,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data and output")
     io.add_argument("--data", required=True, help="dataset root (meta.json, VisA split_csv or MVTec tree); test split")
     io.add_argument("--classes", default=None, help="comma-separated class names (default: all, in index order)")
-    io.add_argument("--limit", type=int, default=None, help="first N test images per class")
+    io.add_argument(
+        "--limit", type=int, default=None, help="N test images per class, defective and good in their proportions"
+    )
+    io.add_argument("--seed", type=int, default=0, help="seed of the --limit selection (default 0)")
     io.add_argument("--report", default=None, help="write the full report as JSON to this file")
     add_model_arguments(parser)
     run = parser.add_argument_group("protocol and execution")
@@ -82,9 +85,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if report_path is not None and report_path.is_dir():
         raise UserError(f"--report {report_path}: is a directory, expected a file name")
     root = Path(args.data).expanduser().absolute()
-    by_class = load_dataset(root, split="test", classes=parse_classes(args.classes), limit=args.limit)
+    by_class = load_dataset(root, split="test", classes=parse_classes(args.classes), limit=args.limit, seed=args.seed)
     if not by_class:
         raise UserError(f"{root}: no test images")
+    announced = {}  # class -> the undefined metrics its composition implies, warned about before the run
+    for cls, items in by_class.items():
+        if line := balance_warning(cls, items):
+            pixel = "" if items[0].anomaly else f"pixel {', '.join(PIXEL_HEADERS)}; "
+            announced[cls] = f"{pixel}image {', '.join(IMAGE_HEADERS)}"
+            print(f"dhrclip evaluate: warning: {line}: {announced[cls]} undefined (shown as -)", file=sys.stderr)
     model, info = load_model_from_args(args)
     n = sum(len(s) for s in by_class.values())
     print(
@@ -99,12 +108,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "model": info.to_dict(),
         "data": str(root),
         "limit": args.limit,
+        "seed": args.seed,
         "classes": body["classes"],
         "mean": body["mean"],
         "seconds": body["seconds"],
         "timing": body["timing"],
     }
     print(format_table(report))
+    for cls, names in undefined_metrics(report).items():
+        if names != announced.get(cls):
+            print(f"dhrclip evaluate: warning: class {cls}: {names} undefined (shown as -)", file=sys.stderr)
     t = body["timing"]
     print(
         f"{n} images in {body['seconds']:.1f} s ({body['seconds'] / n:.2f} s per image: model {t['model']:.1f} s, "
@@ -114,6 +127,22 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if report_path is not None:
         print(f"wrote {write_report(report, report_path)}", file=sys.stderr)
     return 0
+
+
+def undefined_metrics(report: dict) -> dict[str, str]:
+    """``{class: "pixel AUPRO, AUPRO*; image AUROC"}`` for the classes of a report with undefined (None) metrics."""
+    out = {}
+    for cls, row in report["classes"].items():
+        pixel = [h for k, h in zip(PIXEL_KEYS, PIXEL_HEADERS, strict=True) if row[k] is None]
+        image = [
+            h
+            for k, h in zip(IMAGE_KEYS, IMAGE_HEADERS, strict=True)
+            if any(sub[k] is None for sub in row.values() if isinstance(sub, dict))
+        ]
+        parts = [f"{kind} {', '.join(names)}" for kind, names in (("pixel", pixel), ("image", image)) if names]
+        if parts:
+            out[cls] = "; ".join(parts)
+    return out
 
 
 def fmt(value: float | None) -> str:

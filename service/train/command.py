@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from service.cli_options import add_model_arguments
-from service.data import load_dataset, parse_classes
+from service.data import balance_warning, load_dataset, parse_classes
 from service.model import LAYER_FEATURES, DHRConfig, get_preset, load_backbone
 from service.model.devices import resolve_device
 from service.model.weights import find_backbone
@@ -37,7 +37,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="split to train on (default test: the auxiliary dataset's test images carry masks)",
     )
     io.add_argument("--classes", default=None, help="comma-separated class names (default: all)")
-    io.add_argument("--limit", type=int, default=None, help="first N images per class")
+    io.add_argument(
+        "--limit", type=int, default=None, help="N images per class, defective and good in their proportions (--seed)"
+    )
     io.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint in --out")
     add_model_arguments(
         parser, prompts=False, precision_help="frozen vision tower precision for feature extraction (text: fp32)"
@@ -79,7 +81,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise TrainError(f"--limit must be >= 1, got {args.limit}")
     device = resolve_device(args.device)
     root = Path(args.data).expanduser().absolute()
-    by_class = load_dataset(root, split=args.split, classes=parse_classes(args.classes), limit=args.limit)
+    by_class = load_dataset(
+        root, split=args.split, classes=parse_classes(args.classes), limit=args.limit, seed=args.seed
+    )
+    for cls, items in by_class.items():
+        if line := balance_warning(cls, items):
+            print(f"dhrclip train: warning: {line}", file=sys.stderr)
     samples = [s for items in by_class.values() for s in items]
     cfg = DHRConfig(preset=get_preset(args.preset), layer_features=args.layer_features)
     cache = "none" if args.no_cache else "disk" if args.cache_dir else "memory"
