@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+
+from fastapi.testclient import TestClient
 
 from service import runtime
 from service.api.app import create_app
 from service.cli import main
 from service.runtime import applied_thread_policy, apply_thread_policy
 
-from .api_fixtures import make_settings
+from .api_fixtures import make_settings, wait_ready
 from .paths import ROOT
 
 PROBE = (
@@ -70,3 +73,13 @@ def test_unknown_policy_is_one_cli_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dhrclip data: DHR_THREAD_POLICY='spin': expected one of passive, default"]
     assert not (tmp_path / "meta.json").exists()
+
+
+def test_service_start_up_line_is_rounded_and_names_the_policy(tmp_path, caplog):
+    caplog.set_level("INFO", logger="dhrclip.api")
+    with TestClient(create_app(make_settings(tmp_path, warmup=True))) as client:
+        wait_ready(client)
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model ready")]
+    assert len(ready) == 1
+    pattern = r"model ready in \d+\.\d s \(warm-up \d+\.\d\d s\): .+; threads: policy \w+ \(.+\), \d+ intra-op threads"
+    assert re.match(pattern, ready[0]), ready[0]
