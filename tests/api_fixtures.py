@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from service.api import Settings
-from service.engine.runner import ModelRunner
+from service.api.weights import load_weights
 
 from .paths import REF_PROMPTS, TINY_CLIP
 
@@ -105,27 +105,18 @@ def decode_png(data: bytes) -> Image.Image:
 
 
 class RunnerHook:
-    """Wraps ``ModelRunner.run`` (installed before the app builds its engine): counts calls and their sizes, can
-    hold a batch until ``release()`` or make it raise ``fail``; otherwise the real model runs."""
+    """A loader for ``create_app(settings, load=hook.load)``: the real weights, wrapped so that every model call
+    (one batch) is counted with its size, can be held until ``release()`` or made to raise ``fail``."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self) -> None:
         self.sizes: list[int] = []
         self.entered = threading.Event()
         self.gate: threading.Event | None = None
         self.fail: Exception | None = None
-        original = ModelRunner.run
-        hook = self
 
-        def run(runner, batch):
-            hook.sizes.append(len(batch))
-            hook.entered.set()
-            if hook.gate is not None:
-                assert hook.gate.wait(60), "test gate never opened"
-            if hook.fail is not None:
-                raise hook.fail
-            return original(runner, batch)
-
-        monkeypatch.setattr(ModelRunner, "run", run)
+    def load(self, settings: Settings):
+        model, info, choice = load_weights(settings)
+        return _HookedModel(model, self), info, choice
 
     def hold(self) -> None:
         self.entered.clear()
@@ -134,3 +125,24 @@ class RunnerHook:
     def release(self) -> None:
         if self.gate is not None:
             self.gate.set()
+
+
+class _HookedModel:
+    """Stands in for the DHRCLIP the engine runs: same ``cfg`` and ``device``, the hook sees each call first."""
+
+    def __init__(self, model, hook: RunnerHook) -> None:
+        self.model, self.hook, self.cfg = model, hook, model.cfg
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def __call__(self, whole, crops, extra=()):
+        hook = self.hook
+        hook.sizes.append(whole.shape[0])
+        hook.entered.set()
+        if hook.gate is not None:
+            assert hook.gate.wait(60), "test gate never opened"
+        if hook.fail is not None:
+            raise hook.fail
+        return self.model(whole, crops, extra)

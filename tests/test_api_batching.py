@@ -18,10 +18,10 @@ def post_one(client, name: str, seed: int, **kw):
     return client.post("/segment", files=[png_file(name, seed)], **kw)
 
 
-def test_concurrent_requests_share_batches_and_keep_their_own_results(tmp_path, monkeypatch):
+def test_concurrent_requests_share_batches_and_keep_their_own_results(tmp_path):
     n = 4
-    hook = RunnerHook(monkeypatch)
-    app = create_app(make_settings(tmp_path, max_batch_size=8, max_wait_ms=300))
+    hook = RunnerHook()
+    app = create_app(make_settings(tmp_path, max_batch_size=8, max_wait_ms=300), load=hook.load)
     images = [synthetic_image(100 + i) for i in range(n)]
 
     async def main():
@@ -52,9 +52,9 @@ def test_concurrent_requests_share_batches_and_keep_their_own_results(tmp_path, 
     assert len({round(x["score"], 8) for x in results}) == n
 
 
-def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(tmp_path, monkeypatch):
-    hook = RunnerHook(monkeypatch)
-    app = create_app(make_settings(tmp_path, max_batch_size=1, queue_size=1, max_wait_ms=0))
+def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(tmp_path):
+    hook = RunnerHook()
+    app = create_app(make_settings(tmp_path, max_batch_size=1, queue_size=1, max_wait_ms=0), load=hook.load)
 
     async def main():
         async with running(app) as client:
@@ -84,9 +84,9 @@ def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(tm
     assert ready == 200 and hook.sizes == [1, 1]
 
 
-def test_timeout_answers_504_and_the_service_recovers(tmp_path, monkeypatch):
-    hook = RunnerHook(monkeypatch)
-    app = create_app(make_settings(tmp_path, request_timeout_s=3.0))
+def test_timeout_answers_504_and_the_service_recovers(tmp_path):
+    hook = RunnerHook()
+    app = create_app(make_settings(tmp_path, request_timeout_s=3.0), load=hook.load)
 
     async def main():
         async with running(app) as client:
@@ -108,9 +108,9 @@ def test_timeout_answers_504_and_the_service_recovers(tmp_path, monkeypatch):
     assert [x["filename"] for x in listed] == ["later.png"]  # the timed-out image was never stored
 
 
-def test_failed_batch_answers_500_and_the_service_stays_ready(tmp_path, monkeypatch):
-    hook = RunnerHook(monkeypatch)
-    app = create_app(make_settings(tmp_path))
+def test_failed_batch_answers_500_and_the_service_stays_ready(tmp_path):
+    hook = RunnerHook()
+    app = create_app(make_settings(tmp_path), load=hook.load)
 
     async def main():
         async with running(app) as client:

@@ -161,4 +161,14 @@ def test_openapi_lists_the_routes(client):
         "/health",
         "/metrics",
     } <= set(doc["paths"])
-    assert "multipart/form-data" in doc["paths"]["/segment"]["post"]["requestBody"]["content"]
+    form = doc["paths"]["/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and form["properties"]["image"]["items"]["format"] == "binary"
+    assert set(form["properties"]) == {"image", "product", "line", "part_id", "image_score", "include"}
+    assert form["properties"]["image_score"]["enum"] == ["reference", "map_max", "map_topk"]
+    assert form["properties"]["product"] == {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 200,
+        "description": "product name; its profile (PUT /products/{name}) sets thresholds",
+    }
+    assert form["properties"]["include"]["type"] == "string"

@@ -48,7 +48,7 @@ def test_settings_from_environment_and_env_file(tmp_path, monkeypatch):
     assert s.max_upload_bytes == 20 * 1024 * 1024
 
     app = create_app()  # the factory reads the environment when it is called, not at import
-    assert app.state.settings.api_keys == ["k1", "k2"] and app.state.settings.data_dir == tmp_path / "d"
+    assert app.state.ctx.settings.api_keys == ["k1", "k2"] and app.state.ctx.settings.data_dir == tmp_path / "d"
 
     monkeypatch.setenv("DHR_PRESET", "huge")
     monkeypatch.setenv("DHR_PIXEL_THRESHOLD", "1.5")
@@ -68,6 +68,16 @@ def test_serve_command_rejects_invalid_settings(monkeypatch, capsys, tmp_path):
     assert err.startswith("dhrclip serve: invalid settings: DHR_PRECISION") and err.count("\n") == 1
     args.env_file = str(tmp_path / "missing.env")
     assert run_serve(args) == 2 and "file not found" in capsys.readouterr().err
+
+
+def test_serve_help_settings_prints_the_table_made_from_the_settings_model(capsys):
+    from service.cli import main
+
+    assert main(["serve", "--help-settings"]) == 0
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == {f"DHR_{name.upper()}" for name in Settings.model_fields}
+    assert rows["DHR_QUEUE_SIZE"][0] == "64" and rows["DHR_WARMUP"][0] == "true"
+    assert rows["DHR_PRESET"] == ["mvtec", "mvtec | visa | fast: DHR geometry"]
 
 
 def test_weights_resolution_from_model_weights_dir(tmp_path):

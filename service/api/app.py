@@ -1,4 +1,4 @@
-"""The app factory: ``create_app(settings) -> FastAPI``; no settings are read and no model is loaded at import.
+"""The app factory: ``create_app(settings, load=...) -> FastAPI``; nothing is read or loaded at import.
 
 Start-up (lifespan): the store is opened, then the model loads in a background task, so /livez answers at once
 and /health, /readyz and /segment answer 503 with the reason until the engine has warmed up (or for good, with the
@@ -24,7 +24,8 @@ from .access_log import RequestMiddleware
 from .metrics import Metrics
 from .problems import install_problem_handlers
 from .settings import Settings
-from .state import ServiceContext
+from .state import Loader, ServiceContext
+from .weights import load_weights
 
 DESCRIPTION = """Zero-shot industrial anomaly segmentation with DHR-CLIP.
 
@@ -34,19 +35,19 @@ ok/defect verdict, defect regions and links to the stored heatmap, mask and over
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, load: Loader = load_weights) -> FastAPI:
     """A new app with its own settings, metrics registry, store and engine (built at start-up).
 
     ``settings=None`` reads ``DHR_*`` environment variables and ``.env`` now, when the factory is called.
+    ``load(settings) -> (model, info, WeightsChoice)`` loads the model in a thread at start-up (tests pass their
+    own). The app holds one :class:`ServiceContext` (``app.state.ctx``, read only by ``service.api.deps``).
     """
     thread_policy = apply_thread_policy()  # the same policy as the CLI (service/runtime.py); applied once
     settings = settings if settings is not None else Settings()
-    metrics = Metrics()
+    ctx = ServiceContext(settings, metrics=Metrics(), load=load)  # status "loading" until the lifespan loads
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        ctx = ServiceContext(settings, metrics=metrics)
-        app.state.ctx = ctx
         await ctx.open()
         try:
             yield
@@ -56,11 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="DHR-CLIP inspection service", version=service.__version__, description=DESCRIPTION, lifespan=lifespan
     )
-    app.state.ctx = ServiceContext(settings, metrics=metrics)  # replaced at start-up; status "loading" until then
-    app.state.settings = settings
+    app.state.ctx = ctx
     app.state.thread_policy = thread_policy
     install_problem_handlers(app)
-    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_upload_bytes, metrics=metrics)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_upload_bytes, metrics=ctx.metrics)
     app.include_router(routes_segment.router)
     app.include_router(routes_inspections.router)
     app.include_router(routes_ops.router)

@@ -24,18 +24,10 @@ from fastapi.responses import FileResponse
 from service.inspection import ARTEFACT_KINDS, Verdict
 from service.storage import ProductProfile
 
+from .deps import Store
 from .problems import Problem, problem_responses
-from .schemas import (
-    InspectionOut,
-    InspectionPage,
-    ProductIn,
-    ProductList,
-    ProductOut,
-    product_out,
-    record_out,
-)
+from .schemas import InspectionOut, InspectionPage, ProductIn, ProductList, ProductOut
 from .security import require_api_key
-from .state import ServiceContext
 
 logger = logging.getLogger("dhrclip.api")
 
@@ -45,8 +37,8 @@ InspectionId = Annotated[str, Path(min_length=1, max_length=64, description="ins
 ProductName = Annotated[str, Path(min_length=1, max_length=200, description="product name")]
 
 
-def _ctx(request: Request) -> ServiceContext:
-    return request.app.state.ctx
+def _out(record, request: Request) -> InspectionOut:
+    return InspectionOut.model_validate(record, context={"root_path": request.scope.get("root_path", "")})
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
@@ -60,6 +52,7 @@ def _aware(value: datetime | None, name: str) -> datetime | None:
 @router.get("/inspections", response_model=InspectionPage, tags=["inspection"], responses=problem_responses(401, 422))
 async def list_inspections(
     request: Request,
+    store: Store,
     product: str | None = Query(None, max_length=200),
     line: str | None = Query(None, max_length=200),
     verdict: Verdict | None = Query(None),
@@ -68,11 +61,10 @@ async def list_inspections(
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
 ):
-    ctx = _ctx(request)
     since, until = _aware(since, "since"), _aware(until, "until")
     try:
         records, next_cursor = await asyncio.to_thread(
-            ctx.require_store().list,
+            store.list,
             product=product,
             line=line,
             verdict=verdict,
@@ -83,8 +75,7 @@ async def list_inspections(
         )
     except ValueError as exc:  # invalid cursor
         raise Problem(422, "Invalid request", str(exc), "validation-error") from None
-    root = request.scope.get("root_path", "")
-    return {"items": [record_out(r, root) for r in records], "next_cursor": next_cursor}
+    return InspectionPage(items=[_out(r, request) for r in records], next_cursor=next_cursor)
 
 
 @router.get(
@@ -93,12 +84,11 @@ async def list_inspections(
     tags=["inspection"],
     responses=problem_responses(401, 404),
 )
-async def get_inspection(request: Request, inspection_id: InspectionId):
-    ctx = _ctx(request)
-    record = await asyncio.to_thread(ctx.require_store().get, inspection_id)
+async def get_inspection(request: Request, store: Store, inspection_id: InspectionId):
+    record = await asyncio.to_thread(store.get, inspection_id)
     if record is None:
         raise Problem(404, "Inspection not found", f"no inspection with id {inspection_id!r}", "not-found")
-    return record_out(record, request.scope.get("root_path", ""))
+    return _out(record, request)
 
 
 @router.get(
@@ -107,14 +97,13 @@ async def get_inspection(request: Request, inspection_id: InspectionId):
     tags=["inspection"],
     responses={200: {"content": {"image/png": {}}, "description": "the PNG"}, **problem_responses(401, 404, 500)},
 )
-async def get_artefact(request: Request, kind: str, inspection_id: InspectionId):
-    ctx = _ctx(request)
+async def get_artefact(store: Store, kind: str, inspection_id: InspectionId):
     if kind not in ARTEFACT_KINDS:
         raise Problem(
             404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}", "not-found"
         )
     try:
-        path = await asyncio.to_thread(ctx.require_store().artefact_path, inspection_id, kind)
+        path = await asyncio.to_thread(store.artefact_path, inspection_id, kind)
     except FileNotFoundError as exc:
         logger.error("damaged data directory: %s", exc)
         raise Problem(500, "Artefact missing", str(exc), "artefact-missing") from None
@@ -126,26 +115,26 @@ async def get_artefact(request: Request, kind: str, inspection_id: InspectionId)
 
 
 @router.get("/products", response_model=ProductList, tags=["products"], responses=problem_responses(401))
-async def list_products(request: Request):
-    profiles = await asyncio.to_thread(_ctx(request).require_store().list_products)
-    return {"items": [product_out(p) for p in profiles]}
+async def list_products(store: Store):
+    profiles = await asyncio.to_thread(store.list_products)
+    return ProductList(items=[ProductOut.model_validate(p) for p in profiles])
 
 
 @router.get("/products/{name}", response_model=ProductOut, tags=["products"], responses=problem_responses(401, 404))
-async def get_product(request: Request, name: ProductName):
-    profile = await asyncio.to_thread(_ctx(request).require_store().get_product, name)
+async def get_product(store: Store, name: ProductName):
+    profile = await asyncio.to_thread(store.get_product, name)
     if profile is None:
         raise Problem(404, "Product not found", f"no profile for product {name!r}; create it with PUT", "not-found")
-    return product_out(profile)
+    return ProductOut.model_validate(profile)
 
 
 @router.put("/products/{name}", response_model=ProductOut, tags=["products"], responses=problem_responses(401, 422))
-async def put_product(body: ProductIn, request: Request, name: ProductName):
+async def put_product(body: ProductIn, store: Store, name: ProductName):
     profile = ProductProfile(
         name=name,
         image_threshold=body.image_threshold,
         pixel_threshold=body.pixel_threshold,
         image_score=body.image_score,
     )
-    stored = await asyncio.to_thread(_ctx(request).require_store().put_product, profile)
-    return product_out(stored)
+    stored = await asyncio.to_thread(store.put_product, profile)
+    return ProductOut.model_validate(stored)

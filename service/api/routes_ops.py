@@ -14,28 +14,22 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
+from .deps import Context
 from .schemas import HealthOut, NotReadyOut
 from .security import require_ops_key
-from .state import ERROR, LOADING_RETRY_AFTER_S, ServiceContext
+from .state import NotReady
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_ops_key)])
 
 _NOT_READY = {503: {"model": NotReadyOut, "description": "model loading or failed to load"}}
 
 
-def _ctx(request: Request) -> ServiceContext:
-    return request.app.state.ctx
-
-
-def _not_ready(ctx: ServiceContext) -> JSONResponse:
-    status = "error" if ctx.status == ERROR else "loading"
-    headers = {"Retry-After": str(LOADING_RETRY_AFTER_S)} if status == "loading" else None
-    return JSONResponse(
-        {"status": status, "reason": ctx.reason or "the model is loading"}, status_code=503, headers=headers
-    )
+def _not_ready(why: NotReady) -> JSONResponse:
+    headers = {"Retry-After": str(why.retry_after_s)} if why.retry_after_s is not None else None
+    return JSONResponse({"status": why.status, "reason": why.reason}, status_code=503, headers=headers)
 
 
 @router.get("/livez", summary="Liveness: the process answers")
@@ -44,21 +38,19 @@ async def livez():
 
 
 @router.get("/readyz", summary="Readiness: /segment can be served", responses=_NOT_READY)
-async def readyz(request: Request):
-    ctx = _ctx(request)
-    if not ctx.ready:
-        return _not_ready(ctx)
-    return {"status": "ready"}
+async def readyz(ctx: Context):
+    why = ctx.not_ready()
+    return {"status": "ready"} if why is None else _not_ready(why)
 
 
 @router.get("/health", response_model=HealthOut, summary="Model identity, queue and counts", responses=_NOT_READY)
-async def health(request: Request):
-    ctx = _ctx(request)
-    if not ctx.ready:
-        return _not_ready(ctx)
+async def health(ctx: Context):
+    why = ctx.not_ready()
+    if why is not None:
+        return _not_ready(why)
     engine, s = ctx.engine, ctx.settings
     info = engine.info.to_dict()
-    stored = await asyncio.to_thread(ctx.require_store().count)
+    stored = await asyncio.to_thread(ctx.require_store().count)  # after the readiness answer
     return {
         "status": "ok",
         "model": info,
@@ -81,6 +73,6 @@ async def health(request: Request):
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-async def metrics(request: Request):
-    m = _ctx(request).metrics
+async def metrics(ctx: Context):
+    m = ctx.metrics
     return Response(m.render(), media_type=m.content_type)

@@ -12,69 +12,58 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from starlette.datastructures import UploadFile
 
-from service.engine import IMAGE_SCORES, ImageScore
+from service.engine import ImageScore
 from service.inspection import ARTEFACT_KINDS, ArtefactKind, Thresholds
+from service.storage import InspectionStore
 
 from .access_log import too_large
+from .deps import Context, ServingEngine
 from .pipeline import Decision, Upload, analyse_all, artefacts_of, build_record, store_all
 from .problems import Problem, problem_responses
-from .schemas import SegmentResponse, links_for, record_out
+from .schemas import SegmentResponse, SegmentResult, links_for
 from .security import require_api_key
-from .state import ServiceContext
+from .settings import Settings
 
 router = APIRouter(tags=["inspection"], dependencies=[Depends(require_api_key)])
 
-_TEXT = {"type": "string", "maxLength": 200}
-SEGMENT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one or more image files (JPEG, PNG, BMP, TIFF, WebP, ...)",
-                        },
-                        "product": {
-                            **_TEXT,
-                            "description": "product name; its profile (PUT /products/{name}) sets thresholds",
-                        },
-                        "line": {**_TEXT, "description": "production line"},
-                        "part_id": {**_TEXT, "description": "part identifier"},
-                        "image_score": {"type": "string", "enum": list(IMAGE_SCORES)},
-                        "include": {
-                            "type": "string",
-                            "description": "comma list of overlay, heatmap, mask (base64 PNGs)",
-                        },
-                    },
-                }
-            }
-        },
-    }
+IMAGE_FIELD = {
+    "type": "array",
+    "items": {"type": "string", "format": "binary"},
+    "description": "one or more image files (JPEG, PNG, BMP, TIFF, WebP, ...)",
 }
 
 
 class SegmentForm(BaseModel):
-    """The text fields of the form; empty strings count as absent."""
+    """The text fields of the /segment form (the files come in ``image``); empty strings count as absent.
+
+    The OpenAPI request body is generated from this model (:func:`segment_body`).
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    product: str | None = Field(None, min_length=1, max_length=200)
-    line: str | None = Field(None, min_length=1, max_length=200)
-    part_id: str | None = Field(None, min_length=1, max_length=200)
-    image_score: ImageScore | None = None
-    include: list[str] = Field(default_factory=list)
+    product: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="product name; its profile (PUT /products/{name}) sets thresholds",
+    )
+    line: str | None = Field(None, min_length=1, max_length=200, description="production line")
+    part_id: str | None = Field(None, min_length=1, max_length=200, description="part identifier")
+    image_score: ImageScore | None = Field(
+        None, description="image-score variant (default: the product's, else the setting)"
+    )
+    include: Annotated[
+        list[ArtefactKind],
+        WithJsonSchema({"type": "string", "description": f"comma list of {', '.join(ARTEFACT_KINDS)} (base64 PNGs)"}),
+    ] = Field(default_factory=list)
 
     @field_validator("include", mode="before")
     @classmethod
@@ -84,6 +73,19 @@ class SegmentForm(BaseModel):
         if unknown:
             raise ValueError(f"unknown kinds {unknown}; choose from {', '.join(ARTEFACT_KINDS)}")
         return list(dict.fromkeys(kinds))
+
+
+def _form_field(prop: dict) -> dict:
+    """A multipart text field's schema: the non-null branch of an optional field, with its description."""
+    branch = next(b for b in prop.get("anyOf", [prop]) if b.get("type") != "null")
+    return {**branch, **({"description": prop["description"]} if "description" in prop else {})}
+
+
+def segment_body() -> dict:
+    """The OpenAPI request body of /segment: ``image`` files plus the fields of :class:`SegmentForm`."""
+    fields = {name: _form_field(prop) for name, prop in SegmentForm.model_json_schema()["properties"].items()}
+    schema = {"type": "object", "required": ["image"], "properties": {"image": IMAGE_FIELD, **fields}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def parse_fields(form) -> SegmentForm:
@@ -102,7 +104,7 @@ def parse_fields(form) -> SegmentForm:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-async def read_uploads(form, ctx: ServiceContext) -> list[Upload]:
+async def read_uploads(form, settings: Settings) -> list[Upload]:
     """The ``image`` files as bytes: 400 none/not a file, 413 too many or one over the byte limit."""
     items = form.getlist("image")
     if not items:
@@ -112,7 +114,7 @@ async def read_uploads(form, ctx: ServiceContext) -> list[Upload]:
         raise Problem(
             400, "Image is not a file", f"'image' entry {not_files[0]} is a text field; send files", "no-image"
         )
-    limit = ctx.settings.queue_size
+    limit = settings.queue_size
     if len(items) > limit:
         raise Problem(
             413,
@@ -124,8 +126,8 @@ async def read_uploads(form, ctx: ServiceContext) -> list[Upload]:
     for i, item in enumerate(items):
         data = await item.read()
         total += len(data)
-        if total > ctx.settings.max_upload_bytes:
-            raise too_large(ctx.settings.max_upload_bytes, "the uploaded images")
+        if total > settings.max_upload_bytes:
+            raise too_large(settings.max_upload_bytes, "the uploaded images")
         name = (item.filename or f"image-{i}")[-255:]
         uploads.append(Upload(i, name, data))
     return uploads
@@ -150,10 +152,10 @@ def png_wanted(accept: str | None) -> bool:
     return q.get("image/png", 0.0) > as_json
 
 
-async def decide(ctx: ServiceContext, fields: SegmentForm) -> Decision:
-    s = ctx.settings
-    profile = await asyncio.to_thread(ctx.require_store().get_product, fields.product) if fields.product else None
-    source = profile if profile is not None else s
+async def decide(store: InspectionStore, settings: Settings, fields: SegmentForm) -> Decision:
+    """Thresholds and variant: the named product's profile if it has one, else the settings; the form's variant wins."""
+    profile = await asyncio.to_thread(store.get_product, fields.product) if fields.product else None
+    source = profile if profile is not None else settings
     thresholds = Thresholds(image=source.image_threshold, pixel=source.pixel_threshold)
     return Decision(fields.product, fields.line, fields.part_id, fields.image_score or source.image_score, thresholds)
 
@@ -161,7 +163,7 @@ async def decide(ctx: ServiceContext, fields: SegmentForm) -> Decision:
 @router.post(
     "/segment",
     response_model=SegmentResponse,
-    openapi_extra=SEGMENT_BODY,
+    openapi_extra=segment_body(),
     summary="Inspect images: anomaly score, verdict, regions, heatmap/mask/overlay",
     responses={
         200: {"content": {"image/png": {}}, "description": "JSON results, or one PNG"},
@@ -170,16 +172,17 @@ async def decide(ctx: ServiceContext, fields: SegmentForm) -> Decision:
 )
 async def segment(
     request: Request,
+    ctx: Context,
+    engine: ServingEngine,
     output: ArtefactKind | None = Query(
         None, description="answer the PNG of this kind instead of JSON (one image only)"
     ),
 ):
     t_start = time.perf_counter()
-    ctx: ServiceContext = request.app.state.ctx
-    engine = ctx.require_engine()
-    async with request.form(max_files=ctx.settings.queue_size + 1) as form:
+    settings = ctx.settings
+    async with request.form(max_files=settings.queue_size + 1) as form:
         fields = parse_fields(form)
-        uploads = await read_uploads(form, ctx)
+        uploads = await read_uploads(form, settings)
     request.state.n_images = len(uploads)
     png_kind = output or ("overlay" if png_wanted(request.headers.get("accept")) else None)
     if png_kind and len(uploads) != 1:
@@ -198,11 +201,12 @@ async def segment(
             "png-needs-one-image",
         )
 
-    decision = await decide(ctx, fields)
-    analysed = await analyse_all(engine, uploads, decision.thresholds.pixel, ctx.settings.request_timeout_s)
+    store = ctx.require_store()
+    decision = await decide(store, settings, fields)
+    analysed = await analyse_all(engine, uploads, decision.thresholds.pixel, settings.request_timeout_s)
     model = engine.info.to_dict()
     records = [build_record(item, decision, model) for item in analysed]
-    stored = await asyncio.to_thread(store_all, ctx.require_store(), records, analysed)
+    stored = await asyncio.to_thread(store_all, store, records, analysed)
     for record, _, _ in stored:
         ctx.counts.add(record.verdict)
         ctx.metrics.images.labels(verdict=record.verdict).inc()
@@ -219,12 +223,11 @@ async def segment(
         }
         return Response(png[png_kind], media_type="image/png", headers=headers)
 
-    root = request.scope.get("root_path", "")
+    context = {"root_path": request.scope.get("root_path", "")}
     results = []
     for (record, store_ms, done_at), item in zip(stored, analysed, strict=True):
-        out = record_out(record, root)
-        out["timing_ms"] = {**record.timing_ms, "store": store_ms, "total": round((done_at - t_start) * 1000.0, 3)}
-        png = artefacts_of(item.post)
-        out["images"] = {k: base64.b64encode(png[k]).decode("ascii") for k in fields.include}
+        out = SegmentResult.model_validate(record, context=context)
+        out.timing_ms.store, out.timing_ms.total = store_ms, round((done_at - t_start) * 1000.0, 3)
+        out.images = {k: base64.b64encode(item.post.png(k)).decode("ascii") for k in fields.include}
         results.append(out)
-    return {"results": results}
+    return SegmentResponse(results=results)

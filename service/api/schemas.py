@@ -1,8 +1,11 @@
-"""Request and response bodies (pydantic), and the conversion of stored records into them.
+"""Request and response bodies (pydantic); stored records convert with ``model_validate`` (``from_attributes``).
 
 A /segment result and a GET /inspections/{id} answer have the same fields; the /segment result adds ``images``
 (base64 PNGs of the kinds asked for with ``include``). ``timing_ms.store`` and ``timing_ms.total`` are known
 only once the record is written, so they appear in the /segment answer and are null when the record is read back.
+``links`` are made from the record id and the app's root path, passed as validation context::
+
+    InspectionOut.model_validate(record, context={"root_path": request.scope.get("root_path", "")})
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.engine import ImageScore
 from service.inspection import ARTEFACT_KINDS, Verdict
-from service.storage import InspectionRecord, ProductProfile
 
 
 class RegionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     bbox: list[int] = Field(description="[x, y, w, h] in original image pixels")
     area: int = Field(description="pixels in the region")
     area_ratio: float = Field(description="area / (width * height)")
@@ -60,7 +64,7 @@ class Links(BaseModel):
 
 
 class InspectionOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
 
     id: str
     created_at: datetime
@@ -79,7 +83,15 @@ class InspectionOut(BaseModel):
     regions: list[RegionOut]
     model: ModelOut
     timing_ms: TimingOut
-    links: Links
+    links: Links = Field(None, validate_default=True, description="URLs of this record and its PNGs")
+
+    @field_validator("links", mode="before")
+    @classmethod
+    def _links(cls, value, info: ValidationInfo):
+        """Made from ``id`` and the ``root_path`` of the validation context unless given."""
+        if value is not None:
+            return value
+        return links_for(info.data["id"], (info.context or {}).get("root_path", ""))
 
 
 class SegmentResult(InspectionOut):
@@ -104,6 +116,8 @@ class ProductIn(BaseModel):
 
 
 class ProductOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     name: str
     image_threshold: float
     pixel_threshold: float
@@ -140,37 +154,3 @@ class NotReadyOut(BaseModel):
 def links_for(record_id: str, root_path: str = "") -> dict[str, str]:
     base = f"{root_path.rstrip('/')}/inspections/{record_id}"
     return {"self": base, **{kind: f"{base}/{kind}.png" for kind in ARTEFACT_KINDS}}
-
-
-def record_out(record: InspectionRecord, root_path: str = "") -> dict:
-    """A stored record as the JSON of GET /inspections/{id}."""
-    return {
-        "id": record.id,
-        "created_at": record.created_at,
-        "filename": record.filename,
-        "product": record.product,
-        "line": record.line,
-        "part_id": record.part_id,
-        "width": record.width,
-        "height": record.height,
-        "score": record.score,
-        "threshold": record.threshold,
-        "verdict": record.verdict,
-        "image_score": record.image_score,
-        "pixel_threshold": record.pixel_threshold,
-        "defect_area_ratio": record.defect_area_ratio,
-        "regions": record.regions,
-        "model": record.model,
-        "timing_ms": record.timing_ms,
-        "links": links_for(record.id, root_path),
-    }
-
-
-def product_out(profile: ProductProfile) -> dict:
-    return {
-        "name": profile.name,
-        "image_threshold": profile.image_threshold,
-        "pixel_threshold": profile.pixel_threshold,
-        "image_score": profile.image_score,
-        "updated_at": profile.updated_at,
-    }

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request, Security
+from fastapi import Security
 from fastapi.security import APIKeyHeader
 
+from .deps import AppSettings
 from .problems import Problem
 
 API_KEY_HEADER = "X-API-Key"
@@ -33,8 +34,7 @@ def key_is_valid(given: str | None, keys: list[str]) -> bool:
     return matched
 
 
-def _check(request: Request, given: str | None) -> None:
-    keys = request.app.state.ctx.settings.api_keys
+def _check(keys: list[str], given: str | None) -> None:
     if not keys:
         return
     if given is None:
@@ -55,12 +55,12 @@ def _check(request: Request, given: str | None) -> None:
         )
 
 
-async def require_api_key(request: Request, key: str | None = Security(api_key_scheme)) -> None:
+async def require_api_key(settings: AppSettings, key: str | None = Security(api_key_scheme)) -> None:
     """Dependency of the data routes: 401 problem unless the key is valid (no-op when auth is off)."""
-    _check(request, key)
+    _check(settings.api_keys, key)
 
 
-async def require_ops_key(request: Request, key: str | None = Security(api_key_scheme)) -> None:
+async def require_ops_key(settings: AppSettings, key: str | None = Security(api_key_scheme)) -> None:
     """Dependency of the operational routes: checks the key only with ``DHR_PROTECT_OPS=true``."""
-    if request.app.state.ctx.settings.protect_ops:
-        _check(request, key)
+    if settings.protect_ops:
+        _check(settings.api_keys, key)

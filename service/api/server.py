@@ -2,7 +2,8 @@
 
 ``dhrclip serve [--host H] [--port P] [--env-file F] [--log-level L]``: settings come from ``DHR_*`` environment
 variables and the ``.env`` file (or ``--env-file``); an invalid setting ends the command with one line naming it
-and exit status 2. uvicorn runs one process with the app built by :func:`service.api.app.create_app`; SIGTERM /
+and exit status 2. ``dhrclip serve --help-settings`` prints every setting with its default and meaning.
+uvicorn runs one process with the app built by :func:`service.api.app.create_app`; SIGTERM /
 Ctrl-C shut it down gracefully (the engine drains its queue, answered inspections are already on disk); uvicorn
 then re-raises the signal, so the exit status after SIGTERM is the conventional 143 (-15 seen from Python).
 Logs are JSON lines on stderr: ``dhrclip.access`` one per request, ``dhrclip.api`` for start-up, model loading,
@@ -19,7 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .access_log import configure_logging
-from .settings import Settings, settings_error_line
+from .settings import Settings, settings_error_line, settings_table
 
 logger = logging.getLogger("dhrclip.api")
 
@@ -67,10 +68,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
     parser.add_argument("--env-file", default=None, help="read DHR_* settings from this file instead of ./.env")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="log level (default info)")
+    parser.add_argument(
+        "--help-settings", action="store_true", help="print the DHR_* settings (defaults, meaning) and exit"
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """``dhrclip serve``: returns the exit status (0 after a clean shutdown, 2 for invalid settings)."""
+    if getattr(args, "help_settings", False):
+        print(settings_table())
+        return 0
     env_file = getattr(args, "env_file", None)
     if env_file and not Path(env_file).is_file():
         print(f"dhrclip serve: --env-file {env_file}: file not found", file=sys.stderr)

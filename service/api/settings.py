@@ -4,36 +4,8 @@ Built by the app factory (``create_app(settings)``), never at import. Values tha
 the file system (the weights to load, the database URL, the device) are resolved at start-up, see
 ``service.api.weights`` and :meth:`Settings.resolved_database_url`.
 
-=========================  ==========================================================================================
-variable                   meaning (default)
-=========================  ==========================================================================================
-DHR_BACKBONE               CLIP file or "openai" (unset: the single file in model_weights/backbone/, else "openai")
-DHR_PROMPTS                prompt checkpoint file/dir or "ensemble" (unset: newest in model_weights/prompts/, else
-                           "ensemble")
-DHR_PRESET                 DHR geometry: mvtec | visa | fast (mvtec)
-DHR_DEVICE                 auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)
-DHR_PRECISION              fp32 | bf16 | fp16 (fp32)
-DHR_MAX_BATCH_SIZE         images per model call (8)
-DHR_MAX_WAIT_MS            longest wait of the first image of a batch for companions (10)
-DHR_QUEUE_SIZE             images waiting at most; beyond: 503 + Retry-After (64)
-DHR_WORKERS                threads for decode / postprocess (2)
-DHR_WARMUP                 run one dummy batch before reporting ready (true)
-DHR_MAX_UPLOAD_MB          largest request body in MiB, all files of a request together (20)
-DHR_MAX_PIXELS             largest image in pixels, width * height (40e6)
-DHR_API_KEYS               comma-separated keys for X-API-Key; empty: authentication off ("")
-DHR_PROTECT_OPS            also require a key for /health, /livez, /readyz, /metrics (false)
-DHR_DATABASE_URL           SQLAlchemy URL (sqlite:///<DATA_DIR>/inspections.db)
-DHR_DATA_DIR               artefact PNGs and the default SQLite file (./data)
-DHR_RETENTION_DAYS         delete inspections older than this many days (unset: keep)
-DHR_RETENTION_MAX_COUNT    keep at most this many inspections (unset: no limit)
-DHR_RETENTION_INTERVAL_S   seconds between retention passes (3600)
-DHR_REQUEST_TIMEOUT_S      longest decode + inference + postprocess of one image; beyond: 504 (30)
-DHR_IMAGE_THRESHOLD        default image threshold: score >= threshold -> "defect" (0.5)
-DHR_PIXEL_THRESHOLD        default pixel threshold of the defect mask (0.5)
-DHR_IMAGE_SCORE            default image-score variant: reference | map_max | map_topk (reference)
-DHR_MODEL_WEIGHTS_DIR      where unset DHR_BACKBONE / DHR_PROMPTS are looked up (./model_weights)
-DHR_ALLOW_DOWNLOAD         let open_clip download the OpenAI weights when DHR_BACKBONE=openai (false)
-=========================  ==========================================================================================
+Every setting is a field below whose description says what it does; ``dhrclip serve --help-settings`` prints the
+table of variables, defaults and descriptions made from this model (:func:`settings_table`).
 """
 
 from __future__ import annotations
@@ -52,40 +24,52 @@ _OPTIONAL = ("backbone", "prompts", "database_url", "retention_days", "retention
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; see the module docstring for the environment variables."""
+    """Every knob of the service: field ``x`` is the environment variable ``DHR_X``."""
 
     model_config = SettingsConfigDict(env_prefix="DHR_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
-    backbone: str | None = None
-    prompts: str | None = None
-    preset: PresetName = "mvtec"
-    device: str = "auto"
-    precision: Precision = "fp32"
-    allow_download: bool = False
-    model_weights_dir: Path = Path("./model_weights")
+    backbone: str | None = Field(
+        None, description='CLIP file or "openai"; unset: the single file in model_weights/backbone/, else "openai"'
+    )
+    prompts: str | None = Field(
+        None,
+        description='prompt checkpoint file/dir or "ensemble"; unset: the newest in model_weights/prompts/, '
+        'else "ensemble"',
+    )
+    preset: PresetName = Field("mvtec", description="DHR geometry")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)")
+    precision: Precision = Field("fp32", description="vision tower precision")
+    allow_download: bool = Field(False, description="let open_clip download the OpenAI weights when backbone=openai")
+    model_weights_dir: Path = Field(Path("./model_weights"), description="where unset backbone / prompts are looked up")
 
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    max_wait_ms: float = Field(10.0, ge=0, le=60_000)
-    queue_size: int = Field(64, ge=1)
-    workers: int = Field(2, ge=1, le=64)
-    warmup: bool = True
+    max_batch_size: int = Field(8, ge=1, le=1024, description="images per model call")
+    max_wait_ms: float = Field(
+        10.0, ge=0, le=60_000, description="longest wait of a batch's first image for companions"
+    )
+    queue_size: int = Field(64, ge=1, description="images waiting at most; beyond: 503 + Retry-After")
+    workers: int = Field(2, ge=1, le=64, description="threads for decode / postprocess")
+    warmup: bool = Field(True, description="run one dummy batch before reporting ready")
 
-    max_upload_mb: float = Field(20.0, gt=0)
-    max_pixels: int = Field(40_000_000, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
+    max_upload_mb: float = Field(20.0, gt=0, description="largest request body in MiB, all files of a request together")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest image in pixels, width * height (40e6 accepted)")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="longest decode + inference + postprocess of one image; beyond: 504"
+    )
 
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    protect_ops: bool = False
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated keys for X-API-Key; empty: authentication off"
+    )
+    protect_ops: bool = Field(False, description="also require a key for /health, /livez, /readyz, /metrics")
 
-    database_url: str | None = None
-    data_dir: Path = Path("./data")
-    retention_days: float | None = Field(None, ge=0)
-    retention_max_count: int | None = Field(None, ge=0)
-    retention_interval_s: float = Field(3600.0, gt=0)
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset: sqlite:///<data_dir>/inspections.db")
+    data_dir: Path = Field(Path("./data"), description="artefact PNGs and the default SQLite file")
+    retention_days: float | None = Field(None, ge=0, description="delete inspections older than this; unset: keep")
+    retention_max_count: int | None = Field(None, ge=0, description="keep at most this many inspections; unset: all")
+    retention_interval_s: float = Field(3600.0, gt=0, description="seconds between retention passes")
 
-    image_threshold: float = Field(0.5, ge=0, le=1)
-    pixel_threshold: float = Field(0.5, ge=0, le=1)
-    image_score: ImageScore = "reference"
+    image_threshold: float = Field(0.5, ge=0, le=1, description='default image threshold: score >= it -> "defect"')
+    pixel_threshold: float = Field(0.5, ge=0, le=1, description="default pixel threshold of the defect mask")
+    image_score: ImageScore = Field("reference", description="default image-score variant")
 
     @field_validator(*_OPTIONAL, mode="before")
     @classmethod
@@ -161,3 +145,18 @@ def settings_error_line(exc: Exception) -> str:
         name = "DHR_" + "_".join(str(p) for p in err.get("loc", ()) if isinstance(p, str)).upper()
         parts.append(f"{name}: {err.get('msg', 'invalid')}")
     return "invalid settings: " + "; ".join(parts)
+
+
+def settings_table() -> str:
+    """The settings as a text table: variable, default, choices or type, description (from the model's fields)."""
+    rows = [("variable", "default", "description")]
+    for name, f in Settings.model_fields.items():
+        default = f.default_factory() if f.default_factory is not None else f.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        default = "unset" if default is None else ",".join(default) if isinstance(default, list) else str(default)
+        choices = get_args(f.annotation)
+        what = f"{' | '.join(choices)}: " if choices and all(isinstance(c, str) for c in choices) else ""
+        rows.append((f"DHR_{name.upper()}", default or '""', what + (f.description or "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)

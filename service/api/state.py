@@ -1,4 +1,7 @@
-"""Everything one running app owns: settings, store, engine, model status, counters and background tasks.
+"""Everything one app owns: settings, store, engine, model status, counters and background tasks.
+
+``create_app`` makes one :class:`ServiceContext`; its lifespan opens and closes it; routes reach it through the
+dependencies of ``service.api.deps``.
 
 Lifecycle (driven by the app's lifespan)::
 
@@ -15,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from service.engine import DHRCLIP, ModelInfo
 from service.engine.runner import Engine, EngineConfig
 from service.errors import UserError
 from service.inspection import VERDICTS
@@ -51,10 +56,23 @@ class Counts:
         return {"total": self.total, **self.by_verdict}
 
 
+Loader = Callable[[Settings], tuple[DHRCLIP, ModelInfo, WeightsChoice]]
+
+
+@dataclass(frozen=True)
+class NotReady:
+    """Why /segment cannot be served now: ``status`` "loading" (with ``retry_after_s``) or "error"."""
+
+    status: str
+    reason: str
+    retry_after_s: int | None
+
+
 @dataclass
 class ServiceContext:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
+    load: Loader = load_weights  # blocking; runs in a thread at start-up (tests inject their own)
     store: InspectionStore | None = None
     engine: Engine | None = None
     choice: WeightsChoice | None = None
@@ -68,6 +86,7 @@ class ServiceContext:
     # ------------------------------------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
         s = self.settings
+        self.status, self.reason, self.started_at, self.counts = LOADING, "the model is loading", time.time(), Counts()
         self.store = await asyncio.to_thread(InspectionStore, s.resolved_database_url(), s.data_dir)
         self.metrics.bind_engine(lambda: self.engine.batcher if self.engine is not None else None)
         self.metrics.set_model(None)
@@ -94,7 +113,7 @@ class ServiceContext:
         t0 = time.perf_counter()
         engine = None
         try:
-            model, info, self.choice = await asyncio.to_thread(load_weights, s)
+            model, info, self.choice = await asyncio.to_thread(self.load, s)
             cfg = EngineConfig(
                 max_batch_size=s.max_batch_size,
                 max_wait_ms=s.max_wait_ms,
@@ -143,17 +162,26 @@ class ServiceContext:
             await asyncio.sleep(s.retention_interval_s)
 
     # ------------------------------------------------------------------------------------------------- queries
+    def not_ready(self) -> NotReady | None:
+        """The one readiness rule: None when the engine serves, else why not (used by /segment, /readyz, /health)."""
+        if self.status == READY and self.engine is not None and self.engine.ready:
+            return None
+        if self.status == ERROR:
+            return NotReady(ERROR, self.reason, None)
+        return NotReady(LOADING, self.reason or "the model is loading", LOADING_RETRY_AFTER_S)
+
     @property
     def ready(self) -> bool:
-        return self.status == READY and self.engine is not None and self.engine.ready
+        return self.not_ready() is None
 
     def require_engine(self) -> Engine:
         """The serving engine, or a 503 problem (Retry-After while loading; none after a load error)."""
-        if self.ready:
+        why = self.not_ready()
+        if why is None:
             return self.engine
-        if self.status == ERROR:
-            raise service_unavailable(self.reason, None, "model-unavailable", "Model unavailable")
-        raise service_unavailable(self.reason or "the model is loading", LOADING_RETRY_AFTER_S)
+        if why.status == ERROR:
+            raise service_unavailable(why.reason, None, "model-unavailable", "Model unavailable")
+        raise service_unavailable(why.reason, why.retry_after_s)
 
     def require_store(self) -> InspectionStore:
         """The open store, or a 503 problem when the app's lifespan has not started (or has ended)."""
