@@ -26,11 +26,10 @@ from service.data import load_dataset  # noqa: E402
 from service.evaluate.metrics import compute_metrics  # noqa: E402
 from service.evaluate.runner import evaluate, pooled_metrics  # noqa: E402
 from service.model import build_model, random_backbone  # noqa: E402
+from tests.paths import REAL_DEFECTS as DATA  # noqa: E402  (the one definition of the shared-data paths)
 
 # isort: split
 import torch  # noqa: E402 - after `service`, which applies the thread policy before torch loads OpenMP
-
-DATA = ROOT.parent / "shared" / "data" / "real_defects"
 
 
 def bench_model(args: argparse.Namespace) -> None:

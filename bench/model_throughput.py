@@ -162,7 +162,7 @@ def main() -> None:
             )
             if not args.no_naive:
                 reset_peak(dev)
-                dn, (nmaps, nscores) = timed(lambda w=w, c=c, m=model: naive(m, w, c), dev, args.iters)
+                dn, (nmaps, _) = timed(lambda w=w, c=c, m=model: naive(m, w, c), dev, args.iters)
                 dmap = np.abs(nmaps - out.anomaly_map.float().cpu().numpy()).max()
                 line += (
                     f" | naive loop: {b / dn:.3f} img/s, peak {peak_mb(dev):.0f} MB, speed-up {dn / dt:.2f}x, "

@@ -30,9 +30,9 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures" / "reference_parity"
-REAL_DEFECTS = SHARED / "data" / "real_defects"
+sys.path.insert(0, str(ROOT))
+
+from tests.paths import REAL_DEFECTS, REF_PROMPTS, TINY_CLIP  # noqa: E402  (the one definition of these paths)
 
 
 def free_port() -> int:
@@ -193,7 +193,7 @@ async def bench(args, base: str, images: list) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default=str(FIXTURES / "clip_tiny_openai_format.pt"), help="CLIP file or openai")
+    p.add_argument("--backbone", default=str(TINY_CLIP), help="CLIP file or openai")
     p.add_argument(
         "--prompts",
         default=None,
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="dhr-serve-load-") as tmp:
         work = Path(tmp)
         backbone = str(save_random_vit_l(work)) if args.random_vit_l else args.backbone
-        prompts = args.prompts or ("ensemble" if args.random_vit_l else str(FIXTURES / "prompt_learner_checkpoint.pth"))
+        prompts = args.prompts or ("ensemble" if args.random_vit_l else str(REF_PROMPTS))
         port = free_port()
         proc, log = start_server(args, port, work, backbone, prompts)
         base = f"http://127.0.0.1:{port}"

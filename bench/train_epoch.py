@@ -22,16 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import service  # noqa: F401 - applies the thread policy before torch loads OpenMP (service/runtime.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's service/ and tests/
+
+import service  # noqa: E402, F401 - applies the thread policy before torch loads OpenMP (service/runtime.py)
 
 # isort: split
-import torch
+import torch  # noqa: E402
 
-from service.data import load_dataset
-from service.model import DHRConfig, get_preset, random_backbone
-from service.train.trainer import TrainSettings, train_prompts
+from service.data import load_dataset  # noqa: E402
+from service.model import DHRConfig, get_preset, random_backbone  # noqa: E402
+from service.train.trainer import TrainSettings, train_prompts  # noqa: E402
+from tests.paths import REAL_DEFECTS as DEFAULT_DATA  # noqa: E402  (the one definition of the shared-data paths)
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_defects"
 MODEL = "ViT-L-14-336-quickgelu"
 
 

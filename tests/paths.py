@@ -1,4 +1,7 @@
-"""Paths of the shared test assets (``../shared`` beside the repository)."""
+"""Paths of the shared test assets (``../shared`` beside the repository), for the tests and the benchmarks.
+
+The one definition: ``bench/`` scripts import it as ``tests.paths`` (with the repository root on ``sys.path``).
+"""
 
 from pathlib import Path
 

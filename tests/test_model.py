@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from service.model import EXTRA_MAPS, BackboneError, build_model, get_preset, load_backbone, load_views, tiny_backbone
+from service.model import EXTRA_MAPS, BackboneError, build_model, get_preset, load_backbone, load_views
 from service.model.backbone import read_state_dict, resolve_openai
 
 from .paths import FIXTURES, TINY_CLIP
+from .tiny_clip import tiny_backbone
 
 
 def _views(img, preset):

@@ -29,9 +29,9 @@ __all__ = [
     "ModelInfo",
     "Precision",
     "PresetName",
-    "load_model",
-    "resolve_device",
     "WeightsChoice",
     "WeightsError",
     "find_weights",
+    "load_model",
+    "resolve_device",
 ]

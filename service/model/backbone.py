@@ -191,11 +191,3 @@ def random_backbone(model_name: str = "ViT-L-14-336-quickgelu", seed: int = 0) -
     torch.manual_seed(seed)
     model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=True)
     return model.float().eval().requires_grad_(False)
-
-
-def tiny_backbone(seed: int = 0, layers: int = 6, width: int = 64, embed_dim: int = 32) -> CLIP:
-    """A tiny random CLIP for tests: patch 14 at 336 (24 x 24 grid), real 49408-token vocabulary, QuickGELU."""
-    torch.manual_seed(seed)
-    vision = CLIPVisionCfg(layers=layers, width=width, head_width=32, patch_size=14, image_size=336)
-    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=1, layers=2)
-    return CLIP(embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True).float().eval().requires_grad_(False)

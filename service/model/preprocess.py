@@ -36,7 +36,7 @@ def prepare_image(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if mode == "F" or mode == "I" and arr.max() > 65535:
+        if mode == "F" or (mode == "I" and arr.max() > 65535):
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         else:

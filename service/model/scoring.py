@@ -108,5 +108,5 @@ def map_max(maps: torch.Tensor) -> torch.Tensor:
 def map_topk(maps: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
     """(B, H, W) -> (B,) mean of the top ``fraction`` of each map's pixels (at least one pixel)."""
     flat = maps.flatten(1)
-    k = max(1, int(round(flat.shape[1] * fraction)))
+    k = max(1, round(flat.shape[1] * fraction))
     return flat.topk(k, dim=1).values.mean(dim=1)

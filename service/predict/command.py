@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ class PredictOptions:
     out_dir: Path
     save_maps: bool = False
     batch_size: int = 1
-    thresholds: Thresholds = Thresholds()
+    thresholds: Thresholds = field(default_factory=Thresholds)
     image_score: str = "reference"
     max_pixels: int = 200_000_000
 
