@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from service.errors import UserError
 from service.runtime import apply_thread_policy
+
+# name, help, module, its (add arguments, run) functions
+COMMANDS = (
+    ("serve", "start the HTTP service", "service.api.server", "add_serve_arguments", "run_serve"),
+    ("predict", "score image files offline", "service.predict.command", "add_predict_arguments", "run_predict"),
+    (
+        "train",
+        "train prompt weights on an auxiliary dataset",
+        "service.train.command",
+        "add_train_arguments",
+        "run_train",
+    ),
+    (
+        "evaluate",
+        "measure a checkpoint with the paper's metrics",
+        "service.evaluate.command",
+        "add_evaluate_arguments",
+        "run_evaluate",
+    ),
+)
 
 
 def _cmd_weights_import(args) -> int:
@@ -35,29 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dhrclip", description="DHR-CLIP industrial inspection service")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from service.api.server import add_serve_arguments, run_serve
-
-    p = sub.add_parser("serve", help="start the HTTP service")
-    add_serve_arguments(p)
-    p.set_defaults(func=run_serve)
-
-    from service.predict.command import add_predict_arguments, run_predict
-
-    p = sub.add_parser("predict", help="score image files offline")
-    add_predict_arguments(p)
-    p.set_defaults(func=run_predict)
-
-    from service.train.command import add_train_arguments, run_train
-
-    p = sub.add_parser("train", help="train prompt weights on an auxiliary dataset")
-    add_train_arguments(p)
-    p.set_defaults(func=run_train)
-
-    from service.evaluate.command import add_evaluate_arguments, run_evaluate
-
-    p = sub.add_parser("evaluate", help="measure a checkpoint with the paper's metrics")
-    add_evaluate_arguments(p)
-    p.set_defaults(func=run_evaluate)
+    for name, help_text, module, add_arguments, run in COMMANDS:
+        command = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text)
+        getattr(command, add_arguments)(p)
+        p.set_defaults(func=getattr(command, run))
 
     weights = sub.add_parser("weights", help="weight files").add_subparsers(dest="weights_command", required=True)
     p = weights.add_parser("import", help="convert a reference {'prompt_learner': ...} .pth into our format")

@@ -10,12 +10,16 @@ import pytest
 
 from .paths import ROOT
 
-# layer -> (third-party packages it must not load, service packages it may load besides itself)
+# layer -> (third-party packages it must not load, service modules it may load besides itself); service.runtime
+# (standard library only) is imported by the package's __init__ itself
 RULES = {
-    "service.model": (("fastapi", "starlette", "pydantic", "pydantic_settings", "sqlalchemy"), ("service.errors",)),
+    "service.model": (
+        ("fastapi", "starlette", "pydantic", "pydantic_settings", "sqlalchemy"),
+        ("service.errors", "service.runtime"),
+    ),
     "service.engine": (
         ("fastapi", "starlette", "sqlalchemy"),
-        ("service.errors", "service.inspection", "service.model"),
+        ("service.errors", "service.inspection", "service.model", "service.runtime"),
     ),
 }
 

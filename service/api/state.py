@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 from service.engine import DHRCLIP, ModelInfo
@@ -114,14 +114,7 @@ class ServiceContext:
         engine = None
         try:
             model, info, self.choice = await asyncio.to_thread(self.load, s)
-            cfg = EngineConfig(
-                max_batch_size=s.max_batch_size,
-                max_wait_ms=s.max_wait_ms,
-                queue_size=s.queue_size,
-                workers=s.workers,
-                max_pixels=s.max_pixels,
-                warmup=s.warmup,
-            )
+            cfg = EngineConfig(**{f.name: getattr(s, f.name) for f in fields(EngineConfig)})  # same names
             engine = Engine(model, info, cfg, on_batch=self.metrics.observe_batch)
             await engine.start()
         except asyncio.CancelledError:

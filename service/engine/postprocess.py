@@ -236,7 +236,7 @@ def postprocess(
 
     score_map: (T, T) float in [0, 1]; image_rgb: (H, W, 3) uint8 original image. The mask PNG is 8-bit L with
     values {0, 255}; heatmap and overlay PNGs are RGB; all are H x W. ``include`` picks which PNGs to encode
-    (any of "heatmap", "mask", "overlay"); regions and ratios are always computed.
+    (any of :data:`~service.inspection.ARTEFACT_KINDS`); regions and ratios are always computed.
     """
     image = _check_image(image_rgb)
     src = _check_map(score_map)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from service.inspection import ARTEFACT_KINDS
 from service.model import DHRCLIP, ImageScores, ModelInfo, Views, stack_views
 
 from .batcher import BatchStats, DynamicBatcher
@@ -135,7 +136,7 @@ class Engine:
         return await self.batcher.submit(views, timings)
 
     async def postprocess(
-        self, result: ImageResult, decoded: DecodedImage, pixel_threshold: float, include=("heatmap", "mask", "overlay")
+        self, result: ImageResult, decoded: DecodedImage, pixel_threshold: float, include=ARTEFACT_KINDS
     ) -> PostResult:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(

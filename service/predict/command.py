@@ -27,7 +27,7 @@ from service.engine import IMAGE_SCORES, ModelInfo
 from service.engine.decode import DecodedImage, ImageError, decode_image, views_for
 from service.engine.postprocess import postprocess
 from service.engine.runner import ImageResult, ModelRunner
-from service.inspection import Thresholds, verdict
+from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
 from service.model import EXTRA_MAPS, Views
 
 
@@ -88,7 +88,7 @@ def _write_outputs(item: _Pending, result: ImageResult, info: ModelInfo, opts: P
     t0 = time.perf_counter()
     dec, th = item.decoded, opts.thresholds
     post = postprocess(result.anomaly_map, dec.rgb(), th.pixel)
-    for kind in ("heatmap", "mask", "overlay"):
+    for kind in ARTEFACT_KINDS:
         (opts.out_dir / f"{item.stem}.{kind}.png").write_bytes(post.png(kind))
     if opts.save_maps:
         np.savez_compressed(opts.out_dir / f"{item.stem}.maps.npz", anomaly_map=result.anomaly_map, **result.maps)

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from service.cli_options import add_model_arguments
 from service.data import balance_warning, load_dataset, parse_classes
+from service.data.datasets import SPLITS
 from service.model import LAYER_FEATURES, DHRConfig, get_preset, load_backbone
 from service.model.devices import resolve_device
 from service.model.weights import find_backbone
 
+from .features import FEATURE_DTYPES
 from .trainer import TrainError, TrainSettings, train_prompts
 
 
@@ -32,7 +34,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, help="folder for epoch_NNN.safetensors checkpoints")
     io.add_argument(
         "--split",
-        choices=("test", "train", "all"),
+        choices=SPLITS,
         default="test",
         help="split to train on (default test: the auxiliary dataset's test images carry masks)",
     )
@@ -67,7 +69,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--no-cache", action="store_true", help="recompute view features every epoch (reference)")
     run.add_argument(
         "--cache-dtype",
-        choices=("fp16", "fp32"),
+        choices=tuple(FEATURE_DTYPES),
         default=d.feature_dtype,
         help="storage dtype of view features, applied in every cache mode (default fp16)",
     )
