@@ -106,16 +106,11 @@ def step_env(ctx: Ctx) -> None:
     ctx.emit("versions", status="ok", note=note)
 
 
-def _first_score(out):
-    """The reference image score, whatever the output field is called in this tree."""
-    return out.reference if hasattr(out, "reference") else out.image_score
-
-
 def step_parity(ctx: Ctx) -> None:
     import torch
     from PIL import Image
 
-    from service.model import build_model, load_backbone, load_checkpoint, load_views
+    from service.model import EXTRA_MAPS, build_model, load_backbone, load_checkpoint, load_views
 
     fx = ctx.fixtures
     expected = dict(np.load(fx / "expected.npz"))
@@ -128,8 +123,9 @@ def step_parity(ctx: Ctx) -> None:
         views = [load_views(img, model.cfg.preset) for img in images]
         whole = torch.from_numpy(np.stack([v.whole for v in views]))
         crops = torch.from_numpy(np.stack([v.crops for v in views]))
-        out = model(whole, crops)
-        return {k: v.float().cpu().numpy() for k, v in out._asdict().items()}, _first_score(out).float().cpu().numpy()
+        out = model(whole, crops, EXTRA_MAPS)
+        maps = {k: v.float().cpu().numpy() for k, v in out._asdict().items() if v is not None}
+        return maps, out.reference.float().cpu().numpy()
 
     if ctx.dry:  # toy size: one image, bf16 only (CPU fp32 parity is tests/test_parity.py's job)
         images = images[:1]
@@ -170,7 +166,7 @@ def _flops_per_image(model) -> float:
     width, layers = vis.conv1.out_channels, len(vis.transformer.resblocks)
     mlp = vis.transformer.resblocks[0].mlp.c_fc.out_features
     p, dual = model.cfg.preset, min(layers, model.cfg.dpam - 1)
-    g_s, g_p = p.image_size // 14, p.patch_size // 14
+    g_s, g_p = p.image_size // 14, p.crop_size // 14
     one = analytic_flops(width, layers, mlp, g_s * g_s + 1, dual, 1)
     return one + analytic_flops(width, layers, mlp, g_p * g_p + 1, dual, 4)
 
@@ -181,7 +177,7 @@ def _inputs(model, b: int):
     p = model.cfg.preset
     g = torch.Generator().manual_seed(b)
     whole = torch.randint(0, 256, (b, p.image_size, p.image_size, 3), dtype=torch.uint8, generator=g)
-    crops = torch.randint(0, 256, (b, 4, p.patch_size, p.patch_size, 3), dtype=torch.uint8, generator=g)
+    crops = torch.randint(0, 256, (b, 4, p.crop_size, p.crop_size, 3), dtype=torch.uint8, generator=g)
     return whole, crops
 
 

@@ -56,11 +56,14 @@ def stand_in_model(preset_name: str):
         def __init__(self):
             self.cfg = cfg
 
-        def __call__(self, whole, crops):
+        def __call__(self, whole, crops, extra=()):
             b = whole.shape[0]
-            maps = amap.expand(b, t, t)
-            one = torch.full((b,), 0.9)
-            return DHROutput(*(maps if f.endswith("map") else one for f in DHROutput._fields))
+            maps, one = amap.expand(b, t, t), torch.full((b,), 0.9)
+            fields = [
+                (maps if f == "anomaly_map" or f in extra else None) if f.endswith("map") else one
+                for f in DHROutput._fields
+            ]
+            return DHROutput(*fields)
 
         def eval(self):
             return self
@@ -170,7 +173,7 @@ def serve(args) -> None:
     import service.api.state as state
     from service.api.app import create_app
     from service.api.settings import Settings
-    from service.api.weights import WeightsChoice
+    from service.api.state import WeightsChoice
     from service.model.loader import ModelInfo
 
     def load(settings):
