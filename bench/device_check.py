@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+from tests.paths import FIXTURES, REAL_DEFECTS, ROOT
+
 BF16_PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 (spec sheet); the "fraction of the bf16 peak"
 # step -> (cap in seconds on the GPU, cap in the CPU dry run)
 STEPS = {
@@ -412,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--results", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for attr, shared in (("fixtures", SHARED / "fixtures" / "reference_parity"), ("photos", SHARED / "data")):
+    for attr, shared in (("fixtures", FIXTURES), ("photos", REAL_DEFECTS)):
         if not getattr(args, attr).is_dir():  # no carried copy: the shared assets beside the repository
-            setattr(args, attr, shared / "real_defects" if attr == "photos" else shared)
+            setattr(args, attr, shared)
     if args.step is None:
         return drive(args)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

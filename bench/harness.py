@@ -188,9 +188,12 @@ def serve(args) -> None:
 
     clock = StageClock()
     hooks = clock.wrap_all()
-    state.load_weights = load
-    extra = json.loads(args.settings)
-    app = create_app(Settings(data_dir=args.data, preset=args.preset, device=args.device, **extra))
+    settings = Settings(data_dir=args.data, preset=args.preset, device=args.device, **json.loads(args.settings))
+    if "load" in inspect.signature(create_app).parameters:
+        app = create_app(settings, load=load)
+    else:  # an older tree (before create_app(load=)): its state module calls load_weights by name
+        state.load_weights = load
+        app = create_app(settings)
 
     @app.get("/_bench/stats")
     def stats():

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 from harness import STAGES, get_json, request_bytes, run_cell, start_server, stop_server
 
-ROOT = Path(__file__).resolve().parents[1]
-PHOTO = ROOT.parent / "shared" / "data" / "real_defects" / "bsdata" / "test" / "pitting" / "KGT1-V-138-A07_crop_0.jpg"
+from tests.paths import REAL_DEFECTS, ROOT
+
+PHOTO = REAL_DEFECTS / "bsdata" / "test" / "pitting" / "KGT1-V-138-A07_crop_0.jpg"  # 2819 x 930, 2.6 MP
 SIZES_MP = {"0.3MP": 0.3e6, "2.6MP": 2.6e6, "12MP": 12e6}
 
 
@@ -51,8 +52,8 @@ def make_jpegs() -> dict[str, bytes]:
     aspect = src.width / src.height
     out = {}
     for label, pixels in SIZES_MP.items():
-        h = int(round((pixels / aspect) ** 0.5))
-        img = src.resize((int(round(h * aspect)), h), Image.Resampling.BICUBIC)
+        h = round((pixels / aspect) ** 0.5)
+        img = src.resize((round(h * aspect), h), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         out[label] = buf.getvalue()
