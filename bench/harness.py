@@ -5,7 +5,7 @@ older commit can be measured with today's harness) built by ``create_app`` and r
 the model chosen here instead of from weight files:
 
     stand-in   instant, returns DHR-CLIP's output shapes (a fixed T x T map with one defect blob at peak 0.9)
-    tiny       service.model.tiny_backbone(): real DHR-CLIP code, toy width (CPU dry runs)
+    tiny       tests.tiny_clip.tiny_backbone(): real DHR-CLIP code, toy width (CPU dry runs)
     vit-l      service.model.random_backbone(): full-size random ViT-L/14@336 (real compute, meaningless scores)
 
 ``/_bench/stats`` (added to the app) answers process CPU seconds and thread-CPU seconds per stage, summed over
@@ -82,7 +82,8 @@ def random_model(kind: str, preset: str, device: str, precision: str, visual=Non
 
     import torch
 
-    from service.model import DHRCLIP, DHRConfig, get_preset, random_backbone, tiny_backbone
+    from service.model import DHRCLIP, DHRConfig, get_preset, random_backbone
+    from tests.tiny_clip import tiny_backbone
 
     if visual is None:
         visual = (tiny_backbone() if kind == "tiny" else random_backbone()).visual
