@@ -16,11 +16,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from .access_log import configure_logging
-from .settings import Settings, settings_error_line, settings_table
+if TYPE_CHECKING:
+    from .settings import Settings
 
 logger = logging.getLogger("dhrclip.api")
 
@@ -35,7 +34,9 @@ def serve(
     """Run the service until interrupted (blocking). ``settings=None``: read ``DHR_*`` / ``.env`` now."""
     import uvicorn
 
+    from .access_log import configure_logging
     from .app import create_app
+    from .settings import Settings
 
     settings = settings if settings is not None else Settings()
     configure_logging(log_level)
@@ -75,6 +76,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``dhrclip serve``: returns the exit status (0 after a clean shutdown, 2 for invalid settings)."""
+    from pydantic import ValidationError
+
+    from .settings import Settings, settings_error_line, settings_table
+
     if getattr(args, "help_settings", False):
         print(settings_table())
         return 0

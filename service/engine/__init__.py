@@ -1,23 +1,22 @@
 """Inference engine: decode/preprocess, dynamic batcher, runner (device, precision, warm-up), postprocess.
 
 The API reaches the model only through this package (``api -> engine -> model``): loading, device resolution and
-the names of the model's choices are re-exported here.
+the names of the model's choices are re-exported here. The choice tables come with the package; the rest loads
+torch on first use (``service/lazy.py``).
 """
 
-from service.model import (
-    DHRCLIP,
-    IMAGE_SCORES,
-    PRECISIONS,
-    PRESETS,
-    ImageScore,
-    ImageScores,
-    ModelInfo,
-    Precision,
-    PresetName,
-    load_model,
+from service.lazy import lazy_exports
+from service.model import IMAGE_SCORES, PRECISIONS, PRESETS, ImageScore, ImageScores, Precision, PresetName
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    globals(),
+    {
+        "service.model": ("DHRCLIP", "ModelInfo", "load_model"),
+        "service.model.devices": ("resolve_device",),
+        "service.model.weights": ("WeightsChoice", "WeightsError", "find_weights"),
+    },
 )
-from service.model.devices import resolve_device
-from service.model.weights import WeightsChoice, WeightsError, find_weights
 
 __all__ = [
     "DHRCLIP",

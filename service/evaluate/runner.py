@@ -34,6 +34,7 @@ from service.data import Sample, load_mask, read_image
 from service.engine.postprocess import resize_map
 from service.model import IMAGE_SCORES, load_views, stack_views
 
+from .choices import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS
 from .metrics import (
     aupro_from_curve,
     compute_metrics,
@@ -44,10 +45,6 @@ from .metrics import (
     pixel_f1_max,
     pro_curve,
 )
-
-PROTOCOLS = ("paper", "service")
-PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupro_ref", "pixel_f1_max")
-IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
 
 
 @dataclass

@@ -39,8 +39,9 @@ from service.data import read_image
 from service.errors import UserError
 from service.model import DHRCLIP, DHRConfig, load_views, stack_views
 
-FEATURE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-CACHE_MODES = ("memory", "disk", "none")
+from .settings import CACHE_MODES, FEATURE_DTYPE_NAMES
+
+FEATURE_DTYPES = {name: getattr(torch, dtype) for name, dtype in FEATURE_DTYPE_NAMES.items()}
 
 
 class FeatureCacheError(UserError):

@@ -30,52 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from service.data import Sample, load_mask
-from service.errors import UserError
-from service.model import PRECISIONS, BackboneInfo, DHRConfig, dhr_maps, load_checkpoint, save_checkpoint
+from service.model import BackboneInfo, DHRConfig, dhr_maps, load_checkpoint, save_checkpoint
 from service.model.checkpoint import from_learner
 from service.model.prompts import PromptLearner, encode_learned
 
-from .features import CACHE_MODES, FEATURE_DTYPES, FeatureExtractor, FeatureStore
+from .features import FeatureExtractor, FeatureStore
 from .losses import segmentation_loss
+from .settings import TrainError, TrainSettings
 
 EPOCH_RE = re.compile(r"epoch_(\d+)\.safetensors")
-
-
-class TrainError(UserError):
-    """A training run that cannot start or resume; one line saying why."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 15
-    batch_size: int = 8
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.5, 0.999)
-    eps: float = 1e-8
-    seed: int = 111
-    n_ctx: int = 12
-    depth: int = 9
-    t_n_ctx: int = 4
-    device: str = "cpu"
-    precision: str = "fp32"  # frozen vision tower only; the text side is always fp32
-    feature_dtype: str = "fp16"  # storage of the view features (all cache modes round to it)
-    cache: str = "memory"  # "memory" | "disk" | "none"
-    cache_dir: str | None = None
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise TrainError(
-                f"need epochs >= 1, batch_size >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}"
-            )
-        if self.precision not in PRECISIONS:
-            raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise TrainError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.feature_dtype!r}")
-        if self.cache not in CACHE_MODES or (self.cache == "disk") != (self.cache_dir is not None):
-            raise TrainError(
-                f"cache must be one of {CACHE_MODES}, with cache_dir exactly when 'disk' "
-                f"(got {self.cache!r}, cache_dir={self.cache_dir!r})"
-            )
 
 
 # settings that must agree for a resumed run to continue the same trajectory
