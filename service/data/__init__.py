@@ -1,29 +1,25 @@
-"""Dataset readers (MVTec AD tree, VisA split csv, AnomalyCLIP/DHR-CLIP meta.json) and ground-truth masks."""
+"""Dataset readers (MVTec AD tree, VisA split csv, AnomalyCLIP/DHR-CLIP meta.json) and ground-truth masks.
 
-from service.data.datasets import (
-    DatasetError,
-    Sample,
-    balance_warning,
-    build_meta,
-    empty_masks,
-    load_dataset,
-    load_mask,
-    parse_classes,
-    read_image,
-    stratified_indices,
-    write_meta_json,
-)
+The names load ``datasets`` (numpy, PIL) on first use (``service/lazy.py``); ``splits`` is standard library only.
+"""
 
-__all__ = [
-    "DatasetError",
-    "Sample",
-    "balance_warning",
-    "build_meta",
-    "empty_masks",
-    "load_dataset",
-    "load_mask",
-    "parse_classes",
-    "read_image",
-    "stratified_indices",
-    "write_meta_json",
-]
+from service.lazy import lazy_exports
+
+_LAZY = {
+    ".datasets": (
+        "DatasetError",
+        "Sample",
+        "balance_warning",
+        "build_meta",
+        "empty_masks",
+        "load_dataset",
+        "load_mask",
+        "parse_classes",
+        "read_image",
+        "stratified_indices",
+        "write_meta_json",
+    ),
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)
+
+__all__ = [name for names in _LAZY.values() for name in names]

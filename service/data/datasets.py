@@ -29,10 +29,11 @@ from PIL import Image, UnidentifiedImageError
 
 from service.errors import UserError
 
+from .splits import SPLITS
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 MASK_SUFFIX = "_mask.png"
 GOOD = "good"
-SPLITS = ("train", "test", "all")
 ENTRY_FIELDS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 LAYOUTS = (

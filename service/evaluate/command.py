@@ -40,11 +40,10 @@ import sys
 from pathlib import Path
 
 from service.cli_options import add_model_arguments, load_model_from_args
-from service.data import balance_warning, load_dataset, parse_classes
 from service.errors import UserError
-from service.model import IMAGE_SCORES
+from service.model.config import IMAGE_SCORES
 
-from .runner import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS, evaluate
+from .choices import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS
 
 PIXEL_HEADERS = ("AUROC", "AUPRO", "AUPRO*", "F1")
 IMAGE_HEADERS = ("AUROC", "AP", "F1")
@@ -77,6 +76,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``dhrclip evaluate``: print the table, write ``--report``; returns 0. User errors are raised."""
+    from service.data import balance_warning, load_dataset, parse_classes
+
+    from .runner import evaluate
+
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:

@@ -22,8 +22,6 @@ from pathlib import Path
 
 from service.errors import UserError
 
-from .devices import resolve_device
-
 DEFAULT_WEIGHTS_DIR = Path("model_weights")
 PROMPT_SUFFIXES = (".safetensors", ".pth")
 
@@ -103,4 +101,6 @@ def find_weights(
     """Resolve backbone, prompts and device (raises WeightsError, or a UserError for a device that is absent)."""
     b, b_src = find_backbone(backbone, Path(weights_dir))
     p, p_src = find_prompts(prompts, Path(weights_dir))
+    from .devices import resolve_device  # torch: imported when weights are chosen, not by option parsers
+
     return WeightsChoice(b, b_src, p, p_src, resolve_device(device, device_label))

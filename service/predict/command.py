@@ -19,16 +19,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from service.cli_options import add_model_arguments, load_model_from_args
-from service.engine import IMAGE_SCORES, ModelInfo
-from service.engine.decode import DecodedImage, ImageError, decode_image, views_for
-from service.engine.postprocess import postprocess
-from service.engine.runner import ImageResult, ModelRunner
 from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
-from service.model import EXTRA_MAPS, Views
+from service.model.config import IMAGE_SCORES
+
+if TYPE_CHECKING:  # the handler imports them (numpy, OpenCV, torch): `dhrclip --help` stays fast
+    from service.engine import ModelInfo
+    from service.engine.decode import DecodedImage
+    from service.engine.runner import ImageResult, ModelRunner
+    from service.model import Views
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Run ``dhrclip predict``: 0 when every image was written, 1 when some could not be read."""
+    from service.engine.runner import ModelRunner
+
     model, info = load_model_from_args(args)
     opts = PredictOptions(
         Path(args.out),
@@ -85,6 +88,10 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def _write_outputs(item: _Pending, result: ImageResult, info: ModelInfo, opts: PredictOptions, infer_ms: float):
+    import numpy as np
+
+    from service.engine.postprocess import postprocess
+
     t0 = time.perf_counter()
     dec, th = item.decoded, opts.thresholds
     post = postprocess(result.anomaly_map, dec.rgb(), th.pixel)
@@ -121,6 +128,9 @@ def _write_outputs(item: _Pending, result: ImageResult, info: ModelInfo, opts: P
 
 def predict_files(paths: list[Path], runner: ModelRunner, info: ModelInfo, opts: PredictOptions) -> int:
     """Run every image; unreadable files get one line on stderr and are skipped. Returns the failure count."""
+    from service.engine.decode import ImageError, decode_image, views_for
+    from service.model import EXTRA_MAPS
+
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     extra = EXTRA_MAPS if opts.save_maps else ()
     used: set[str] = set()

@@ -16,14 +16,10 @@ import sys
 from pathlib import Path
 
 from service.cli_options import add_model_arguments
-from service.data import balance_warning, load_dataset, parse_classes
-from service.data.datasets import SPLITS
-from service.model import LAYER_FEATURES, DHRConfig, get_preset, load_backbone
-from service.model.devices import resolve_device
-from service.model.weights import find_backbone
+from service.data.splits import SPLITS
+from service.model.config import LAYER_FEATURES, DHRConfig, get_preset
 
-from .features import FEATURE_DTYPES
-from .trainer import TrainError, TrainSettings, train_prompts
+from .settings import FEATURE_DTYPE_NAMES, TrainError, TrainSettings
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +65,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--no-cache", action="store_true", help="recompute view features every epoch (reference)")
     run.add_argument(
         "--cache-dtype",
-        choices=tuple(FEATURE_DTYPES),
+        choices=tuple(FEATURE_DTYPE_NAMES),
         default=d.feature_dtype,
         help="storage dtype of view features, applied in every cache mode (default fp16)",
     )
@@ -79,6 +75,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``dhrclip train``; returns 0. User errors (UserError: DatasetError, BackboneError, TrainError) are
     raised for the CLI."""
+    from service.data import balance_warning, load_dataset, parse_classes
+    from service.model import load_backbone
+    from service.model.devices import resolve_device
+    from service.model.weights import find_backbone
+
+    from .trainer import train_prompts
+
     if args.limit is not None and args.limit < 1:
         raise TrainError(f"--limit must be >= 1, got {args.limit}")
     device = resolve_device(args.device)
