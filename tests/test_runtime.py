@@ -43,8 +43,8 @@ def _probe(module: str, **env: str) -> list:
 
 
 def test_the_service_gets_the_passive_policy_before_torch_loads():
-    # the app module imports torch (engine); the policy was set first, so libgomp reads it
-    assert _probe("service.api.app") == ["passive", "PASSIVE", True, "PASSIVE", True]
+    # the service's model runner imports torch; the policy was set first (package import), so libgomp reads it
+    assert _probe("service.engine.runner") == ["passive", "PASSIVE", True, "PASSIVE", True]
 
 
 def test_default_policy_leaves_openmp_alone_and_a_user_setting_wins():
