@@ -1,4 +1,8 @@
-"""Model behaviour beyond the golden fixtures: layer modes, statelessness, precision, backbones, ensemble prompts."""
+"""Model behaviour beyond the golden fixtures: layer modes, statelessness, precision, backbones, ensemble prompts.
+
+Self-contained: the CLIPs come from ``tests/tiny_clip.json`` (random weights), the prompts from a seeded
+``PromptLearner``, the images are synthetic; nothing is read from ``../shared``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from PIL import Image
 
 from service.model import EXTRA_MAPS, BackboneError, build_model, get_preset, load_backbone, load_views
 from service.model.backbone import read_state_dict, resolve_openai
+from service.model.checkpoint import from_learner
+from service.model.prompts import PromptLearner
 
-from .paths import FIXTURES, TINY_CLIP
 from .tiny_clip import tiny_backbone
 
 
@@ -19,19 +24,49 @@ def _views(img, preset):
     return torch.from_numpy(np.array(v.whole))[None], torch.from_numpy(np.array(v.crops))[None]
 
 
+def _image(seed: int, width: int, height: int) -> Image.Image:
+    """Smooth colour gradients with a dark blob: structured enough that views and layers differ."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    cx, cy = rng.uniform(0.2, 0.8, 2)
+    blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.005)
+    rgb = np.stack([128 + 100 * np.sin(6 * xx + k) * np.cos(5 * yy - k) - 90 * blob for k in range(3)], axis=-1)
+    return Image.fromarray(np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8), "RGB")
+
+
 @pytest.fixture(scope="module")
 def img0():
-    return Image.open(FIXTURES / "img0_rgb_700x700.png").convert("RGB")
+    return _image(0, 700, 700)
 
 
 @pytest.fixture(scope="module")
 def img1():
-    return Image.open(FIXTURES / "img1_rgb_640x480.png").convert("RGB")
+    return _image(1, 640, 480)
 
 
-def test_backbone_parameters_bit_equal_to_file(tiny_clip):
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """The 'vit24' tiny CLIP saved as an OpenAI-format state dict (the golden fixture's format and shapes)."""
+    path = tmp_path_factory.mktemp("clip") / "clip_vit24.pt"
+    torch.save(tiny_backbone(config="vit24").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(clip_file):
+    return load_backbone(clip_file)
+
+
+@pytest.fixture(scope="module")
+def ref_checkpoint():
+    """Learned-format prompts for the 'vit24' text width (64): a seeded, untrained PromptLearner."""
+    torch.manual_seed(0)
+    return from_learner(PromptLearner(64))
+
+
+def test_backbone_parameters_bit_equal_to_file(tiny_clip, clip_file):
     clip, info = tiny_clip
-    sd = read_state_dict(TINY_CLIP)
+    sd = read_state_dict(clip_file)
     mine = clip.state_dict()
     for k, v in sd.items():
         assert torch.equal(mine[k], v.float()), k
@@ -157,7 +192,7 @@ def test_backbone_formats_open_clip_checkpoint_and_torchscript(tmp_path, tiny_cl
     torch.jit.save(torch.jit.script(root), str(ts))
     from service.model.backbone import _is_torchscript
 
-    assert _is_torchscript(ts) and not _is_torchscript(TINY_CLIP)
+    assert _is_torchscript(ts) and not _is_torchscript(wrapped)
     from_ts, _ = load_backbone(ts)
     for k, v in clip.state_dict().items():
         assert torch.equal(from_ts.state_dict()[k], v), k

@@ -1,4 +1,4 @@
-"""A tiny random CLIP built from ``tests/tiny_clip.json``: model tests that need some CLIP, not the golden one."""
+"""Tiny random CLIPs built from ``tests/tiny_clip.json``: model tests that need some CLIP, not the golden one."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-CONFIG = json.loads((Path(__file__).with_name("tiny_clip.json")).read_text())
+CONFIGS = json.loads((Path(__file__).with_name("tiny_clip.json")).read_text())
 
 
-def tiny_backbone(seed: int = 0, **vision: int) -> CLIP:
-    """fp32, eval, frozen; ``vision`` overrides entries of ``vision_cfg`` (e.g. ``layers=6``)."""
+def tiny_backbone(seed: int = 0, config: str = "tiny", **vision: int) -> CLIP:
+    """fp32, eval, frozen; ``config`` names an entry of the JSON, ``vision`` overrides ``vision_cfg`` entries."""
+    cfg = CONFIGS[config]
     torch.manual_seed(seed)
-    vision_cfg = CLIPVisionCfg(**{**CONFIG["vision_cfg"], **vision})
-    text_cfg = CLIPTextCfg(**CONFIG["text_cfg"])
-    model = CLIP(CONFIG["embed_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=CONFIG["quick_gelu"])
+    vision_cfg = CLIPVisionCfg(**{**cfg["vision_cfg"], **vision})
+    text_cfg = CLIPTextCfg(**cfg["text_cfg"])
+    model = CLIP(cfg["embed_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=cfg["quick_gelu"])
     return model.float().eval().requires_grad_(False)
