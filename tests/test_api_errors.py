@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api import create_app
+from service.storage.models import NAME_PATTERN
 
 from .api_fixtures import encode, make_settings, png_file, synthetic_image, wait_ready
 
@@ -167,8 +168,9 @@ def test_openapi_lists_the_routes(client):
     assert form["properties"]["image_score"]["enum"] == ["reference", "map_max", "map_topk"]
     assert form["properties"]["product"] == {
         "type": "string",
-        "minLength": 1,
         "maxLength": 200,
+        "pattern": NAME_PATTERN,
         "description": "product name; its profile (PUT /products/{name}) sets thresholds",
     }
+    assert form["properties"]["image"]["minItems"] == 1
     assert form["properties"]["include"]["type"] == "string"

@@ -11,6 +11,8 @@ One pure ASGI middleware (no response buffering) wraps the whole app:
    status, and one line on the ``dhrclip.access`` logger whose message is a JSON object with ``method``, ``path``,
    ``route``, ``status``, ``duration_ms``, ``request_id`` and ``n_images`` (set by /segment).
 4. An exception no handler answered becomes a 500 problem+json (the traceback goes to the ``dhrclip.api`` log).
+   A client that disconnects (while its body is read, or while its images are analysed) is not a server error:
+   nothing is sent, the request is counted and logged with status 499.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import uuid
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import UNMATCHED_ROUTE, Metrics
-from .problems import PROBLEM_MEDIA_TYPE, Problem, internal_error_body
+from .problems import CLIENT_CLOSED_REQUEST, PROBLEM_MEDIA_TYPE, ClientDisconnected, Problem, internal_error_body
 
 ACCESS_LOGGER = "dhrclip.access"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -107,6 +110,9 @@ class RequestMiddleware:
                 await problem.response(scope.get("path"), request_id)(scope, receive, send_with_id)
             else:
                 await self.app(scope, counting_receive, send_with_id)
+        except (ClientDisconnect, ClientDisconnected):
+            if not sent["started"]:
+                sent["status"] = CLIENT_CLOSED_REQUEST
         except Exception:
             logger.exception(
                 "unhandled error in %s %s (request %s)", scope.get("method"), scope.get("path"), request_id

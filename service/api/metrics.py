@@ -12,7 +12,7 @@ dhr_batch_wait_seconds                       histogram  queue wait of the oldest
 dhr_inference_seconds                        histogram  wall time of one model call (one batch)
 dhr_batches_total                            counter    model calls made by the batcher (read from the engine)
 dhr_failed_batches_total                     counter    model calls that raised (read from the engine)
-dhr_queue_rejections_total                   counter    images refused with 503 because the queue was full
+dhr_queue_rejections_total                   counter    requests refused with 503: queue full or wait too long
 dhr_images_total                             counter    verdict (ok | defect): images inspected and stored
 dhr_model_ready                              gauge      1 when the model serves, else 0
 dhr_model_info                               info       backbone, backbone_sha256, prompts, prompts_kind, preset,
@@ -72,10 +72,10 @@ class Metrics:
         self.ready = Gauge("dhr_model_ready", "1 when the model is loaded and serving, else 0", registry=r)
         self.model_info = Info("dhr_model", "Identity of the served model", registry=r)
 
-    def bind_engine(self, read_batcher: Callable[[], object | None]) -> None:
-        """Read queue depth and batch counters from ``read_batcher()`` (the engine's DynamicBatcher or None)."""
-        self._batcher = read_batcher
-        self.queue_depth.set_function(lambda: float(getattr(read_batcher(), "queue_depth", 0)))
+    def bind_engine(self, read_engine: Callable[[], object | None]) -> None:
+        """Read queue depth and batch counters from ``read_engine()`` (the serving Engine or None)."""
+        self._batcher = read_engine
+        self.queue_depth.set_function(lambda: float(getattr(read_engine(), "queue_depth", 0)))
 
     def set_model(self, info: dict | None) -> None:
         """Publish the model identity (None: not loaded) and the ready gauge."""
@@ -106,7 +106,7 @@ class _BatcherCollector(Collector):
     FIELDS = (
         ("dhr_batches", "batches_total", "Model calls made by the batcher"),
         ("dhr_failed_batches", "failed_batches_total", "Model calls that raised"),
-        ("dhr_queue_rejections", "rejected_total", "Images refused because the queue was full"),
+        ("dhr_queue_rejections", "rejected_total", "Requests refused (503): queue full or expected wait too long"),
     )
 
     def __init__(self, read: Callable[[], object | None]) -> None:

@@ -1,6 +1,8 @@
 """The work of /segment for a list of uploads: decode -> batched inference -> postprocess -> decide -> store.
 
-All images of a request run concurrently, so they (and those of concurrent requests) share model batches. The
+Admission comes first: ``engine.admit(n)`` refuses the whole request (503 + Retry-After when busy, 413 when it holds
+more images than the deadline allows) before a single byte is decoded. All images of a request then run
+concurrently, so they (and those of concurrent requests) share model batches. The
 request is all-or-nothing up to storage: if any image fails (bad data, full queue, timeout, model error), the
 others are cancelled (an image not yet in a running batch leaves the queue), the failure of the first failing
 image in upload order is answered, and nothing is stored. Only when every image is analysed are the records
@@ -16,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from service.engine.admission import OverloadedError, TooManyImagesError
 from service.engine.batcher import BatcherClosedError, QueueFullError
 from service.engine.decode import DecodedImage, ImageError
 from service.engine.postprocess import PostResult
-from service.engine.runner import Engine, ImageResult
+from service.engine.runner import AbandonedError, Engine, ImageResult, Job
 from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
 from service.storage import InspectionRecord, InspectionStore
 
-from .problems import Problem, image_problem, service_unavailable
+from .problems import ClientDisconnected, Problem, image_problem, service_unavailable
 
 logger = logging.getLogger("dhrclip.api")
 
@@ -63,15 +67,15 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-async def analyse(engine: Engine, upload: Upload, pixel_threshold: float) -> Analysed:
+async def analyse(job: Job, upload: Upload, pixel_threshold: float) -> Analysed:
     """One image through decode, the batcher and postprocess (all three PNGs are made, for storage)."""
     t0 = time.perf_counter()
-    decoded, views = await engine.decode(upload.data, upload.filename)
+    decoded, views = await job.decode(upload.data, upload.filename)
     t1 = time.perf_counter()
     batch: dict = {}
-    result = await engine.infer(views, batch)
+    result = await job.infer(views, batch)
     t2 = time.perf_counter()
-    post = await engine.postprocess(result, decoded, pixel_threshold)
+    post = await job.postprocess(result, decoded, pixel_threshold)
     t3 = time.perf_counter()
     timing = {
         "decode": _ms(t1 - t0),
@@ -87,10 +91,11 @@ def failure_problem(exc: BaseException, upload: Upload, timeout_s: float) -> Pro
     """The answer for the first failing image of a request."""
     if isinstance(exc, ImageError):
         return image_problem(exc)
+    if isinstance(exc, TooManyImagesError):
+        return Problem(413, "Too many images", str(exc), "too-many-images", extra={"max_images": exc.allowed})
     if isinstance(exc, QueueFullError):
-        return service_unavailable(
-            f"{upload.filename}: {exc}; retry later", QUEUE_FULL_RETRY_AFTER_S, "queue-full", "Inference queue full"
-        )
+        retry = exc.retry_after_s if isinstance(exc, OverloadedError) else QUEUE_FULL_RETRY_AFTER_S
+        return service_unavailable(f"{exc}; retry later", retry, "queue-full", "Inference queue full")
     if isinstance(exc, BatcherClosedError):
         return service_unavailable(
             f"{upload.filename}: the service is shutting down",
@@ -98,7 +103,7 @@ def failure_problem(exc: BaseException, upload: Upload, timeout_s: float) -> Pro
             "shutting-down",
             "Service shutting down",
         )
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | AbandonedError):
         return Problem(
             504,
             "Inference timed out",
@@ -109,18 +114,43 @@ def failure_problem(exc: BaseException, upload: Upload, timeout_s: float) -> Pro
     return Problem(500, "Inference failed", f"{upload.filename}: {type(exc).__name__}: {exc}", "inference-failed")
 
 
-async def analyse_all(
-    engine: Engine, uploads: list[Upload], pixel_threshold: float, timeout_s: float
-) -> list[Analysed]:
-    """Every upload concurrently, each bounded by ``timeout_s``; raises the Problem of the first failure."""
-    tasks = [asyncio.create_task(asyncio.wait_for(analyse(engine, u, pixel_threshold), timeout_s)) for u in uploads]
+def admit(engine: Engine, n: int, reserve: bool = True) -> Job | None:
+    """Reserve ``n`` images in the engine or raise the 503 / 413 problem (nothing is decoded yet);
+    ``reserve=False`` only checks."""
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        if not reserve:
+            engine.admission.check(n)
+            return None
+        return engine.admit(n)
+    except (OverloadedError, TooManyImagesError) as exc:
+        raise failure_problem(exc, Upload(0, "request", b""), engine.cfg.request_timeout_s) from None
+
+
+async def analyse_all(
+    job: Job,
+    uploads: list[Upload],
+    pixel_threshold: float,
+    timeout_s: float,
+    client_gone: Callable[[], Awaitable[None]] | None = None,
+) -> list[Analysed]:
+    """Every upload concurrently, each bounded by ``timeout_s``; raises the Problem of the first failure.
+
+    ``client_gone`` (optional) returns when the client has disconnected: the work is then cancelled (threads stop
+    at their next checkpoint) and :class:`ClientDisconnected` is raised. The job is closed in every case.
+    """
+    tasks = [asyncio.create_task(asyncio.wait_for(analyse(job, u, pixel_threshold), timeout_s)) for u in uploads]
+    first_failure = asyncio.create_task(asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION))
+    watcher = asyncio.create_task(client_gone()) if client_gone is not None else None
+    try:
+        await asyncio.wait([t for t in (first_failure, watcher) if t], return_when=asyncio.FIRST_COMPLETED)
+        if watcher is not None and watcher.done() and not first_failure.done():
+            raise ClientDisconnected("the client disconnected before the answer was ready")
     finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        job.close()
+        pending = [t for t in (*tasks, first_failure, watcher) if t is not None and not t.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     for upload, task in zip(uploads, tasks, strict=True):
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()

@@ -29,7 +29,13 @@ IMAGE_ERRORS = {
     "unsupported": (415, "unsupported-media-type", "Unsupported image format"),
     "corrupt": (422, "corrupt-image", "Corrupt image data"),
     "too_large": (413, "image-too-large", "Image too large"),
+    "bad_shape": (422, "image-shape", "Image shape refused"),
 }
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention: the client left before the answer; no response is sent
+
+
+class ClientDisconnected(Exception):  # noqa: N818 - named after what happened, like Starlette's ClientDisconnect
+    """The client closed the connection while its request was read or worked on; counted as 499, not 500."""
 
 
 class Problem(StarletteHTTPException):

@@ -23,6 +23,8 @@ from fastapi.responses import FileResponse
 
 from service.inspection import ARTEFACT_KINDS, Verdict
 from service.storage import ProductProfile
+from service.storage.models import NAME_MAX, NAME_PATTERN, NAME_RULE, as_utc
+from service.storage.store import CURSOR_MAX, CURSOR_PATTERN
 
 from .deps import Store
 from .problems import Problem, problem_responses
@@ -34,7 +36,10 @@ logger = logging.getLogger("dhrclip.api")
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 InspectionId = Annotated[str, Path(min_length=1, max_length=64, description="inspection id (28 hex digits)")]
-ProductName = Annotated[str, Path(min_length=1, max_length=200, description="product name")]
+ProductName = Annotated[
+    str, Path(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN, description=f"product name: {NAME_RULE}")
+]
+NameFilter = Annotated[str | None, Query(max_length=NAME_MAX, pattern=NAME_PATTERN)]
 
 
 def _out(record, request: Request) -> InspectionOut:
@@ -42,24 +47,33 @@ def _out(record, request: Request) -> InspectionOut:
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
+    """The filter in UTC; 422 for a naive datetime or one that leaves the datetime range in UTC."""
     if value is not None and (value.tzinfo is None or value.utcoffset() is None):
         raise Problem(
             422, "Invalid request", f"{name} must carry a time zone, e.g. 2026-01-31T08:00:00Z", "validation-error"
         )
-    return value
+    try:
+        return None if value is None else as_utc(value, name)
+    except ValueError as exc:
+        raise Problem(422, "Invalid request", str(exc), "validation-error") from None
 
 
 @router.get("/inspections", response_model=InspectionPage, tags=["inspection"], responses=problem_responses(401, 422))
 async def list_inspections(
     request: Request,
     store: Store,
-    product: str | None = Query(None, max_length=200),
-    line: str | None = Query(None, max_length=200),
+    product: NameFilter = None,
+    line: NameFilter = None,
     verdict: Verdict | None = Query(None),
     since: datetime | None = Query(None, description="created_at >= since (ISO 8601 with zone)"),
     until: datetime | None = Query(None, description="created_at < until (ISO 8601 with zone)"),
     limit: int = Query(50, ge=1, le=500),
-    cursor: str | None = Query(None, max_length=200, description="next_cursor of the previous page"),
+    cursor: str | None = Query(
+        None,
+        max_length=CURSOR_MAX,
+        pattern=CURSOR_PATTERN,
+        description="next_cursor of the previous page (opaque; 422 when it is not one)",
+    ),
 ):
     since, until = _aware(since, "since"), _aware(until, "until")
     try:

@@ -1,10 +1,14 @@
 """POST /segment: multipart upload of one or more images -> stored inspections as JSON, or one PNG.
 
-Form fields: ``image`` (one or more files, required), ``product``, ``line``, ``part_id`` (optional text, at most
-200 characters), ``image_score`` (reference | map_max | map_topk), ``include`` (comma list of overlay, heatmap,
-mask: base64 PNGs in the JSON). With one image and ``?output=overlay|heatmap|mask`` or an ``Accept`` header that
-prefers ``image/png``, the PNG itself is answered with ``X-Inspection-Id``, ``X-Score``, ``X-Verdict``,
-``X-Threshold`` and ``X-Image-Score`` headers. Errors: see ``problems`` and ``pipeline``.
+Form fields: ``image`` (one or more files, required), ``product``, ``line``, ``part_id`` (optional names in the
+one name grammar of ``service.storage.models.NAME_PATTERN``; an empty field counts as absent), ``image_score``
+(reference | map_max | map_topk), ``include`` (comma list of overlay, heatmap, mask: base64 PNGs in the JSON).
+With one image and ``?output=overlay|heatmap|mask`` or an ``Accept`` header that prefers ``image/png``, the PNG
+itself is answered with ``X-Inspection-Id``, ``X-Score``, ``X-Verdict``, ``X-Threshold`` and ``X-Image-Score``
+headers. Errors: see ``problems`` and ``pipeline``.
+
+Overload is refused before the body is parsed when the engine is already full (503 + Retry-After), and a
+request's image count is checked against the engine's admission before anything is decoded.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from starlette.datastructures import UploadFile
 from service.engine import ImageScore
 from service.inspection import ARTEFACT_KINDS, ArtefactKind, Thresholds
 from service.storage import InspectionStore
+from service.storage.models import NAME_MAX, NAME_PATTERN
 
 from .access_log import too_large
 from .deps import Context, ServingEngine
-from .pipeline import Decision, Upload, analyse_all, artefacts_of, build_record, store_all
+from .pipeline import Decision, Upload, admit, analyse_all, artefacts_of, build_record, store_all
 from .problems import Problem, problem_responses
 from .schemas import SegmentResponse, SegmentResult, links_for
 from .security import require_api_key
@@ -36,6 +41,7 @@ router = APIRouter(tags=["inspection"], dependencies=[Depends(require_api_key)])
 
 IMAGE_FIELD = {
     "type": "array",
+    "minItems": 1,
     "items": {"type": "string", "format": "binary"},
     "description": "one or more image files (JPEG, PNG, BMP, TIFF, WebP, ...)",
 }
@@ -51,12 +57,12 @@ class SegmentForm(BaseModel):
 
     product: str | None = Field(
         None,
-        min_length=1,
-        max_length=200,
+        max_length=NAME_MAX,
+        pattern=NAME_PATTERN,
         description="product name; its profile (PUT /products/{name}) sets thresholds",
     )
-    line: str | None = Field(None, min_length=1, max_length=200, description="production line")
-    part_id: str | None = Field(None, min_length=1, max_length=200, description="part identifier")
+    line: str | None = Field(None, max_length=NAME_MAX, pattern=NAME_PATTERN, description="production line")
+    part_id: str | None = Field(None, max_length=NAME_MAX, pattern=NAME_PATTERN, description="part identifier")
     image_score: ImageScore | None = Field(
         None, description="image-score variant (default: the product's, else the setting)"
     )
@@ -96,8 +102,8 @@ def parse_fields(form) -> SegmentForm:
             raise RequestValidationError(
                 [{"loc": ("body", name), "msg": "must be a text field, not a file", "type": "string_type"}]
             )
-        if value is not None and value.strip():
-            raw[name] = value.strip()
+        if value:  # names are taken as sent: " a" is refused, not silently trimmed
+            raw[name] = value
     try:
         return SegmentForm(**raw)
     except ValidationError as exc:
@@ -114,23 +120,30 @@ async def read_uploads(form, settings: Settings) -> list[Upload]:
         raise Problem(
             400, "Image is not a file", f"'image' entry {not_files[0]} is a text field; send files", "no-image"
         )
-    limit = settings.queue_size
-    if len(items) > limit:
-        raise Problem(
-            413,
-            "Too many images",
-            f"{len(items)} images in one request; at most {limit} (DHR_QUEUE_SIZE)",
-            "too-many-images",
-        )
     uploads, total = [], 0
     for i, item in enumerate(items):
         data = await item.read()
         total += len(data)
         if total > settings.max_upload_bytes:
             raise too_large(settings.max_upload_bytes, "the uploaded images")
-        name = (item.filename or f"image-{i}")[-255:]
-        uploads.append(Upload(i, name, data))
+        uploads.append(Upload(i, safe_filename(item.filename, i), data))
     return uploads
+
+
+def safe_filename(given: str | None, index: int) -> str:
+    """The client's file name for the record: control characters become ``?``, at most the last 255 characters."""
+    name = "".join("?" if ord(c) < 32 or ord(c) == 127 else c for c in (given or "")).strip()
+    return (name or f"image-{index}")[-255:]
+
+
+def client_gone(request: Request):
+    """A coroutine function that returns once the client has disconnected (the body is read by then)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
 
 
 def png_wanted(accept: str | None) -> bool:
@@ -180,6 +193,7 @@ async def segment(
 ):
     t_start = time.perf_counter()
     settings = ctx.settings
+    admit(engine, 1, reserve=False)  # busy already: refuse before the body is parsed
     async with request.form(max_files=settings.queue_size + 1) as form:
         fields = parse_fields(form)
         uploads = await read_uploads(form, settings)
@@ -203,7 +217,10 @@ async def segment(
 
     store = ctx.require_store()
     decision = await decide(store, settings, fields)
-    analysed = await analyse_all(engine, uploads, decision.thresholds.pixel, settings.request_timeout_s)
+    job = admit(engine, len(uploads))
+    analysed = await analyse_all(
+        job, uploads, decision.thresholds.pixel, settings.request_timeout_s, client_gone(request)
+    )
     model = engine.info.to_dict()
     records = [build_record(item, decision, model) for item in analysed]
     stored = await asyncio.to_thread(store_all, store, records, analysed)

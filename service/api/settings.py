@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.engine import ImageScore, Precision, PresetName
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_OPTIONAL = ("backbone", "prompts", "database_url", "retention_days", "retention_max_count")
+_OPTIONAL = ("backbone", "prompts", "database_url", "retention_days", "retention_max_count", "max_queue_wait_s")
 
 
 class Settings(BaseSettings):
@@ -46,12 +46,31 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         10.0, ge=0, le=60_000, description="longest wait of a batch's first image for companions"
     )
-    queue_size: int = Field(64, ge=1, description="images waiting at most; beyond: 503 + Retry-After")
+    queue_size: int = Field(
+        64, ge=1, description="images admitted and not yet through the model, at most; beyond: 503 + Retry-After"
+    )
+    max_queue_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="expected model wait (from measured batch times) beyond which a request gets 503 + Retry-After "
+        "before anything is decoded; unset: request_timeout_s",
+    )
     workers: int = Field(2, ge=1, le=64, description="threads for decode / postprocess")
     warmup: bool = Field(True, description="run one dummy batch before reporting ready")
 
     max_upload_mb: float = Field(20.0, gt=0, description="largest request body in MiB, all files of a request together")
-    max_pixels: int = Field(40_000_000, ge=1, description="largest image in pixels, width * height (40e6 accepted)")
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="largest image in pixels, width * height (40e6 accepted); beyond: 413"
+    )
+    max_side: int = Field(
+        32_768, ge=1, le=1_000_000, description="largest width or height in pixels (PNG stops at 1e6); beyond: 413"
+    )
+    max_aspect_ratio: float = Field(64.0, ge=1.0, description="largest long side / short side; beyond: 422")
+    accept_truncated: bool = Field(
+        False,
+        description="decode JPEGs whose data ends early or lacks the end marker (missing rows grey) instead of "
+        "answering 422 corrupt-image",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="longest decode + inference + postprocess of one image; beyond: 504"
     )

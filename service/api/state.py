@@ -88,7 +88,7 @@ class ServiceContext:
         s = self.settings
         self.status, self.reason, self.started_at, self.counts = LOADING, "the model is loading", time.time(), Counts()
         self.store = await asyncio.to_thread(InspectionStore, s.resolved_database_url(), s.data_dir)
-        self.metrics.bind_engine(lambda: self.engine.batcher if self.engine is not None else None)
+        self.metrics.bind_engine(lambda: self.engine)
         self.metrics.set_model(None)
         self._load_task = asyncio.create_task(self._load(), name="dhr-model-load")
         if s.retention_enabled:

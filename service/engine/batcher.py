@@ -8,8 +8,14 @@ Collection rule, for a batch whose first item was enqueued at ``t0``::
     dispatch when  len(batch) == max_batch_size  or  now >= t0 + max_wait_ms / 1000
 
 While batch ``k`` runs in the worker thread the collector already gathers batch ``k + 1``. If batch ``k + 1`` is
-ready before the worker is free, it is topped up (without further waiting) with the items that arrived meanwhile,
-so a steady stream forms full batches and no item ever waits longer than it would have without the top-up.
+ready before the worker is free, it is re-filled (without further waiting) round-robin from everything waiting,
+including the items that arrived meanwhile, so a steady stream forms full batches and no item ever waits longer
+than it would have without the top-up.
+
+Fairness: ``submit(item, key=...)`` tags an item with its owner (one request, one client). Waiting items are kept
+in one FIFO per key and batches are filled round-robin over the keys, oldest key first, so a request of 60 images
+cannot make the single images of other requests wait behind all of it: each batch takes at most one item of each
+key before taking a second of any.
 
 Back-pressure: ``queue_depth`` counts the items waiting (queued or gathered for the next batch, not the batch
 being processed). When ``queue_depth >= queue_size`` a new ``submit`` raises :class:`QueueFullError` at once.
@@ -70,6 +76,53 @@ class _Pending:
     future: asyncio.Future
     enqueued: float  # time.perf_counter() at submit
     timings: dict | None
+    key: object = None
+
+
+class _FairQueue:
+    """One FIFO per key, popped round-robin over the keys (oldest waiting key first)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[object, collections.deque[_Pending]] = {}  # insertion order = round-robin order
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._by_key.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._by_key)
+
+    def append(self, pending: _Pending) -> None:
+        self._by_key.setdefault(pending.key, collections.deque()).append(pending)
+
+    def popleft(self) -> _Pending:
+        key = next(iter(self._by_key))
+        queue = self._by_key.pop(key)
+        pending = queue.popleft()
+        if queue:
+            self._by_key[key] = queue  # re-inserted last: the next pop serves the next key
+        return pending
+
+    def remove(self, pending: _Pending) -> None:
+        queue = self._by_key.get(pending.key)
+        if queue is None:
+            raise ValueError("not queued")
+        queue.remove(pending)
+        if not queue:
+            del self._by_key[pending.key]
+
+    def push_front(self, items: list[_Pending]) -> None:
+        """Put items back ahead of everything (their keys first in the rotation, each key's order kept)."""
+        front: dict[object, collections.deque[_Pending]] = {}
+        for pending in items:
+            front.setdefault(pending.key, collections.deque()).append(pending)
+        for key, queue in self._by_key.items():
+            front.setdefault(key, collections.deque()).extend(queue)
+        self._by_key = front
+
+    def drain(self) -> list[_Pending]:
+        items = [p for q in self._by_key.values() for p in q]
+        self._by_key.clear()
+        return items
 
 
 def _call_timed(fn: Callable[[list], Any], items: list) -> tuple[Any, Exception | None, float, float]:
@@ -122,7 +175,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         self._owns_executor = executor is None
         self._on_batch = on_batch
 
-        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queue = _FairQueue()
         self._staged: list[_Pending] = []  # gathered for the next batch, not yet running
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -180,12 +233,13 @@ class DynamicBatcher(Generic[ItemT, OutT]):
             if self._owns_executor and self._executor is not None:
                 self._executor.shutdown(wait=False)  # idle after a normal stop; never block the loop
 
-    async def submit(self, item: ItemT, timings: dict | None = None) -> OutT:
+    async def submit(self, item: ItemT, timings: dict | None = None, key: object = None) -> OutT:
         """Queue ``item`` and return its own output once its batch has run.
 
         Raises :class:`QueueFullError` immediately when ``queue_size`` items are waiting,
         :class:`BatcherClosedError` when the batcher is not running, and whatever ``process_batch`` raised for
-        the batch. ``timings`` (optional dict) receives ``queue_s``, ``run_s`` and ``batch_size``.
+        the batch. ``timings`` (optional dict) receives ``queue_s``, ``run_s`` and ``batch_size``; ``key`` names
+        the owner for round-robin fairness (items of one key keep their order).
         Cancelling the caller removes the item if its batch has not started yet.
         """
         if not self._accepting:
@@ -193,7 +247,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         if self.queue_depth >= self._queue_size:
             self.rejected_total += 1
             raise QueueFullError(f"inference queue is full ({self._queue_size} items waiting)")
-        pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter(), timings)
+        pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter(), timings, key)
         self._queue.append(pending)
         self._wakeup.set()
         try:
@@ -209,7 +263,9 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         while await self._fill_staged():
             if running is not None:
                 await running  # batches run one at a time, in order
-                self._take_from_queue()  # top up with items that arrived while the worker was busy
+                self._queue.push_front(self._staged)  # re-fill round-robin with the items that arrived meanwhile
+                self._staged = []
+                self._take_from_queue()
             batch, self._staged = self._staged, []
             if batch:
                 running = asyncio.get_running_loop().create_task(self._run(batch))
@@ -312,8 +368,8 @@ class DynamicBatcher(Generic[ItemT, OutT]):
                 p.future.set_exception(error)
 
     def _fail_waiting(self, error: BaseException) -> None:
-        waiting = [*self._staged, *self._queue]
-        self._staged, self._queue = [], collections.deque()
+        waiting = [*self._staged, *self._queue.drain()]
+        self._staged = []
         self._fail(waiting, error)
 
     def _on_collector_done(self, task: asyncio.Task) -> None:

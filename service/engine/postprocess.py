@@ -14,11 +14,16 @@ Pipeline for one image of size (H, W)::
     overlay  = (1 - alpha) * image + alpha * heat, with the region outlines drawn on top
 
 All PNGs are produced at the original image size. No torch and no HTTP here: numpy and OpenCV only.
+
+Memory: every buffer above is (H, W) or (H, W, 3), at most 4 bytes per channel, so one call holds about
+``18 * H * W`` bytes at its peak (map, labels, mask, heat, overlay, image); ``max_pixels`` refuses a larger image
+before any of them is made. ``checkpoint`` (optional) is called between the steps so that the caller can stop
+work nobody waits for any more (it raises).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import cv2
@@ -231,6 +236,8 @@ def postprocess(
     min_region_area: int = 0,
     include: Iterable[str] = ARTEFACT_KINDS,
     alpha: float = 0.5,
+    max_pixels: int | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> PostResult:
     """Build the operator artefacts of one image from its (T, T) anomaly map.
 
@@ -250,18 +257,34 @@ def postprocess(
         raise ValueError(f"unknown artefact kinds {sorted(unknown)}; expected a subset of {list(ARTEFACT_KINDS)}")
 
     height, width = image.shape[:2]
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(f"image of {width}x{height} pixels is over the limit of {max_pixels}")
+    step = checkpoint if checkpoint is not None else (lambda: None)
     map_full = resize_map(src, width, height)  # (H, W) float32
+    step()
     labels, stats, kept = _components(map_full >= float(pixel_threshold), int(min_region_area))
     keep_lut = np.zeros(stats.shape[0], dtype=bool)
     keep_lut[kept] = True
     mask = keep_lut[labels]  # (H, W) bool, components below min_region_area removed
     regions = _regions_from(map_full, labels, stats, kept)
+    del labels
+    step()
 
     heat = colorize(map_full) if kinds & {"heatmap", "overlay"} else None
+    pngs = {}
+    for kind in ARTEFACT_KINDS:
+        if kind in kinds:
+            step()
+            if kind == "heatmap":
+                pngs[kind] = encode_png(heat, rgb=True)
+            elif kind == "mask":
+                pngs[kind] = encode_png(mask.astype(np.uint8) * 255, rgb=False)
+            else:
+                pngs[kind] = encode_png(overlay(image, heat, alpha, mask), rgb=True)
     return PostResult(
-        heatmap_png=encode_png(heat, rgb=True) if "heatmap" in kinds else None,
-        mask_png=encode_png(mask.astype(np.uint8) * 255, rgb=False) if "mask" in kinds else None,
-        overlay_png=encode_png(overlay(image, heat, alpha, mask), rgb=True) if "overlay" in kinds else None,
+        heatmap_png=pngs.get("heatmap"),
+        mask_png=pngs.get("mask"),
+        overlay_png=pngs.get("overlay"),
         regions=regions,
         defect_area_ratio=float(np.count_nonzero(mask)) / float(height * width),
         map_max=float(map_full.max()),

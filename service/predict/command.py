@@ -128,7 +128,7 @@ def _write_outputs(item: _Pending, result: ImageResult, info: ModelInfo, opts: P
 
 def predict_files(paths: list[Path], runner: ModelRunner, info: ModelInfo, opts: PredictOptions) -> int:
     """Run every image; unreadable files get one line on stderr and are skipped. Returns the failure count."""
-    from service.engine.decode import ImageError, decode_image, views_for
+    from service.engine.decode import DecodeLimits, ImageError, decode_image, views_for
     from service.model import EXTRA_MAPS
 
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def predict_files(paths: list[Path], runner: ModelRunner, info: ModelInfo, opts:
     for path in paths:
         t0 = time.perf_counter()
         try:
-            dec = decode_image(Path(path).read_bytes(), str(path), opts.max_pixels)
+            dec = decode_image(Path(path).read_bytes(), str(path), DecodeLimits(max_pixels=opts.max_pixels))
         except (ImageError, OSError) as e:
             print(
                 f"dhrclip predict: {e if isinstance(e, ImageError) else f'{path}: {e.strerror or e}'}", file=sys.stderr

@@ -24,6 +24,16 @@ from service.inspection import VERDICTS
 
 ID_RE = re.compile(r"^[0-9a-f]{28}$")
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# The one grammar of product names, line names and part ids: 1-200 characters; letters and digits of any script,
+# and inside the name also space and _ . : + # @ ( ) -; it starts and ends with a letter or digit. So no control
+# character (NUL), no leading or trailing space and nothing that needs escaping in a URL path segment but space.
+NAME_MAX = 200
+NAME_PATTERN = r"^[^\W_](?:[\w .:+#@()\-]{0,198}[^\W_])?$"  # 198 = NAME_MAX - 2
+NAME_RE = re.compile(NAME_PATTERN)
+NAME_RULE = (
+    "1-200 letters or digits, and inside the name also space _ . : + # @ ( ) -; starting and ending with a letter "
+    "or digit"
+)
 
 _id_lock = threading.Lock()
 _last_id = [0, 0]  # [ms timestamp, 64-bit random part] of the last id handed out
@@ -61,7 +71,10 @@ def as_utc(value: datetime, name: str = "datetime") -> datetime:
         raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 or 9999-12-31T23:59-01:00: no such UTC datetime
+        raise ValueError(f"{name} {value.isoformat()} is out of range once converted to UTC") from None
 
 
 class UTCDateTime(TypeDecorator):
@@ -169,8 +182,18 @@ def row_to_profile(row: ProductRow) -> ProductProfile:
     return ProductProfile(**{name: getattr(row, name) for name in PROFILE_FIELDS})
 
 
+def check_name(value: str | None, what: str) -> None:
+    """Raise ValueError unless ``value`` is None or follows the name grammar (``NAME_RULE``)."""
+    if value is not None and not (isinstance(value, str) and NAME_RE.fullmatch(value)):
+        raise ValueError(f"{what} {value!r} is not a valid name: {NAME_RULE}")
+
+
 def validate_record(record: InspectionRecord) -> None:
     """Raise ValueError naming the first field that cannot be stored."""
+    for name in ("product", "line", "part_id"):
+        check_name(getattr(record, name), name)
+    if record.filename is not None and any(ord(c) < 32 or ord(c) == 127 for c in record.filename):
+        raise ValueError(f"filename {record.filename!r} holds control characters")
     if not ID_RE.match(record.id or ""):
         raise ValueError(f"record id must be 28 lowercase hex digits, got {record.id!r}")
     as_utc(record.created_at, "created_at")
@@ -187,8 +210,7 @@ def validate_record(record: InspectionRecord) -> None:
 
 def validate_profile(profile: ProductProfile) -> None:
     """Raise ValueError naming the first field of a product profile that cannot be stored."""
-    if not profile.name or len(profile.name) > 200:
-        raise ValueError(f"product name must have 1 to 200 characters, got {profile.name!r}")
+    check_name(profile.name, "product name")
     if not profile.image_score:
         raise ValueError("image_score must name the image-score variant")
     if not math.isfinite(profile.image_threshold):

@@ -87,6 +87,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+$"  # urlsafe base64 without padding
+CURSOR_MAX = 88  # base64 of "<32-character ISO time>|<28-digit id>" is 82 characters; a little room
+
+
 def encode_cursor(created_at: datetime, record_id: str) -> str:
     """Opaque page cursor: urlsafe base64 (no padding) of ``"<created_at iso>|<id>"``."""
     raw = f"{as_utc(created_at).isoformat()}|{record_id}".encode()

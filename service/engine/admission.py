@@ -1,0 +1,148 @@
+"""Admission control: refuse work before any of it is done, by count and by expected wait.
+
+An image is *outstanding* from admission until its model output is back (decoding, waiting for a batch or inside
+the running batch); it is *waiting* unless it is inside the running batch. A request of ``n`` images is admitted
+when both hold::
+
+    waiting + n <= queue_size
+    drain_s(outstanding) <= max_wait_s          (the wait before the new images start; 0 when idle)
+
+``drain_s(q)`` is the time the model needs for ``q`` images in batches of ``max_batch_size``, from the measured
+wall time of recent batches: ``T(b)`` is the mean run time of the first batches of ``b`` images, then an
+exponential moving average (weight ``EWMA_WEIGHT``); an unmeasured size is scaled linearly from the nearest
+measured one, which over-estimates large batches (refusing early is the safe side)::
+
+    drain_s(q) = floor(q / B) * T(B) + T(q mod B)
+
+Refusals raise :class:`OverloadedError` carrying ``retry_after_s = ceil(drain_s(outstanding))`` (at least 1):
+when the backlog in front of a retry will have drained. A request that could not finish within the deadline even
+on an idle model (``drain_s(n) > deadline_fraction * deadline``) raises :class:`TooManyImagesError` instead, with
+the number of images that would fit: it must be split, waiting does not help.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .batcher import QueueFullError
+
+EWMA_WEIGHT = 0.2
+DEADLINE_FRACTION = 0.5  # share of the deadline one request's images may take on an idle model
+
+
+class OverloadedError(QueueFullError):
+    """Too much work is waiting; ``retry_after_s``: seconds until the backlog has drained (>= 1)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = int(retry_after_s)
+
+
+class TooManyImagesError(ValueError):
+    """One request holds more images than the deadline allows; ``allowed``: how many would fit now."""
+
+    def __init__(self, message: str, allowed: int):
+        super().__init__(message)
+        self.allowed = int(allowed)
+
+
+class Admission:
+    """Counts outstanding images and estimates drain time; all calls come from the event loop (no locks)."""
+
+    def __init__(
+        self,
+        queue_size: int,
+        max_batch_size: int,
+        max_wait_s: float,
+        deadline_s: float,
+        in_flight: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self._in_flight = in_flight
+        self.queue_size = int(queue_size)
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait_s = float(max_wait_s)
+        self.deadline_s = float(deadline_s)
+        self.outstanding = 0
+        self.refused_total = 0
+        self._batch_s: dict[int, float] = {}  # batch size -> EWMA of its run time in seconds
+        self._seen: dict[int, int] = {}  # batch size -> batches measured
+
+    # ------------------------------------------------------------------------------------------ measurements
+    def observe_batch(self, size: int, run_s: float) -> None:
+        """Record one model call of ``size`` images that took ``run_s`` seconds."""
+        if size < 1 or not run_s >= 0:
+            return
+        seen = self._seen.get(size, 0) + 1
+        weight = max(EWMA_WEIGHT, 1.0 / seen)  # the mean of the first samples, then a moving average
+        self._seen[size] = seen
+        self._batch_s[size] = (1 - weight) * self._batch_s.get(size, 0.0) + weight * run_s
+
+    def batch_s(self, size: int) -> float:
+        """Estimated run time of a batch of ``size`` images (0 before any batch was measured)."""
+        if size <= 0 or not self._batch_s:
+            return 0.0
+        if size in self._batch_s:
+            return self._batch_s[size]
+        nearest = min(self._batch_s, key=lambda k: (abs(k - size), -k))
+        return self._batch_s[nearest] * size / nearest
+
+    def drain_s(self, items: int) -> float:
+        """Seconds the model needs for ``items`` images in full batches (see the module docstring)."""
+        full, rest = divmod(max(0, int(items)), self.max_batch_size)
+        return full * self.batch_s(self.max_batch_size) + self.batch_s(rest)
+
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self.drain_s(self.outstanding)))
+
+    @property
+    def images_per_request(self) -> int:
+        """Most images one request may hold: within ``queue_size`` and within the deadline on an idle model."""
+        budget = DEADLINE_FRACTION * self.deadline_s
+        n = self.queue_size
+        while n > 1 and self.drain_s(n) > budget:
+            n -= 1
+        return n
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def check(self, n: int) -> None:
+        """Raise unless ``n`` more images could be admitted now (nothing is reserved)."""
+        if n > self.queue_size or (n > 1 and self.drain_s(n) > DEADLINE_FRACTION * self.deadline_s):
+            allowed = self.images_per_request
+            raise TooManyImagesError(
+                f"{n} images in one request; at most {allowed} fit the deadline of {self.deadline_s:g} s "
+                f"(DHR_REQUEST_TIMEOUT_S) and the queue of {self.queue_size} (DHR_QUEUE_SIZE); split the request",
+                allowed,
+            )
+        waiting = self.outstanding - self._in_flight()
+        if waiting + n > self.queue_size:
+            self._refuse(f"inference queue is full ({waiting} images waiting, DHR_QUEUE_SIZE={self.queue_size})")
+        wait = self.drain_s(self.outstanding)  # an idle service never refuses by time: no estimate can lock it
+        if wait > self.max_wait_s:
+            self._refuse(f"the expected wait of {wait:.2f} s exceeds {self.max_wait_s:g} s (DHR_MAX_QUEUE_WAIT_S)")
+
+    def admit(self, n: int) -> Ticket:
+        """Reserve ``n`` images or raise (OverloadedError: retry later; TooManyImagesError: split the request)."""
+        self.check(n)
+        self.outstanding += n
+        return Ticket(self, n)
+
+    def _refuse(self, why: str) -> None:
+        self.refused_total += 1
+        raise OverloadedError(f"the service is busy: {why}", self.retry_after_s())
+
+
+class Ticket:
+    """The reservation of one request; ``done()`` once per image whose model output is back (or that failed)."""
+
+    def __init__(self, admission: Admission, n: int) -> None:
+        self._admission, self._left = admission, n
+
+    def done(self, n: int = 1) -> None:
+        n = min(n, self._left)
+        self._left -= n
+        self._admission.outstanding -= n
+
+    def release(self) -> None:
+        """Give back whatever is still reserved (idempotent)."""
+        self.done(self._left)
