@@ -138,35 +138,3 @@ class RequestMiddleware:
             "n_images": int(state.get("n_images", 0)),
         }
         access_logger.info(json.dumps(fields, separators=(",", ":")), extra={"access": fields})
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per log line: ``ts``, ``level``, ``logger`` and either the access fields or ``msg``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        access = getattr(record, "access", None)
-        if isinstance(access, dict):
-            out.update(access)
-        else:
-            out["msg"] = record.getMessage()
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, separators=(",", ":"), default=str)
-
-
-def configure_logging(level: str = "info") -> None:
-    """Send the ``dhrclip`` and ``uvicorn`` loggers to stderr as JSON lines (``dhrclip serve``; tests leave
-    logging alone). uvicorn's access logger is silenced: ``dhrclip.access`` has one line per request already."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    for name in ("dhrclip", "uvicorn", "uvicorn.error"):
-        log = logging.getLogger(name)
-        log.handlers[:] = [handler] if name != "uvicorn.error" else []
-        log.setLevel(level.upper())
-        log.propagate = name == "uvicorn.error"  # -> "uvicorn"
-    logging.getLogger("uvicorn.access").disabled = True

@@ -21,6 +21,7 @@ from service.runtime import apply_thread_policy
 
 from . import routes_inspections, routes_ops, routes_segment
 from .access_log import RequestMiddleware
+from .docs import install_docs, install_truthful_openapi
 from .metrics import Metrics
 from .problems import install_problem_handlers
 from .settings import Settings
@@ -55,7 +56,12 @@ def create_app(settings: Settings | None = None, load: Loader = load_weights) ->
             await ctx.close()
 
     app = FastAPI(
-        title="DHR-CLIP inspection service", version=service.__version__, description=DESCRIPTION, lifespan=lifespan
+        title="DHR-CLIP inspection service",
+        version=service.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # replaced by install_docs: the same page, assets served from the package, not a CDN
+        redoc_url=None,
     )
     app.state.ctx = ctx
     app.state.thread_policy = thread_policy
@@ -64,4 +70,6 @@ def create_app(settings: Settings | None = None, load: Loader = load_weights) ->
     app.include_router(routes_segment.router)
     app.include_router(routes_inspections.router)
     app.include_router(routes_ops.router)
+    install_docs(app)
+    install_truthful_openapi(app, settings.auth_enabled)
     return app

@@ -151,9 +151,9 @@ async def analyse_all(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    for upload, task in zip(uploads, tasks, strict=True):
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
+    failures = [(u, t.exception()) for u, t in zip(uploads, tasks, strict=True) if not t.cancelled()]  # all read
+    for upload, exc in failures:
+        if exc is not None:
             raise failure_problem(exc, upload, timeout_s) from exc
     return [task.result() for task in tasks]
 

@@ -34,8 +34,8 @@ def serve(
     """Run the service until interrupted (blocking). ``settings=None``: read ``DHR_*`` / ``.env`` now."""
     import uvicorn
 
-    from .access_log import configure_logging
     from .app import create_app
+    from .logs import configure_logging
     from .settings import Settings
 
     settings = settings if settings is not None else Settings()
