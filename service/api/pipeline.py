@@ -28,6 +28,7 @@ from service.engine.postprocess import PostResult
 from service.engine.runner import AbandonedError, Engine, ImageResult, Job
 from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
 from service.storage import InspectionRecord, InspectionStore
+from service.storage.models import IdempotencyEntry
 
 from .problems import ClientDisconnected, Problem, image_problem, service_unavailable
 
@@ -186,16 +187,19 @@ def artefacts_of(post: PostResult) -> dict[str, bytes]:
 
 
 def store_all(
-    store: InspectionStore, records: list[InspectionRecord], analysed: list[Analysed]
+    store: InspectionStore,
+    records: list[InspectionRecord],
+    analysed: list[Analysed],
+    idempotency: IdempotencyEntry | None = None,
 ) -> list[tuple[InspectionRecord, float, float]]:
-    """Blocking: write every record with its PNGs, in order.
+    """Blocking: write every record with its PNGs, in order; ``idempotency`` goes with the last record.
 
     Returns ``(stored record, store ms, perf_counter() when committed)`` per record.
     """
     out = []
-    for record, item in zip(records, analysed, strict=True):
+    for i, (record, item) in enumerate(zip(records, analysed, strict=True)):
         t0 = time.perf_counter()
-        stored = store.add(record, artefacts_of(item.post))
+        stored = store.add(record, artefacts_of(item.post), idempotency if i == len(records) - 1 else None)
         t1 = time.perf_counter()
         out.append((stored, _ms(t1 - t0), t1))
     return out

@@ -18,7 +18,7 @@ import base64
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
@@ -31,7 +31,8 @@ from service.storage.models import NAME_MAX, NAME_PATTERN
 
 from .access_log import too_large
 from .deps import Context, ServingEngine
-from .pipeline import Decision, Upload, admit, analyse_all, artefacts_of, build_record, store_all
+from .idempotency import HEADER, KEY_PATTERN, REPLAYED_HEADER, claimed, entry_for, fingerprint, stored_answer
+from .pipeline import Decision, Upload, admit, analyse_all, build_record, store_all
 from .problems import Problem, problem_responses
 from .schemas import SegmentResponse, SegmentResult, links_for
 from .security import require_api_key
@@ -180,15 +181,22 @@ async def decide(store: InspectionStore, settings: Settings, fields: SegmentForm
     summary="Inspect images: anomaly score, verdict, regions, heatmap/mask/overlay",
     responses={
         200: {"content": {"image/png": {}}, "description": "JSON results, or one PNG"},
-        **problem_responses(400, 401, 406, 413, 415, 422, 500, 503, 504),
+        **problem_responses(400, 401, 406, 409, 413, 415, 422, 500, 503, 504),
     },
 )
 async def segment(
     request: Request,
     ctx: Context,
     engine: ServingEngine,
+    response: Response,
     output: ArtefactKind | None = Query(
         None, description="answer the PNG of this kind instead of JSON (one image only)"
+    ),
+    key: str | None = Header(
+        None,
+        alias=HEADER,
+        pattern=KEY_PATTERN,
+        description="same key and same request: the stored answer again; same key, other request: 409",
     ),
 ):
     t_start = time.perf_counter()
@@ -215,7 +223,26 @@ async def segment(
             "png-needs-one-image",
         )
 
-    store = ctx.require_store()
+    key_fp = None if key is None else (key, fingerprint(fields.model_dump(mode="json"), uploads, png_kind))
+    with claimed(ctx, key):
+        if key_fp is not None:
+            previous = await stored_answer(ctx.require_store(), *key_fp)
+            if previous is not None:
+                pngs = await asyncio.to_thread(stored_pngs, ctx.require_store(), previous)
+                replayed = answer(request, previous, pngs, png_kind, fields.include, [None] * len(previous))
+                (replayed if isinstance(replayed, Response) else response).headers[REPLAYED_HEADER] = "true"
+                return replayed
+        return await analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_start, key_fp)
+
+
+def stored_pngs(store: InspectionStore, records: list) -> list[dict[str, bytes]]:
+    """Blocking: the stored PNGs of each record, ``{kind: bytes}``."""
+    return [{k: store.artefact_path(r.id, k).read_bytes() for k in ARTEFACT_KINDS} for r in records]
+
+
+async def analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_start, key_fp):
+    """Admission, analysis and storage of a new request (with its Idempotency-Key, if any); the answer."""
+    store, settings = ctx.require_store(), ctx.settings
     decision = await decide(store, settings, fields)
     job = admit(engine, len(uploads))
     analysed = await analyse_all(
@@ -223,28 +250,35 @@ async def segment(
     )
     model = engine.info.to_dict()
     records = [build_record(item, decision, model) for item in analysed]
-    stored = await asyncio.to_thread(store_all, store, records, analysed)
+    entry = entry_for(*key_fp, records) if key_fp else None
+    stored = await asyncio.to_thread(store_all, store, records, analysed, entry)
     for record, _, _ in stored:
         ctx.counts.add(record.verdict)
         ctx.metrics.images.labels(verdict=record.verdict).inc()
+    timings = [{"store": ms, "total": round((done - t_start) * 1000.0, 3)} for _, ms, done in stored]
+    pngs = [{k: item.post.png(k) for k in ARTEFACT_KINDS} for item in analysed]
+    return answer(request, [r for r, _, _ in stored], pngs, png_kind, fields.include, timings)
 
+
+def answer(request, records, pngs, png_kind, include, timings) -> Response | SegmentResponse:
+    """One PNG with the X-* headers, or the JSON results (``timings``: store/total ms per record, or None)."""
+    root = request.scope.get("root_path", "")
     if png_kind:
-        record, png = stored[0][0], artefacts_of(analysed[0].post)
+        record = records[0]
         headers = {
             "X-Inspection-Id": record.id,
             "X-Score": repr(record.score),
             "X-Verdict": record.verdict,
             "X-Threshold": repr(record.threshold),
             "X-Image-Score": record.image_score,
-            "Location": links_for(record.id, request.scope.get("root_path", ""))["self"],
+            "Location": links_for(record.id, root)["self"],
         }
-        return Response(png[png_kind], media_type="image/png", headers=headers)
-
-    context = {"root_path": request.scope.get("root_path", "")}
+        return Response(pngs[0][png_kind], media_type="image/png", headers=headers)
     results = []
-    for (record, store_ms, done_at), item in zip(stored, analysed, strict=True):
-        out = SegmentResult.model_validate(record, context=context)
-        out.timing_ms.store, out.timing_ms.total = store_ms, round((done_at - t_start) * 1000.0, 3)
-        out.images = {k: base64.b64encode(item.post.png(k)).decode("ascii") for k in fields.include}
+    for record, png, timing in zip(records, pngs, timings, strict=True):
+        out = SegmentResult.model_validate(record, context={"root_path": root})
+        if timing is not None:
+            out.timing_ms.store, out.timing_ms.total = timing["store"], timing["total"]
+        out.images = {k: base64.b64encode(png[k]).decode("ascii") for k in include}
         results.append(out)
     return SegmentResponse(results=results)

@@ -80,6 +80,7 @@ class ServiceContext:
     reason: str = "the model is loading"
     started_at: float = field(default_factory=time.time)
     counts: Counts = field(default_factory=Counts)
+    idempotency_in_flight: set[str] = field(default_factory=set)  # Idempotency-Keys being processed
     _load_task: asyncio.Task | None = None
     _retention_task: asyncio.Task | None = None
 

@@ -166,6 +166,25 @@ class ProductRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
+class IdempotencyRow(Base):
+    """One ``Idempotency-Key`` of /segment: the SHA-256 of what was sent and the inspections it created."""
+
+    __tablename__ = "idempotency_keys"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    inspection_ids: Mapped[list] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
+
+
+@dataclass(frozen=True)
+class IdempotencyEntry:
+    key: str
+    fingerprint: str  # 64 hex digits
+    inspection_ids: list[str]
+    created_at: datetime = field(default_factory=utcnow)
+
+
 RECORD_FIELDS = tuple(InspectionRecord.__dataclass_fields__)
 PROFILE_FIELDS = tuple(ProductProfile.__dataclass_fields__)
 

@@ -37,6 +37,8 @@ from service.storage.models import (
     ID_RE,
     KIND_RE,
     VERDICTS,
+    IdempotencyEntry,
+    IdempotencyRow,
     InspectionRecord,
     InspectionRow,
     ProductProfile,
@@ -52,6 +54,7 @@ from service.storage.models import (
 from service.storage.schema import upgrade_database
 
 MAX_LIMIT = 500
+IDEMPOTENCY_FIELDS = ("key", "fingerprint", "inspection_ids", "created_at")
 _DELETE_CHUNK = 500
 
 
@@ -153,8 +156,13 @@ class InspectionStore:
         day = as_utc(created_at, "created_at")
         return self.data_dir / f"{day.year:04d}" / f"{day.month:02d}" / f"{day.day:02d}" / record_id
 
-    def add(self, record: InspectionRecord, artefacts: Mapping[str, bytes]) -> InspectionRecord:
+    def add(
+        self, record: InspectionRecord, artefacts: Mapping[str, bytes], idempotency: IdempotencyEntry | None = None
+    ) -> InspectionRecord:
         """Store the PNGs (``{kind: bytes}``) then the record; returns the record as stored.
+
+        ``idempotency`` (optional) is committed in the same transaction as the row, so a crash leaves either both
+        or neither; a key that exists already raises ValueError and stores nothing.
 
         ``record.artefacts`` may be empty (it is filled with the kinds given) or must name the same kinds.
         Raises ValueError for an invalid record, kind or duplicate id, TypeError for non-bytes data; OSError
@@ -187,10 +195,12 @@ class InspectionStore:
                     _fsync_dir(d)
             with self._sessions() as session, session.begin():
                 session.add(record_to_row(stored))
+                if idempotency is not None:
+                    session.add(IdempotencyRow(**{k: getattr(idempotency, k) for k in IDEMPOTENCY_FIELDS}))
         except IntegrityError as exc:
             if created_dir:
                 self._remove_dir(directory)
-            raise ValueError(f"inspection id {stored.id} already exists") from exc
+            raise ValueError(f"inspection id {stored.id} or its idempotency key already exists") from exc
         except BaseException:
             if created_dir:
                 self._remove_dir(directory)
@@ -264,6 +274,12 @@ class InspectionStore:
         next_cursor = encode_cursor(records[-1].created_at, records[-1].id) if len(rows) > limit else None
         return records, next_cursor
 
+    def get_idempotency(self, key: str) -> IdempotencyEntry | None:
+        """The stored ``Idempotency-Key`` entry, or None."""
+        with self._sessions() as session:
+            row = session.get(IdempotencyRow, key)
+            return None if row is None else IdempotencyEntry(**{k: getattr(row, k) for k in IDEMPOTENCY_FIELDS})
+
     def count(self) -> int:
         """Number of stored inspection records."""
         with self._sessions() as session:
@@ -311,6 +327,9 @@ class InspectionStore:
             if max_count is not None:
                 newest_first = select(row.id, row.created_at).order_by(row.created_at.desc(), row.id.desc())
                 doomed.update(session.execute(newest_first.offset(max_count)).all())
+        if max_age_days is not None:  # keys live as long as the inspections they answer for
+            with self._sessions() as session, session.begin():
+                session.execute(delete(IdempotencyRow).where(IdempotencyRow.created_at < cutoff))
         ids = sorted(doomed)
         for start in range(0, len(ids), _DELETE_CHUNK):
             with self._sessions() as session, session.begin():
