@@ -47,7 +47,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 120.0) -> ServerProcess:
+    def start(self, timeout_s: float = 300.0) -> ServerProcess:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DHR_")}
         env.update({f"DHR_{k.upper()}": v for k, v in self.settings.items()}, PYTHONPATH=str(ROOT))
