@@ -21,6 +21,12 @@ VERDICTS = ("ok", "defect")  # in order of increasing score
 Verdict = Literal[VERDICTS]
 ARTEFACT_KINDS = ("overlay", "heatmap", "mask")  # the PNGs made for and stored with every inspection
 ArtefactKind = Literal[ARTEFACT_KINDS]
+REJECTED = VERDICTS[1:]  # every verdict but "ok": the part is taken off the line
+# A person's review of an inspection: confirm_defect / false_reject judge a rejected part, escape is an ok part that
+# later proved defective. Decision -> the verdicts it applies to.
+DECISION_VERDICTS = {"confirm_defect": REJECTED, "false_reject": REJECTED, "escape": VERDICTS[:1]}
+REVIEW_DECISIONS = tuple(DECISION_VERDICTS)
+ReviewDecision = Literal[REVIEW_DECISIONS]
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from service.api import Settings
 from service.api.weights import load_weights
+from service.storage import InspectionRecord, new_inspection_id
 
 from .paths import REF_PROMPTS, TINY_CLIP
 
@@ -146,3 +147,23 @@ class _HookedModel:
         if hook.fail is not None:
             raise hook.fail
         return self.model(whole, crops, extra)
+
+
+def make_record(created_at, verdict: str = "defect", **kw) -> InspectionRecord:
+    """A record to write straight into a store (score 0.75 for a defect, 0.25 otherwise; threshold 0.5)."""
+    fields = dict(
+        id=new_inspection_id(created_at),
+        created_at=created_at,
+        product="bottle",
+        line="L1",
+        width=8,
+        height=6,
+        score=0.75 if verdict == "defect" else 0.25,
+        threshold=0.5,
+        verdict=verdict,
+        image_score="reference",
+        pixel_threshold=0.5,
+        defect_area_ratio=0.125,
+    )
+    fields.update(kw)
+    return InspectionRecord(**fields)

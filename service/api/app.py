@@ -5,9 +5,10 @@ and /health, /readyz and /segment answer 503 with the reason until the engine ha
 loader's one-line message, when the weights are missing). Shutdown: retention and loading stop, the engine drains
 its queue (every accepted image is answered), the store closes.
 
-Routes: /segment (routes_segment), /inspections and /products (routes_inspections), /health, /livez, /readyz,
-/metrics (routes_ops). Every error answer is problem+json (problems); every response carries X-Request-ID and
-produces one JSON line on the ``dhrclip.access`` logger (access_log).
+Routes: /segment (routes_segment), /inspections and /products (routes_inspections), reviews and the CSV export
+(routes_reviews), /health, /livez, /readyz, /metrics (routes_ops), the operator console under /ui (console).
+Every error answer is problem+json (problems); every response carries X-Request-ID and produces one JSON line on
+the ``dhrclip.access`` logger (access_log).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from fastapi import FastAPI
 import service
 from service.runtime import apply_thread_policy
 
-from . import routes_inspections, routes_ops, routes_segment
+from . import routes_inspections, routes_ops, routes_reviews, routes_segment
 from .access_log import RequestMiddleware
+from .console import install_console
 from .docs import install_docs, install_truthful_openapi
 from .metrics import Metrics
 from .problems import install_problem_handlers
@@ -68,8 +70,10 @@ def create_app(settings: Settings | None = None, load: Loader = load_weights) ->
     install_problem_handlers(app)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_upload_bytes, metrics=ctx.metrics)
     app.include_router(routes_segment.router)
+    app.include_router(routes_reviews.router)
     app.include_router(routes_inspections.router)
     app.include_router(routes_ops.router)
     install_docs(app)
     install_truthful_openapi(app, settings.auth_enabled)
+    install_console(app)
     return app

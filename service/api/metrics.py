@@ -14,6 +14,8 @@ dhr_batches_total                            counter    model calls made by the 
 dhr_failed_batches_total                     counter    model calls that raised (read from the engine)
 dhr_queue_rejections_total                   counter    requests refused with 503: queue full or wait too long
 dhr_images_total                             counter    verdict (ok | defect): images inspected and stored
+dhr_reviews_total                            counter    decision (confirm_defect | false_reject | escape): reviews
+                                                        stored
 dhr_model_ready                              gauge      1 when the model serves, else 0
 dhr_model_info                               info       backbone, backbone_sha256, prompts, prompts_kind, preset,
                                                         precision, device, layer_features
@@ -29,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from service.engine.batcher import BatchStats
-from service.inspection import VERDICTS
+from service.inspection import REVIEW_DECISIONS, VERDICTS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
@@ -69,6 +71,9 @@ class Metrics:
         self.images = Counter("dhr_images", "Images inspected and stored, by verdict", ["verdict"], registry=r)
         for verdict in VERDICTS:
             self.images.labels(verdict=verdict)  # export zeros from the start
+        self.reviews = Counter("dhr_reviews", "Reviews stored, by decision", ["decision"], registry=r)
+        for decision in REVIEW_DECISIONS:
+            self.reviews.labels(decision=decision)
         self.ready = Gauge("dhr_model_ready", "1 when the model is loaded and serving, else 0", registry=r)
         self.model_info = Info("dhr_model", "Identity of the served model", registry=r)
 

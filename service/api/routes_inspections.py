@@ -1,12 +1,14 @@
 """Stored inspections and product profiles.
 
-- ``GET /inspections``: newest first, filters ``product``, ``line``, ``verdict``, ``since`` <= created_at <
-  ``until`` (ISO 8601 with a time zone), ``limit`` (1-500, default 50) and the opaque ``cursor`` of the
-  previous page -> ``{"items": [...], "next_cursor": str | null}``.
-- ``GET /inspections/{id}``: the record, same fields as a /segment result without ``images``.
+- ``GET /inspections``: newest first (``order=oldest``: oldest first), filters ``product``, ``line``,
+  ``verdict``, ``reviewed`` (true | false), ``since`` <= created_at < ``until`` (ISO 8601 with a time zone),
+  ``limit`` (1-500, default 50) and the opaque ``cursor`` of the previous page -> ``{"items": [...],
+  "next_cursor": str | null}``.
+- ``GET /inspections/{id}``: the record, same fields as a /segment result without ``images``, plus its reviews.
 - ``GET /inspections/{id}/overlay.png | heatmap.png | mask.png``: the stored PNG (original image size).
 - ``GET /products``, ``GET /products/{name}``, ``PUT /products/{name}``: per-product image threshold, pixel
   threshold and image-score variant (thresholds in [0, 1]); /segment uses them for requests naming the product.
+  PUT needs an admin key.
 
 The store is synchronous, so every call runs in a worker thread.
 """
@@ -16,20 +18,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
 
 from service.inspection import ARTEFACT_KINDS, Verdict
-from service.storage import ProductProfile
+from service.storage import InspectionStore, ProductProfile
 from service.storage.models import NAME_MAX, NAME_PATTERN, NAME_RULE, as_utc
 from service.storage.store import CURSOR_MAX, CURSOR_PATTERN
 
 from .deps import Store
 from .problems import Problem, problem_responses
-from .schemas import InspectionOut, InspectionPage, ProductIn, ProductList, ProductOut
-from .security import require_api_key
+from .schemas import InspectionOut, InspectionPage, ProductIn, ProductList, ProductOut, ReviewOut
+from .security import Caller, require_admin_key, require_api_key
 
 logger = logging.getLogger("dhrclip.api")
 
@@ -39,11 +42,12 @@ InspectionId = Annotated[str, Path(min_length=1, max_length=64, description="ins
 ProductName = Annotated[
     str, Path(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN, description=f"product name: {NAME_RULE}")
 ]
-NameFilter = Annotated[str | None, Query(max_length=NAME_MAX, pattern=NAME_PATTERN)]
 
 
-def _out(record, request: Request) -> InspectionOut:
-    return InspectionOut.model_validate(record, context={"root_path": request.scope.get("root_path", "")})
+def _out(record, request: Request, reviews: list | None = None) -> InspectionOut:
+    out = InspectionOut.model_validate(record, context={"root_path": request.scope.get("root_path", "")})
+    out.reviews = [ReviewOut.model_validate(r) for r in reviews or ()]
+    return out
 
 
 def _aware(value: datetime | None, name: str) -> datetime | None:
@@ -58,15 +62,46 @@ def _aware(value: datetime | None, name: str) -> datetime | None:
         raise Problem(422, "Invalid request", str(exc), "validation-error") from None
 
 
+class InspectionFilters(BaseModel):
+    """Query filters shared by ``GET /inspections`` and ``GET /inspections.csv`` (keyword arguments of
+    ``InspectionStore.list``)."""
+
+    product: str | None = Field(None, max_length=NAME_MAX, pattern=NAME_PATTERN)
+    line: str | None = Field(None, max_length=NAME_MAX, pattern=NAME_PATTERN)
+    verdict: Verdict | None = None
+    reviewed: bool | None = Field(None, description="true: only reviewed inspections; false: only unreviewed")
+    since: datetime | None = Field(None, description="created_at >= since (ISO 8601 with zone)")
+    until: datetime | None = Field(None, description="created_at < until (ISO 8601 with zone)")
+    order: Literal["newest", "oldest"] = Field("newest", description="newest first, or oldest first (review queue)")
+
+    def store_kwargs(self) -> dict:
+        """The filters as ``InspectionStore.list`` arguments; 422 problem for a datetime without a zone."""
+        return {
+            "product": self.product,
+            "line": self.line,
+            "verdict": self.verdict,
+            "reviewed": self.reviewed,
+            "since": _aware(self.since, "since"),
+            "until": _aware(self.until, "until"),
+            "oldest_first": self.order == "oldest",
+        }
+
+
+def list_page(store: InspectionStore, filters: dict, limit: int, cursor: str | None):
+    """One page of records with their reviews: ``([(record, [reviews])], next_cursor)``; 422 for a bad cursor."""
+    try:
+        records, next_cursor = store.list(**filters, limit=limit, cursor=cursor)
+    except ValueError as exc:  # invalid cursor
+        raise Problem(422, "Invalid request", str(exc), "validation-error") from None
+    reviews = store.reviews_of([r.id for r in records])
+    return [(r, reviews.get(r.id, [])) for r in records], next_cursor
+
+
 @router.get("/inspections", response_model=InspectionPage, tags=["inspection"], responses=problem_responses(401, 422))
 async def list_inspections(
     request: Request,
     store: Store,
-    product: NameFilter = None,
-    line: NameFilter = None,
-    verdict: Verdict | None = Query(None),
-    since: datetime | None = Query(None, description="created_at >= since (ISO 8601 with zone)"),
-    until: datetime | None = Query(None, description="created_at < until (ISO 8601 with zone)"),
+    filters: Annotated[InspectionFilters, Query()],
     limit: int = Query(50, ge=1, le=500),
     cursor: str | None = Query(
         None,
@@ -75,21 +110,8 @@ async def list_inspections(
         description="next_cursor of the previous page (opaque; 422 when it is not one)",
     ),
 ):
-    since, until = _aware(since, "since"), _aware(until, "until")
-    try:
-        records, next_cursor = await asyncio.to_thread(
-            store.list,
-            product=product,
-            line=line,
-            verdict=verdict,
-            since=since,
-            until=until,
-            limit=limit,
-            cursor=cursor,
-        )
-    except ValueError as exc:  # invalid cursor
-        raise Problem(422, "Invalid request", str(exc), "validation-error") from None
-    return InspectionPage(items=[_out(r, request) for r in records], next_cursor=next_cursor)
+    page, next_cursor = await asyncio.to_thread(list_page, store, filters.store_kwargs(), limit, cursor)
+    return InspectionPage(items=[_out(r, request, reviews) for r, reviews in page], next_cursor=next_cursor)
 
 
 @router.get(
@@ -102,7 +124,8 @@ async def get_inspection(request: Request, store: Store, inspection_id: Inspecti
     record = await asyncio.to_thread(store.get, inspection_id)
     if record is None:
         raise Problem(404, "Inspection not found", f"no inspection with id {inspection_id!r}", "not-found")
-    return _out(record, request)
+    reviews = await asyncio.to_thread(store.reviews_of, [inspection_id])
+    return _out(record, request, reviews.get(inspection_id, []))
 
 
 @router.get(
@@ -112,6 +135,11 @@ async def get_inspection(request: Request, store: Store, inspection_id: Inspecti
     responses={200: {"content": {"image/png": {}}, "description": "the PNG"}, **problem_responses(401, 404, 500)},
 )
 async def get_artefact(store: Store, kind: str, inspection_id: InspectionId):
+    return await artefact_response(store, inspection_id, kind)
+
+
+async def artefact_response(store: InspectionStore, inspection_id: str, kind: str) -> FileResponse:
+    """The stored PNG of one kind: 404 unknown kind or id, 500 when the data directory lost the file."""
     if kind not in ARTEFACT_KINDS:
         raise Problem(
             404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}", "not-found"
@@ -142,13 +170,19 @@ async def get_product(store: Store, name: ProductName):
     return ProductOut.model_validate(profile)
 
 
-@router.put("/products/{name}", response_model=ProductOut, tags=["products"], responses=problem_responses(401, 422))
-async def put_product(body: ProductIn, store: Store, name: ProductName):
+@router.put(
+    "/products/{name}", response_model=ProductOut, tags=["products"], responses=problem_responses(401, 403, 422)
+)
+async def put_product(body: ProductIn, store: Store, name: ProductName, _: Caller = Depends(require_admin_key)):
+    return ProductOut.model_validate(await save_product(store, name, body))
+
+
+async def save_product(store: InspectionStore, name: str, body: ProductIn) -> ProductProfile:
+    """Store a product's thresholds (the caller has checked the admin role)."""
     profile = ProductProfile(
         name=name,
         image_threshold=body.image_threshold,
         pixel_threshold=body.pixel_threshold,
         image_score=body.image_score,
     )
-    stored = await asyncio.to_thread(store.put_product, profile)
-    return ProductOut.model_validate(stored)
+    return await asyncio.to_thread(store.put_product, profile)

@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.engine import ImageScore
-from service.inspection import ARTEFACT_KINDS, Verdict
+from service.inspection import ARTEFACT_KINDS, ReviewDecision, Verdict
+from service.storage.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS
 
 
 class RegionOut(BaseModel):
@@ -63,6 +64,30 @@ class Links(BaseModel):
     mask: str
 
 
+class ReviewIn(BaseModel):
+    """Body of POST /inspections/{id}/review."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: ReviewDecision = Field(description="confirm_defect | false_reject (rejected parts) | escape (ok parts)")
+    note: str = Field("", max_length=MAX_NOTE_CHARS)
+    reviewer: str = Field("", max_length=MAX_REVIEWER_CHARS, description="who reviewed (name or initials)")
+
+
+class ReviewOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    inspection_id: str
+    created_at: datetime
+    decision: ReviewDecision
+    note: str
+    reviewer: str
+    role: str = Field(description="role of the key used: open | operator | admin")
+    key_id: str | None = Field(description="fingerprint of the key used (SHA-256, 12 hex digits)")
+    reference_id: str | None = Field(description="good reference made from the image (false_reject only)")
+
+
 class InspectionOut(BaseModel):
     model_config = ConfigDict(from_attributes=True, protected_namespaces=())
 
@@ -84,6 +109,7 @@ class InspectionOut(BaseModel):
     model: ModelOut
     timing_ms: TimingOut
     links: Links = Field(None, validate_default=True, description="URLs of this record and its PNGs")
+    reviews: list[ReviewOut] = Field(default_factory=list, description="oldest first; the last one is current")
 
     @field_validator("links", mode="before")
     @classmethod

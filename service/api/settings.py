@@ -76,7 +76,14 @@ class Settings(BaseSettings):
     )
 
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated keys for X-API-Key; empty: authentication off"
+        default_factory=list,
+        description="comma-separated operator keys for X-API-Key (inspect, read, review); with neither these nor "
+        "admin keys, authentication is off",
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated admin keys (also thresholds, references, calibration, deletion); when empty, "
+        "every operator key is an admin key",
     )
     protect_ops: bool = Field(False, description="also require a key for /health, /livez, /readyz, /metrics")
 
@@ -96,7 +103,7 @@ class Settings(BaseSettings):
         """``DHR_RETENTION_DAYS=`` in a .env file means "not set", not an invalid number."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
         """``"k1, k2"`` -> ``["k1", "k2"]``; empty entries are dropped."""
@@ -141,7 +148,7 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys or self.admin_keys)
 
     @property
     def retention_enabled(self) -> bool:

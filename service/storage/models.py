@@ -153,7 +153,13 @@ class InspectionRow(Base):
     timing_ms: Mapped[dict] = mapped_column(JSON, nullable=False)
     artefacts: Mapped[list] = mapped_column(JSON, nullable=False)
 
-    __table_args__ = (Index("ix_inspections_created_id", "created_at", "id"),)
+    # newest-first pages overall, and per verdict, product and line (console tiles, reject strip, review queue)
+    __table_args__ = (
+        Index("ix_inspections_created_id", "created_at", "id"),
+        Index("ix_inspections_verdict_created", "verdict", "created_at", "id"),
+        Index("ix_inspections_product_created", "product", "created_at", "id"),
+        Index("ix_inspections_line_created", "line", "created_at", "id"),
+    )
 
 
 class ProductRow(Base):

@@ -6,8 +6,8 @@ path of every artefact follows from the record alone.
 Write order in ``add``: every PNG is written atomically first (temp file in the same directory, flush, fsync,
 ``os.replace``, fsync of the directory), then the row is inserted and committed. A failure at any step removes
 the files written so far, so a row never points at missing files. Deletion (``enforce_retention``) goes the other
-way: rows are deleted and committed first, then the directories removed; a crash in between can only leave
-orphan files, never dangling rows.
+way: rows (with their reviews) are deleted and committed first, then the directories removed; a crash in between can
+only leave orphan files, never dangling rows.
 
 Thread use: the API calls the store from a thread pool. Every method opens its own short session; SQLite runs with
 ``check_same_thread=False``, WAL (readers do not block the writer) and a 30 s busy timeout. With
@@ -21,7 +21,7 @@ import base64
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -51,7 +51,9 @@ from service.storage.models import (
     validate_profile,
     validate_record,
 )
+from service.storage.reviews import ReviewMethods, delete_reviews_of, reviewed_clause
 from service.storage.schema import upgrade_database
+from service.storage.summary import THUMB_NAME, SummaryMethods, render_thumbnail
 
 MAX_LIMIT = 500
 IDEMPOTENCY_FIELDS = ("key", "fingerprint", "inspection_ids", "created_at")
@@ -113,7 +115,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, record_id
 
 
-class InspectionStore:
+class InspectionStore(ReviewMethods, SummaryMethods):
     """Durable inspection records and their PNG artefacts.
 
     database_url: SQLAlchemy URL, e.g. ``sqlite:////var/lib/dhrclip/inspections.db`` or
@@ -231,25 +233,41 @@ class InspectionStore:
             raise FileNotFoundError(f"artefact {kind!r} of inspection {record_id} is missing: {path}")
         return path
 
+    def thumbnail(self, record_id: str) -> bytes | None:
+        """The JPEG thumbnail of a record's overlay, rendered on first use and cached beside it; None without one."""
+        overlay = self.artefact_path(record_id, "overlay")
+        if overlay is None:
+            return None
+        cached = overlay.parent / THUMB_NAME
+        if cached.is_file():
+            return cached.read_bytes()
+        data = render_thumbnail(overlay.read_bytes())
+        _write_atomic(cached, data)
+        return data
+
     def list(
         self,
         product: str | None = None,
         line: str | None = None,
-        verdict: str | None = None,
+        verdict: str | Sequence[str] | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        reviewed: bool | None = None,
+        oldest_first: bool = False,
     ) -> tuple[list[InspectionRecord], str | None]:
-        """One page of records, newest first, and the cursor of the next page (None on the last page).
+        """One page of records, newest first (or oldest first), and the cursor of the next page (None on the last).
 
-        Filters combine with AND; ``since <= created_at < until`` (tz-aware datetimes). ``limit`` must be >= 1
-        and is capped at 500. Pages follow the keyset ``(created_at, id) < cursor`` in descending order, so
-        records added while paging do not shift later pages.
+        Filters combine with AND (``verdict``: one or several); ``since <= created_at < until`` (tz-aware
+        datetimes); ``reviewed`` keeps records with (True) or without (False) a review. ``limit`` must be >= 1 and
+        is capped at 500. Pages follow the keyset ``(created_at, id) < cursor`` (``>`` oldest first), so records
+        added while paging do not shift later pages.
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        if verdict is not None and verdict not in VERDICTS:
+        verdicts = (verdict,) if isinstance(verdict, str) else verdict
+        if verdicts is not None and not set(verdicts) <= set(VERDICTS):
             raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
         limit = min(int(limit), MAX_LIMIT)
         row = InspectionRow
@@ -258,16 +276,22 @@ class InspectionStore:
             query = query.where(row.product == product)
         if line is not None:
             query = query.where(row.line == line)
-        if verdict is not None:
-            query = query.where(row.verdict == verdict)
+        if verdicts is not None:
+            query = query.where(row.verdict.in_(verdicts))
         if since is not None:
             query = query.where(row.created_at >= as_utc(since, "since"))
         if until is not None:
             query = query.where(row.created_at < as_utc(until, "until"))
+        if reviewed is not None:
+            query = query.where(reviewed_clause(reviewed))
         if cursor is not None:
             c_at, c_id = decode_cursor(cursor)
-            query = query.where(or_(row.created_at < c_at, and_(row.created_at == c_at, row.id < c_id)))
-        query = query.order_by(row.created_at.desc(), row.id.desc()).limit(limit + 1)
+            if oldest_first:
+                query = query.where(or_(row.created_at > c_at, and_(row.created_at == c_at, row.id > c_id)))
+            else:
+                query = query.where(or_(row.created_at < c_at, and_(row.created_at == c_at, row.id < c_id)))
+        order = (row.created_at, row.id) if oldest_first else (row.created_at.desc(), row.id.desc())
+        query = query.order_by(*order).limit(limit + 1)
         with self._sessions() as session:
             rows = session.scalars(query).all()
         records = [row_to_record(r) for r in rows[:limit]]
@@ -333,6 +357,7 @@ class InspectionStore:
         ids = sorted(doomed)
         for start in range(0, len(ids), _DELETE_CHUNK):
             with self._sessions() as session, session.begin():
+                delete_reviews_of(session, ids[start : start + _DELETE_CHUNK])
                 session.execute(delete(row).where(row.id.in_(ids[start : start + _DELETE_CHUNK])))
         failed = []
         for record_id in ids:

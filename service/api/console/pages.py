@@ -1,0 +1,177 @@
+"""The console's pages under ``/ui`` (``/`` redirects there): server-rendered Jinja2, vendored CSS and JS.
+
+=====================================  ==============================================================================
+route                                  page
+=====================================  ==============================================================================
+GET  /ui                               line view: verdict tiles of the latest parts, counts of the last hour, recent
+                                       rejects as thumbnails; filters product, line; live (polls /ui/live, 1.5 s)
+GET  /ui/live                          the live part of the line view (HTML fragment)
+GET  /ui/inspections/{id}              one inspection: image layers, regions, score bar, versions, timings, reviews
+POST /ui/inspections/{id}/review       form: decision, note, reviewer (+ csrf) -> 303 back (or to ``next``)
+GET  /ui/queue                         unreviewed review/defect inspections, oldest first, keyboard triage
+GET  /ui/products, /ui/products/{n}    product list; product: thresholds, calibration plot, references
+POST /ui/products/{name}/thresholds    admin only: new thresholds
+GET  /ui/login, POST /ui/login         ask for a key once (when keys are configured); POST /ui/logout forgets it
+GET  /ui/inspections/{id}/{kind}.png   artefacts and ``/ui/thumbs/{id}.jpg`` thumbnails, with the key cookie
+=====================================  ==============================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ValidationError
+
+from ..deps import AppSettings, Context, Store
+from ..problems import Problem
+from ..routes_inspections import InspectionId, ProductName, artefact_response, save_product
+from ..routes_reviews import submit_review
+from ..schemas import ProductIn, ReviewIn
+from ..security import Caller, forbid_unless_admin
+from . import auth, views
+from .auth import ConsoleCaller
+
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+templates.env.globals["csrf_field"] = auth.CSRF_FIELD
+router = APIRouter(prefix="/ui", include_in_schema=False)
+FilterText = Annotated[str | None, Query(max_length=200)]
+
+
+def render(request: Request, template: str, caller: Caller | None, status_code: int = 200, **context) -> Response:
+    """A page: the template with the caller, the CSRF token and the auth state; sets a new CSRF cookie if made."""
+    context.update(
+        caller=caller,
+        csrf=auth.csrf_token(request),
+        auth_enabled=caller is not None and caller.role != "open",
+        root=request.scope.get("root_path", "").rstrip("/"),
+    )
+    response = templates.TemplateResponse(request, template, context, status_code=status_code)
+    return auth.set_cookies(response, request)
+
+
+async def posted(request: Request, model: type[BaseModel], authorise: Callable[[], None] | None = None):
+    """A console form post: CSRF check (403), then ``authorise()`` (403), then the fields of ``model`` validated
+    (422 problem naming them). Returns ``(model instance, the form's "next" field or None)``."""
+    async with request.form() as form:
+        auth.check_csrf(request, form)
+        if authorise is not None:
+            authorise()
+        fields = {k: form.get(k) for k in model.model_fields if isinstance(form.get(k), str)}
+        next_url = form.get("next")
+    try:
+        body = model(**fields)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise Problem(422, "Invalid form", detail, "validation-error") from None
+    return body, next_url if isinstance(next_url, str) else None
+
+
+@router.get("")
+async def line_view(
+    request: Request, caller: ConsoleCaller, store: Store, product: FilterText = None, line: FilterText = None
+):
+    live, facets = await asyncio.gather(
+        asyncio.to_thread(views.line_snapshot, store, product or None, line or None),
+        asyncio.to_thread(store.facets),
+    )
+    return render(request, "line.html", caller, live=live, facets=facets, product=product or "", line=line or "")
+
+
+@router.get("/live")
+async def line_live(
+    request: Request, caller: ConsoleCaller, store: Store, product: FilterText = None, line: FilterText = None
+):
+    live = await asyncio.to_thread(views.line_snapshot, store, product or None, line or None)
+    return render(request, "_live.html", caller, live=live)
+
+
+@router.get("/inspections/{inspection_id}")
+async def inspection_page(request: Request, caller: ConsoleCaller, ctx: Context, inspection_id: InspectionId):
+    page = await asyncio.to_thread(views.inspection_detail, ctx, inspection_id)
+    if page is None:
+        return render(request, "missing.html", caller, status_code=404, what=f"inspection {inspection_id}")
+    return render(request, "inspection.html", caller, **page)
+
+
+@router.post("/inspections/{inspection_id}/review")
+async def review_form(request: Request, caller: ConsoleCaller, ctx: Context, inspection_id: InspectionId):
+    body, next_url = await posted(request, ReviewIn)
+    await submit_review(ctx, inspection_id, body, caller)
+    return RedirectResponse(auth.safe_next(next_url or f"/ui/inspections/{inspection_id}"), status_code=303)
+
+
+@router.get("/queue")
+async def review_queue(request: Request, caller: ConsoleCaller, store: Store):
+    queue = await asyncio.to_thread(views.review_queue, store)
+    return render(request, "queue.html", caller, **queue)
+
+
+@router.get("/products")
+async def products_page(request: Request, caller: ConsoleCaller, store: Store):
+    profiles, facets = await asyncio.gather(asyncio.to_thread(store.list_products), asyncio.to_thread(store.facets))
+    names = sorted({p.name for p in profiles} | set(facets["products"]))
+    return render(request, "products.html", caller, profiles={p.name: p for p in profiles}, names=names)
+
+
+@router.get("/products/{name}")
+async def product_page(request: Request, caller: ConsoleCaller, ctx: Context, name: ProductName):
+    page = await asyncio.to_thread(views.product_detail, ctx, name)
+    return render(request, "product.html", caller, **page)
+
+
+@router.post("/products/{name}/thresholds")
+async def thresholds_form(request: Request, caller: ConsoleCaller, store: Store, name: ProductName):
+    body, _ = await posted(request, ProductIn, lambda: forbid_unless_admin(caller, "change thresholds"))
+    await save_product(store, name, body)
+    return RedirectResponse(f"/ui/products/{name}", status_code=303)
+
+
+@router.get("/inspections/{inspection_id}/{kind}.png")
+async def console_artefact(_: ConsoleCaller, store: Store, inspection_id: InspectionId, kind: str):
+    return await artefact_response(store, inspection_id, kind)
+
+
+@router.get("/thumbs/{inspection_id}.jpg")
+async def thumbnail(_: ConsoleCaller, store: Store, inspection_id: InspectionId):
+    data = await asyncio.to_thread(store.thumbnail, inspection_id)
+    if data is None:
+        raise Problem(404, "Thumbnail not found", f"inspection {inspection_id!r} has no overlay", "not-found")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/login")
+async def login_page(request: Request, next: str | None = Query(None, max_length=2000)):
+    return render(request, "login.html", None, next=auth.safe_next(next), failed=False)
+
+
+@router.post("/login")
+async def login(request: Request, settings: AppSettings):
+    async with request.form() as form:
+        auth.check_csrf(request, form)
+        key, next_url = form.get("key"), form.get("next")
+    next_url = auth.safe_next(next_url if isinstance(next_url, str) else None)
+    if isinstance(key, str) and auth.key_accepted(key, settings):
+        return auth.sign_in(request, key, next_url)
+    return render(request, "login.html", None, status_code=401, next=next_url, failed=True)
+
+
+@router.post("/logout")
+async def logout(request: Request, settings: AppSettings):
+    async with request.form() as form:
+        auth.check_csrf(request, form)
+    return auth.sign_out(settings)
+
+
+root_router = APIRouter(include_in_schema=False)
+
+
+@root_router.get("/")
+async def root():
+    return RedirectResponse("/ui", status_code=307)

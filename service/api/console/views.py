@@ -1,0 +1,96 @@
+"""What each console page shows, read from the store (synchronous: the pages call these in a worker thread).
+
+Every function returns a plain dict of template variables. Queries per page (each bounded, none scans all rows
+for sorting): line view = latest ``TILES`` records + verdict counts of the last hour + latest ``STRIP`` rejects;
+queue = oldest ``QUEUE_PAGE`` unreviewed rejects + the queue length; inspection = the record + its reviews +
+the product profile.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import get_args
+
+from service.engine import ImageScore
+from service.inspection import DECISION_VERDICTS, REJECTED, VERDICTS
+from service.storage import InspectionStore
+from service.storage.models import utcnow
+
+from .charts import calibration_plot
+
+TILES = 24
+STRIP = 10
+QUEUE_PAGE = 50
+
+
+def by_verdicts(store: InspectionStore, verdicts: tuple[str, ...], limit: int, oldest_first: bool = False, **filters):
+    """The first ``limit`` records of several verdicts: one index range per verdict, merged (an ``IN`` over the
+    verdict column would make SQLite sort every matching row)."""
+    found = []
+    for v in verdicts:
+        found += store.list(verdict=v, limit=limit, oldest_first=oldest_first, **filters)[0]
+    found.sort(key=lambda r: (r.created_at, r.id), reverse=not oldest_first)
+    return found[:limit]
+
+
+def line_snapshot(store: InspectionStore, product: str | None, line: str | None) -> dict:
+    """Latest parts (tiles), counts per verdict of the last hour, latest rejects (thumbnail strip)."""
+    since = utcnow() - timedelta(hours=1)
+    latest, _ = store.list(product=product, line=line, limit=TILES)
+    rejects = by_verdicts(store, REJECTED, STRIP, product=product, line=line)
+    counts = store.verdict_counts(since=since, product=product, line=line)
+    return {
+        "latest": latest,
+        "rejects": rejects,
+        "counts": {v: counts.get(v, 0) for v in VERDICTS},
+        "hour_total": sum(counts.values()),
+        "verdicts": VERDICTS,
+    }
+
+
+def inspection_detail(ctx, inspection_id: str) -> dict | None:
+    """The record, its reviews, the decisions that fit its verdict and the product's current profile."""
+    store = ctx.require_store()
+    record = store.get(inspection_id)
+    if record is None:
+        return None
+    profile = store.get_product(record.product) if record.product else None
+    decisions = [d for d, verdicts in DECISION_VERDICTS.items() if record.verdict in verdicts]
+    layers = [k for k in ("heatmap", "mask", "overlay") if k in record.artefacts]
+    return {
+        "record": record,
+        "reviews": store.reviews_of([inspection_id]).get(inspection_id, []),
+        "profile": profile,
+        "decisions": decisions,
+        "layers": layers,
+        "base_layer": "original" if "original" in record.artefacts else ("overlay" if layers else None),
+    }
+
+
+def review_queue(store: InspectionStore) -> dict:
+    """The oldest unreviewed review/defect inspections and how many there are in all."""
+    items = by_verdicts(store, REJECTED, QUEUE_PAGE, oldest_first=True, reviewed=False)
+    return {"items": items, "total": store.unreviewed_count(REJECTED)}
+
+
+def product_detail(ctx, name: str) -> dict:
+    """Profile (or the service defaults in force), calibration plot from reviewed scores, facts for the page."""
+    store, s = ctx.require_store(), ctx.settings
+    profile = store.get_product(name)
+    thresholds = {
+        "image_threshold": profile.image_threshold if profile else s.image_threshold,
+        "pixel_threshold": profile.pixel_threshold if profile else s.pixel_threshold,
+        "image_score": profile.image_score if profile else s.image_score,
+    }
+    scores = store.scores_by_truth(name)
+    plot = calibration_plot(
+        {k: v for k, v in scores.items() if k != "unreviewed"}, {"threshold": thresholds["image_threshold"]}
+    )
+    return {
+        "name": name,
+        "profile": profile,
+        "thresholds": thresholds,
+        "plot": plot,
+        "scores": scores,
+        "image_scores": get_args(ImageScore),
+    }
