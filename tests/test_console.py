@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from service.api import create_app
 from service.api.console.charts import calibration_plot, histogram
 from service.storage.models import utcnow
+from service.storage.reviews import Review
 
 from .api_fixtures import encode, make_record, make_settings, synthetic_image
 
@@ -64,11 +65,13 @@ def test_open_console_forms_need_the_csrf_token(tmp_path):
         assert client.get("/ui/queue").text.count("<tr data-id=") == 0
         assert client.get("/ui/inspections/" + "0" * 28).status_code == 404
 
-        evil = _add(store, part_id="<script>alert(1)</script>", product='"><img src=x>')
-        for url in ("/ui", "/ui/queue", f"/ui/inspections/{evil.id}", "/ui/products"):
+        evil = _add(store, filename="<script>alert(1)</script>.png")
+        store.add_review(Review(inspection_id=evil.id, decision="false_reject", note='"><img src=x>'))
+        for url in ("/ui", f"/ui/inspections/{evil.id}"):
             html = client.get(url).text
             assert "<script>alert" not in html and "<img src=x>" not in html, url
-            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html or "&#34;&gt;&lt;img src=x&gt;" in html, url
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;.png" in html, url
+        assert "&#34;&gt;&lt;img src=x&gt;" in client.get(f"/ui/inspections/{evil.id}").text
 
 
 def test_keys_configured_pages_ask_for_a_key(tmp_path):

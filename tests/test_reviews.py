@@ -86,7 +86,7 @@ def _app(tmp_path, **kw):
 def test_review_route_json_list_csv_and_metrics(tmp_path):
     with _app(tmp_path) as client:
         store = client.app.state.ctx.store
-        ok_rec = store.add(_record(0, "ok", part_id="=HYPERLINK(1)"), {})
+        ok_rec = store.add(_record(0, "ok", filename="=HYPERLINK(1).png"), {})
         bad = [store.add(_record(i, "defect", filename=f"p{i}.png"), {}) for i in (1, 2, 3)]
 
         r = client.post(
@@ -110,7 +110,7 @@ def test_review_route_json_list_csv_and_metrics(tmp_path):
         assert r.status_code == 200 and r.headers["content-type"] == "text/csv; charset=utf-8"
         rows = list(csv.DictReader(io.StringIO(r.text)))
         assert [x["id"] for x in rows] == [ok_rec.id, *(b.id for b in bad)]
-        assert rows[0]["part_id"] == "'=HYPERLINK(1)" and rows[0]["review_decision"] == "escape"
+        assert rows[0]["filename"] == "'=HYPERLINK(1).png" and rows[0]["review_decision"] == "escape"
         assert rows[1]["review_note"] == "oil, not a dent" and rows[1]["score"] == "0.75"
         assert rows[2]["review_decision"] == "" and rows[2]["filename"] == "p2.png"
         filtered = client.get("/inspections.csv", params={"reviewed": "false", "verdict": "defect"}).text
