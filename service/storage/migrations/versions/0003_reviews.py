@@ -3,16 +3,16 @@
 The three ``(column, created_at, id)`` indexes let "newest N of a verdict / product / line" and "oldest unreviewed
 defects" read an index range in order instead of sorting every matching row (bench/console.py).
 
-Revision ID: 0002_reviews
-Revises: 0001_baseline
+Revision ID: 0003_reviews
+Revises: 0002_idempotency_keys
 Create Date: 2026-11-29
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_reviews"
-down_revision = "0001_baseline"
+revision = "0003_reviews"
+down_revision = "0002_idempotency_keys"
 branch_labels = None
 depends_on = None
 
