@@ -5,11 +5,13 @@ argparse choices and database checks derive from the tuples below.
 
 Decision rule for an image score ``s`` (of the chosen variant, see ``service.model.IMAGE_SCORES``)::
 
-    verdict = "defect" if s >= thresholds.image else "ok"
+    verdict = "defect"  if s >= thresholds.image         (the reject threshold)
+              "review"  if thresholds.review <= s < thresholds.image
+              "ok"      otherwise
 
 written as zones (:meth:`Thresholds.zones`): the verdict is the last zone whose lower bound ``s`` reaches, "ok"
-below every bound. A further zone (e.g. a ``review`` band under ``image``) is one more entry there and in
-:data:`VERDICTS`.
+below every bound. ``review`` defaults to ``image`` (an empty review zone: the two verdicts ok / defect); a
+calibrated product sets it lower so that parts near the decision go to a person.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-VERDICTS = ("ok", "defect")  # in order of increasing score
+VERDICTS = ("ok", "review", "defect")  # in order of increasing score
 Verdict = Literal[VERDICTS]
 ARTEFACT_KINDS = ("overlay", "heatmap", "mask")  # the PNGs made for and stored with every inspection
 ArtefactKind = Literal[ARTEFACT_KINDS]
@@ -31,14 +33,27 @@ ReviewDecision = Literal[REVIEW_DECISIONS]
 
 @dataclass(frozen=True)
 class Thresholds:
-    """How one image is judged: ``image`` on the image score (verdict), ``pixel`` on the anomaly map (mask)."""
+    """How one image is judged: ``image`` (reject) and ``review`` on the image score, ``pixel`` on the map (mask).
+
+    ``review`` None means equal to ``image``. Raises ValueError when ``review > image`` (thresholds out of order).
+    """
 
     image: float = 0.5
     pixel: float = 0.5
+    review: float | None = None
+
+    def __post_init__(self):
+        if self.review is not None and not self.review <= self.image:
+            raise ValueError(f"review threshold {self.review} must not exceed the reject threshold {self.image}")
+
+    @property
+    def review_bound(self) -> float:
+        """Lower bound of the review zone (``image`` when no review zone is set)."""
+        return self.image if self.review is None else self.review
 
     def zones(self) -> tuple[tuple[float, Verdict], ...]:
         """``(lower bound, verdict)`` of every zone above "ok", by increasing bound."""
-        return ((self.image, "defect"),)
+        return ((self.review_bound, "review"), (self.image, "defect"))
 
 
 def verdict(score: float, thresholds: Thresholds) -> Verdict:

@@ -33,8 +33,9 @@ from .weights import load_weights
 DESCRIPTION = """Zero-shot industrial anomaly segmentation with DHR-CLIP.
 
 POST images to `/segment` (multipart field `image`, one or more files) and get, per image, an anomaly score, an
-ok/defect verdict, defect regions and links to the stored heatmap, mask and overlay PNGs. Errors are
-`application/problem+json`. When API keys are configured, send one in the `X-API-Key` header.
+ok/review/defect verdict (review only for products calibrated with a review zone), defect regions and links to the
+stored heatmap, mask and overlay PNGs. Errors are `application/problem+json`. When API keys are configured, send
+one in the `X-API-Key` header.
 """
 
 

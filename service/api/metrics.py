@@ -13,7 +13,7 @@ dhr_inference_seconds                        histogram  wall time of one model c
 dhr_batches_total                            counter    model calls made by the batcher (read from the engine)
 dhr_failed_batches_total                     counter    model calls that raised (read from the engine)
 dhr_queue_rejections_total                   counter    requests refused with 503: queue full or wait too long
-dhr_images_total                             counter    verdict (ok | defect): images inspected and stored
+dhr_images_total                             counter    verdict (ok | review | defect): images inspected and stored
 dhr_reviews_total                            counter    decision (confirm_defect | false_reject | escape): reviews
                                                         stored
 dhr_model_ready                              gauge      1 when the model serves, else 0

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IMAGE_SCORES, PRECISION_DTYPES, PRECISIONS, DHRConfig, ImageScores
+from .memory import DEFAULT_FUSION_WEIGHT, NormalMemory, fuse
 from .preprocess import normalize
 from .scoring import (
     anomaly_channel,
@@ -138,8 +139,18 @@ class DHRCLIP(nn.Module):
         fw, fc = self.tower(whole), self.tower(crops)
         return fw, VisionFeatures(fc.tokens.view(b, 4, *fc.tokens.shape[1:]), fc.cls.view(b, 4, -1))
 
-    def score(self, whole: VisionFeatures, crops: VisionFeatures, extra: Collection[str] = ()) -> DHROutput:
-        """Scores and the service map; ``extra`` names the maps of :data:`EXTRA_MAPS` to add (else None)."""
+    def score(
+        self,
+        whole: VisionFeatures,
+        crops: VisionFeatures,
+        extra: Collection[str] = (),
+        memory: NormalMemory | None = None,
+        fusion_weight: float = DEFAULT_FUSION_WEIGHT,
+    ) -> DHROutput:
+        """Scores and the service map; ``extra`` names the maps of :data:`EXTRA_MAPS` to add (else None).
+
+        With a normal ``memory`` the outputs are fused with its few-shot maps (``service.model.memory``).
+        """
         unknown = set(extra) - set(EXTRA_MAPS)
         if unknown:
             raise ValueError(f"unknown extra maps {sorted(unknown)}; choose from {', '.join(EXTRA_MAPS)}")
@@ -147,10 +158,13 @@ class DHRCLIP(nn.Module):
         m = dhr_maps(whole.tokens, crops.tokens, self.text_features, cfg)[:, :, 0]  # (B, nl, T, T)
         n_layers = len(cfg.features_list)
         raw = m.sum(dim=1) if m.shape[1] == n_layers else m[:, 0] * n_layers  # "final": n identical layers
+        reference = reference_image_score(whole.cls, crops.cls, self.text_features, cfg.alpha, cfg.temperature)
+        if memory is not None:
+            return DHROutput(*fuse(reference, raw, whole.tokens, crops.tokens, memory, cfg, fusion_weight, extra))
         smooth = gaussian_blur(raw, cfg.sigma)
         service = smooth / n_layers
         return DHROutput(
-            reference=reference_image_score(whole.cls, crops.cls, self.text_features, cfg.alpha, cfg.temperature),
+            reference=reference,
             map_max=map_max(service),
             map_topk=map_topk(service, cfg.topk_fraction),
             anomaly_map=service,
@@ -159,9 +173,17 @@ class DHRCLIP(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, whole_u8: torch.Tensor, crops_u8: torch.Tensor, extra: Collection[str] = ()) -> DHROutput:
+    def forward(
+        self,
+        whole_u8: torch.Tensor,
+        crops_u8: torch.Tensor,
+        extra: Collection[str] = (),
+        memory: NormalMemory | None = None,
+        fusion_weight: float = DEFAULT_FUSION_WEIGHT,
+    ) -> DHROutput:
         """whole (B, S, S, 3) uint8, crops (B, 4, P, P, 3) uint8 -> DHROutput on the model's device.
 
-        ``extra``: which of ``eval_map`` / ``raw_map`` to compute as well (the service needs neither).
+        ``extra``: which of ``eval_map`` / ``raw_map`` to compute as well (the service needs neither);
+        ``memory`` / ``fusion_weight``: few-shot fusion (none: the zero-shot outputs, unchanged).
         """
-        return self.score(*self.encode_views(whole_u8, crops_u8), extra)
+        return self.score(*self.encode_views(whole_u8, crops_u8), extra, memory, fusion_weight)
