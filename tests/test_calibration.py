@@ -95,3 +95,19 @@ def test_empty_or_non_finite_samples_are_refused():
         calibrate(np.array([]), [], "reference", target_frr=0.1)
     with pytest.raises(ValueError, match="finite"):
         calibrate(np.array([0.1] * 9 + [np.nan]), [np.zeros(4)], "reference", target_frr=0.1)
+
+
+def test_anchored_colour_scale_puts_good_levels_cold_and_the_pixel_threshold_mid_scale():
+    from service.engine.postprocess import anchored, colorize
+
+    values = np.array([[0.0, 0.1, 0.3, 0.2, 1.0]], dtype=np.float32)
+    got = anchored(values, (0.1, 0.3))
+    assert np.allclose(got, [[0.0, 0.125, 0.5, 0.3125, 1.0]])
+    assert anchored(values, None) is values and anchored(values, (0.3, 0.1)) is values  # unordered: unchanged
+    rgb = colorize(np.array([[0.3]], dtype=np.float32), (0.1, 0.3))
+    assert tuple(rgb[0, 0]) == tuple(colorize(np.array([[128 / 255]], dtype=np.float32))[0, 0])
+
+
+def test_calibration_records_the_median_good_pixel():
+    maps = [np.linspace(0, 1, 2001, dtype=np.float32)]
+    assert calibrate(GOOD20, maps, "reference", target_frr=0.05).pixel_good_level == np.float32(0.5)

@@ -198,6 +198,8 @@ def test_first_release_database_upgrades_with_records_intact(db_url, tmp_path):
         product = store.get_product("bottle")
         assert (product.image_threshold, product.pixel_threshold, product.image_score) == (0.625, 0.5, "max")
         assert product.updated_at == T2
+        assert (product.fusion_weight, product.review_threshold, product.memory_version) == (0.5, None, None)
+        assert (first.memory_version, first.calibration_version) == (None, None)
     assert _version(db_url) == [head_revision()]
     assert _schema_diff(db_url) == []
 

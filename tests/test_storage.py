@@ -291,3 +291,32 @@ def test_ids_are_unique_and_time_ordered():
         defect_area_ratio=0.0,
     )
     assert default.id > ids[-1] and default.created_at.tzinfo is UTC
+
+
+def test_references_are_all_or_nothing_and_memories_replace_each_other(store, paths):
+    from service.storage.models import MemoryInfo, ReferenceImage
+
+    def ref(product: str) -> ReferenceImage:
+        return ReferenceImage(
+            product=product, filename="a.png", sha256="0" * 64, width=4, height=3, nbytes=5, model_key="k"
+        )
+
+    store.put_product(ProductProfile(name="bottle", image_threshold=0.5, pixel_threshold=0.5, image_score="max"))
+    with pytest.raises(ValueError, match="no profile for product 'nope'"):
+        store.add_references([(ref("bottle"), b"img-1", b"feat-1"), (ref("nope"), b"img-2", b"feat-2")])
+    assert store.list_references("bottle") == []
+    assert not (paths[1] / "references").exists() or not any((paths[1] / "references").iterdir())
+    stored = store.add_references([(ref("bottle"), b"img-1", b"feat-1"), (ref("bottle"), b"img-2", b"feat-2")])
+    assert [r.id for r in store.list_references("bottle")] == [r.id for r in stored]
+    assert store.read_reference_features(stored[1].id) == b"feat-2"
+    assert store.reference_image_path(stored[0].id).read_bytes() == b"img-1"
+
+    info = MemoryInfo(version="a" * 16, product="bottle", model_key="k", n_references=2, tokens=7, nbytes=9)
+    assert store.set_memory("bottle", info, b"mem-a").memory_version == "a" * 16
+    info_b = MemoryInfo(version="b" * 16, product="bottle", model_key="k", n_references=1, tokens=3, nbytes=4)
+    store.set_memory("bottle", info_b, b"mem-b")
+    assert store.get_memory("a" * 16) is None and not store.memory_path("a" * 16).exists()
+    assert store.memory_path("b" * 16).read_bytes() == b"mem-b" and store.get_memory("b" * 16).tokens == 3
+    assert store.delete_reference("bottle", stored[0].id) and not store.delete_reference("other", stored[1].id)
+    assert not store.reference_dir(stored[0].id).exists()
+    assert store.set_memory("bottle", None).memory_version is None and store.get_memory("b" * 16) is None

@@ -6,7 +6,7 @@ loader's one-line message, when the weights are missing). Shutdown: retention an
 its queue (every accepted image is answered), the store closes.
 
 Routes: /segment (routes_segment), /inspections and /products (routes_inspections), reviews and the CSV export
-(routes_reviews), /health, /livez, /readyz, /metrics (routes_ops), the operator console under /ui (console).
+(routes_reviews), product references and calibration (routes_knowledge), /health, /livez, /readyz, /metrics (routes_ops), the operator console under /ui (console).
 Every error answer is problem+json (problems); every response carries X-Request-ID and produces one JSON line on
 the ``dhrclip.access`` logger (access_log).
 """
@@ -20,7 +20,7 @@ from fastapi import FastAPI
 import service
 from service.runtime import apply_thread_policy
 
-from . import routes_inspections, routes_ops, routes_reviews, routes_segment
+from . import routes_inspections, routes_knowledge, routes_ops, routes_reviews, routes_segment
 from .access_log import RequestMiddleware
 from .console import install_console
 from .docs import install_docs, install_truthful_openapi
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, load: Loader = load_weights) ->
     app.include_router(routes_segment.router)
     app.include_router(routes_reviews.router)
     app.include_router(routes_inspections.router)
+    app.include_router(routes_knowledge.router)
     app.include_router(routes_ops.router)
     install_docs(app)
     install_truthful_openapi(app, settings.auth_enabled)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from service.engine.admission import OverloadedError, TooManyImagesError
 from service.engine.batcher import BatcherClosedError, QueueFullError
 from service.engine.decode import DecodedImage, ImageError
+from service.engine.knowledge import DEFAULT_FUSION_WEIGHT, NormalMemory
 from service.engine.postprocess import PostResult
-from service.engine.runner import AbandonedError, Engine, ImageResult, Job
+from service.engine.runner import AbandonedError, Engine, ImageResult, InferItem, Job
 from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
 from service.storage import InspectionRecord, InspectionStore
 from service.storage.models import IdempotencyEntry
@@ -53,6 +54,11 @@ class Decision:
     part_id: str | None
     image_score: str  # a variant of IMAGE_SCORES
     thresholds: Thresholds
+    memory: NormalMemory | None = None  # the product's normal memory on the model's device (None: zero-shot)
+    fusion_weight: float = DEFAULT_FUSION_WEIGHT
+    memory_version: str | None = None
+    calibration_version: str | None = None
+    colour_anchor: tuple[float, float] | None = None  # (good pixel level, pixel threshold) of a calibration
 
 
 @dataclass
@@ -68,15 +74,21 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-async def analyse(job: Job, upload: Upload, pixel_threshold: float) -> Analysed:
-    """One image through decode, the batcher and postprocess (all three PNGs are made, for storage)."""
+async def analyse(
+    job: Job, upload: Upload, pixel_threshold: float, anchor: tuple[float, float] | None = None, **item
+) -> Analysed:
+    """One image through decode, the batcher and postprocess (all three PNGs are made, for storage).
+
+    ``anchor``: the heatmap colour scale of a calibrated product; ``item``: the
+    :class:`~service.engine.runner.InferItem` options (``memory``, ``fusion_weight``, ``keep_features``).
+    """
     t0 = time.perf_counter()
     decoded, views = await job.decode(upload.data, upload.filename)
     t1 = time.perf_counter()
     batch: dict = {}
-    result = await job.infer(views, batch)
+    result = await job.infer(InferItem(views, **item), batch)
     t2 = time.perf_counter()
-    post = await job.postprocess(result, decoded, pixel_threshold)
+    post = await job.postprocess(result, decoded, pixel_threshold, anchor=anchor)
     t3 = time.perf_counter()
     timing = {
         "decode": _ms(t1 - t0),
@@ -133,13 +145,16 @@ async def analyse_all(
     pixel_threshold: float,
     timeout_s: float,
     client_gone: Callable[[], Awaitable[None]] | None = None,
+    **options,
 ) -> list[Analysed]:
     """Every upload concurrently, each bounded by ``timeout_s``; raises the Problem of the first failure.
 
     ``client_gone`` (optional) returns when the client has disconnected: the work is then cancelled (threads stop
     at their next checkpoint) and :class:`ClientDisconnected` is raised. The job is closed in every case.
     """
-    tasks = [asyncio.create_task(asyncio.wait_for(analyse(job, u, pixel_threshold), timeout_s)) for u in uploads]
+    tasks = [
+        asyncio.create_task(asyncio.wait_for(analyse(job, u, pixel_threshold, **options), timeout_s)) for u in uploads
+    ]
     first_failure = asyncio.create_task(asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION))
     watcher = asyncio.create_task(client_gone()) if client_gone is not None else None
     try:
@@ -178,6 +193,8 @@ def build_record(item: Analysed, decision: Decision, model: dict) -> InspectionR
         regions=[r.to_dict() for r in item.post.regions],
         model=dict(model),
         timing_ms=dict(item.timing_ms),
+        memory_version=decision.memory_version,
+        calibration_version=decision.calibration_version,
     )
 
 

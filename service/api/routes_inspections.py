@@ -6,9 +6,10 @@
   "next_cursor": str | null}``.
 - ``GET /inspections/{id}``: the record, same fields as a /segment result without ``images``, plus its reviews.
 - ``GET /inspections/{id}/overlay.png | heatmap.png | mask.png``: the stored PNG (original image size).
-- ``GET /products``, ``GET /products/{name}``, ``PUT /products/{name}``: per-product image threshold, pixel
-  threshold and image-score variant (thresholds in [0, 1]); /segment uses them for requests naming the product.
-  PUT needs an admin key.
+- ``GET /products``, ``GET /products/{name}``, ``PUT /products/{name}``: per-product image (reject) threshold,
+  optional review threshold, pixel threshold, image-score variant and fusion weight (all in [0, 1]); /segment uses
+  them for requests naming the product (PUT needs an admin key). A PUT keeps the product's references and memory and drops the link to
+  its calibration (hand-set thresholds). GET /products/{name} adds the memory and the calibration.
 
 The store is synchronous, so every call runs in a worker thread.
 """
@@ -31,7 +32,7 @@ from service.storage.store import CURSOR_MAX, CURSOR_PATTERN
 
 from .deps import Store
 from .problems import Problem, problem_responses
-from .schemas import InspectionOut, InspectionPage, ProductIn, ProductList, ProductOut, ReviewOut
+from .schemas import InspectionOut, InspectionPage, ProductIn, ProductList, ProductOut, ReviewOut, product_out
 from .security import Caller, require_admin_key, require_api_key
 
 logger = logging.getLogger("dhrclip.api")
@@ -167,7 +168,13 @@ async def get_product(store: Store, name: ProductName):
     profile = await asyncio.to_thread(store.get_product, name)
     if profile is None:
         raise Problem(404, "Product not found", f"no profile for product {name!r}; create it with PUT", "not-found")
-    return ProductOut.model_validate(profile)
+    memory = await asyncio.to_thread(store.get_memory, profile.memory_version) if profile.memory_version else None
+    calibration = (
+        await asyncio.to_thread(store.get_calibration, profile.calibration_version)
+        if profile.calibration_version
+        else None
+    )
+    return product_out(profile, memory, calibration)
 
 
 @router.put(
@@ -179,10 +186,14 @@ async def put_product(body: ProductIn, store: Store, name: ProductName, _: Calle
 
 async def save_product(store: InspectionStore, name: str, body: ProductIn) -> ProductProfile:
     """Store a product's thresholds (the caller has checked the admin role)."""
+    existing = await asyncio.to_thread(store.get_product, name)
     profile = ProductProfile(
         name=name,
         image_threshold=body.image_threshold,
         pixel_threshold=body.pixel_threshold,
         image_score=body.image_score,
+        review_threshold=body.review_threshold,
+        fusion_weight=body.fusion_weight,
+        memory_version=existing.memory_version if existing else None,  # references stay; hand-set thresholds
     )
     return await asyncio.to_thread(store.put_product, profile)

@@ -26,12 +26,12 @@ from starlette.datastructures import UploadFile
 
 from service.engine import ImageScore
 from service.inspection import ARTEFACT_KINDS, ArtefactKind, Thresholds
-from service.storage import InspectionStore
 from service.storage.models import NAME_MAX, NAME_PATTERN
 
 from .access_log import too_large
 from .deps import Context, ServingEngine
 from .idempotency import HEADER, KEY_PATTERN, REPLAYED_HEADER, claimed, entry_for, fingerprint, stored_answer
+from .knowledge import product_memory, profile_thresholds
 from .pipeline import Decision, Upload, admit, analyse_all, build_record, store_all
 from .problems import Problem, problem_responses
 from .schemas import SegmentResponse, SegmentResult, links_for
@@ -111,15 +111,15 @@ def parse_fields(form) -> SegmentForm:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-async def read_uploads(form, settings: Settings) -> list[Upload]:
-    """The ``image`` files as bytes: 400 none/not a file, 413 too many or one over the byte limit."""
-    items = form.getlist("image")
-    if not items:
-        raise Problem(400, "No image", "send one or more files in the multipart/form-data field 'image'", "no-image")
+async def read_uploads(form, settings: Settings, field: str = "image", required: bool = True) -> list[Upload]:
+    """The files of ``field`` as bytes: 400 none (when required)/not a file, 413 too many or over the byte limit."""
+    items = form.getlist(field)
+    if not items and required:
+        raise Problem(400, "No image", f"send one or more files in the multipart/form-data field {field!r}", "no-image")
     not_files = [i for i, item in enumerate(items) if not isinstance(item, UploadFile)]
     if not_files:
         raise Problem(
-            400, "Image is not a file", f"'image' entry {not_files[0]} is a text field; send files", "no-image"
+            400, "Image is not a file", f"{field!r} entry {not_files[0]} is a text field; send files", "no-image"
         )
     uploads, total = [], 0
     for i, item in enumerate(items):
@@ -166,12 +166,29 @@ def png_wanted(accept: str | None) -> bool:
     return q.get("image/png", 0.0) > as_json
 
 
-async def decide(store: InspectionStore, settings: Settings, fields: SegmentForm) -> Decision:
-    """Thresholds and variant: the named product's profile if it has one, else the settings; the form's variant wins."""
+async def decide(ctx, fields: SegmentForm) -> Decision:
+    """Thresholds, score variant and normal memory: the product's profile when it has one, else the settings; the
+    form's variant wins."""
+    settings, store = ctx.settings, ctx.require_store()
     profile = await asyncio.to_thread(store.get_product, fields.product) if fields.product else None
-    source = profile if profile is not None else settings
-    thresholds = Thresholds(image=source.image_threshold, pixel=source.pixel_threshold)
-    return Decision(fields.product, fields.line, fields.part_id, fields.image_score or source.image_score, thresholds)
+    image_score = fields.image_score or (profile or settings).image_score
+    if profile is None:
+        thresholds = Thresholds(image=settings.image_threshold, pixel=settings.pixel_threshold)
+        return Decision(fields.product, fields.line, fields.part_id, image_score, thresholds)
+    memory = await asyncio.to_thread(product_memory, ctx.require_engine(), store, profile)
+    anchor = None if profile.pixel_good_level is None else (profile.pixel_good_level, profile.pixel_threshold)
+    return Decision(
+        fields.product,
+        fields.line,
+        fields.part_id,
+        image_score,
+        profile_thresholds(profile),
+        memory=memory,
+        fusion_weight=profile.fusion_weight,
+        memory_version=profile.memory_version,
+        calibration_version=profile.calibration_version,
+        colour_anchor=anchor,
+    )
 
 
 @router.post(
@@ -243,10 +260,17 @@ def stored_pngs(store: InspectionStore, records: list) -> list[dict[str, bytes]]
 async def analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_start, key_fp):
     """Admission, analysis and storage of a new request (with its Idempotency-Key, if any); the answer."""
     store, settings = ctx.require_store(), ctx.settings
-    decision = await decide(store, settings, fields)
+    decision = await decide(ctx, fields)
     job = admit(engine, len(uploads))
     analysed = await analyse_all(
-        job, uploads, decision.thresholds.pixel, settings.request_timeout_s, client_gone(request)
+        job,
+        uploads,
+        decision.thresholds.pixel,
+        settings.request_timeout_s,
+        client_gone(request),
+        anchor=decision.colour_anchor,
+        memory=decision.memory,
+        fusion_weight=decision.fusion_weight,
     )
     model = engine.info.to_dict()
     records = [build_record(item, decision, model) for item in analysed]

@@ -13,10 +13,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from service.engine import ImageScore
 from service.inspection import ARTEFACT_KINDS, ReviewDecision, Verdict
+from service.storage import ProductProfile
+from service.storage.models import MemoryInfo, ReferenceImage
 from service.storage.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS
 
 
@@ -100,7 +102,7 @@ class InspectionOut(BaseModel):
     width: int
     height: int
     score: float = Field(description="image score of the variant named by image_score")
-    threshold: float = Field(description="image threshold; score >= threshold -> verdict 'defect'")
+    threshold: float = Field(description="reject threshold; score >= threshold -> verdict 'defect'")
     verdict: Verdict
     image_score: str
     pixel_threshold: float
@@ -110,6 +112,8 @@ class InspectionOut(BaseModel):
     timing_ms: TimingOut
     links: Links = Field(None, validate_default=True, description="URLs of this record and its PNGs")
     reviews: list[ReviewOut] = Field(default_factory=list, description="oldest first; the last one is current")
+    memory_version: str | None = Field(None, description="normal memory the image was judged with (null: zero-shot)")
+    calibration_version: str | None = Field(None, description="calibration of the thresholds (null: set by hand)")
 
     @field_validator("links", mode="before")
     @classmethod
@@ -136,9 +140,57 @@ class InspectionPage(BaseModel):
 class ProductIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_threshold: float = Field(ge=0.0, le=1.0)
+    image_threshold: float = Field(ge=0.0, le=1.0, description="reject threshold: score >= it -> 'defect'")
     pixel_threshold: float = Field(ge=0.0, le=1.0)
     image_score: ImageScore = "reference"
+    review_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="review zone [review_threshold, image_threshold); null: no review zone"
+    )
+    fusion_weight: float = Field(0.5, ge=0.0, le=1.0, description="w in w * zero-shot + (1 - w) * few-shot")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProductIn:
+        if self.review_threshold is not None and self.review_threshold > self.image_threshold:
+            raise ValueError(
+                f"thresholds out of order: review_threshold {self.review_threshold} > image_threshold "
+                f"{self.image_threshold}"
+            )
+        return self
+
+
+class MemoryOut(BaseModel):
+    version: str
+    n_references: int
+    tokens: int = Field(description="tokens per layer over the whole view and the crops (after the coreset cap)")
+    nbytes: int = Field(description="bytes of the memory tensors")
+    created_at: datetime
+
+
+class CalibrationOut(BaseModel):
+    """``service.engine.calibration.Calibration`` as stored, with the memory it was made with."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: str
+    memory_version: str | None
+    current: bool = Field(description="false when the references changed since (the memory version differs)")
+    image_score: str
+    target_frr: float
+    review_frr: float | None
+    review_threshold: float
+    reject_threshold: float
+    pixel_threshold: float
+    pixel_quantile: float
+    pixel_good_level: float
+    n_good: int
+    n_defect: int
+    good_frr: float
+    escape_rate: float | None
+    histogram_edges: list[float]
+    good_histogram: list[int]
+    defect_histogram: list[int]
+    source: Literal["good_images", "references_leave_one_out"]
+    created_at: datetime
 
 
 class ProductOut(BaseModel):
@@ -149,10 +201,33 @@ class ProductOut(BaseModel):
     pixel_threshold: float
     image_score: str
     updated_at: datetime
+    review_threshold: float | None = None
+    fusion_weight: float = 0.5
+    memory_version: str | None = None
+    calibration_version: str | None = None
+    pixel_good_level: float | None = Field(None, description="calibrated good pixel level: anchors heatmap colours")
+    memory: MemoryOut | None = Field(None, description="GET /products/{name} only")
+    calibration: CalibrationOut | None = Field(None, description="GET /products/{name} only")
 
 
 class ProductList(BaseModel):
     items: list[ProductOut]
+
+
+class ReferenceOut(BaseModel):
+    id: str
+    product: str
+    filename: str
+    sha256: str
+    width: int
+    height: int
+    nbytes: int
+    created_at: datetime
+
+
+class ReferenceList(BaseModel):
+    items: list[ReferenceOut]
+    memory: MemoryOut | None
 
 
 class HealthOut(BaseModel):
@@ -180,3 +255,26 @@ class NotReadyOut(BaseModel):
 def links_for(record_id: str, root_path: str = "") -> dict[str, str]:
     base = f"{root_path.rstrip('/')}/inspections/{record_id}"
     return {"self": base, **{kind: f"{base}/{kind}.png" for kind in ARTEFACT_KINDS}}
+
+
+def product_out(profile: ProductProfile, memory: MemoryInfo | None = None, calibration=None) -> dict:
+    """A profile as JSON; ``memory`` / ``calibration`` (a CalibrationRecord) are given by GET /products/{name}."""
+    out = {name: getattr(profile, name) for name in ProductOut.model_fields if name not in ("memory", "calibration")}
+    out["memory"] = None if memory is None else memory_out(memory)
+    if calibration is not None:
+        out["calibration"] = {
+            **calibration.content,
+            "version": calibration.version,
+            "memory_version": calibration.memory_version,
+            "current": calibration.memory_version == profile.memory_version,
+            "created_at": calibration.created_at,
+        }
+    return out
+
+
+def memory_out(memory: MemoryInfo) -> dict:
+    return {name: getattr(memory, name) for name in MemoryOut.model_fields}
+
+
+def reference_out(ref: ReferenceImage) -> dict:
+    return {name: getattr(ref, name) for name in ReferenceOut.model_fields}

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     pixel_threshold: float = Field(0.5, ge=0, le=1, description="default pixel threshold of the defect mask")
     image_score: ImageScore = Field("reference", description="default image-score variant")
 
+    memory_cache_size: int = Field(8, ge=1, description="products whose normal memory stays on the device (LRU)")
+    memory_max_tokens: int = Field(40_000, ge=1, description="coreset cap of a normal memory per layer and view kind")
+
     @field_validator(*_OPTIONAL, mode="before")
     @classmethod
     def _empty_is_unset(cls, value):

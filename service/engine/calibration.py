@@ -82,6 +82,7 @@ class Calibration:
     reject_threshold: float
     pixel_threshold: float
     pixel_quantile: float
+    pixel_good_level: float  # median pixel of the good maps (the heatmap renders it cold)
     n_good: int
     n_defect: int
     good_frr: float  # fraction of the good sample rejected at reject_threshold (<= target_frr)
@@ -155,6 +156,7 @@ def calibrate(
         reject_threshold=reject,
         pixel_threshold=pixel,
         pixel_quantile=float(pixel_quantile),
+        pixel_good_level=float(np.median(pixels)),
         n_good=int(good.size),
         n_defect=int(defect.size),
         good_frr=fraction_at_or_above(good, reject),

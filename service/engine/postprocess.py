@@ -119,12 +119,24 @@ def resize_map(score_map: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(src, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
 
 
-def colorize(map_full: np.ndarray) -> np.ndarray:
-    """JET colours of a map on the fixed scale 0..1: (H, W) float -> (H, W, 3) uint8 RGB.
+def anchored(values: np.ndarray, anchor: tuple[float, float] | None) -> np.ndarray:
+    """Display scale of a calibrated product: piecewise linear through (0, 0), (good, 1/8), (pixel, 1/2), (1, 1).
+
+    ``anchor = (good level, pixel threshold)`` from the calibration: the usual level of good pixels renders cold
+    (dark blue), the pixel threshold mid-scale (green), so the colours mean the same on every calibrated product.
+    None, or levels not ordered 0 < good < pixel < 1: the values unchanged (fixed scale 0..1).
+    """
+    if anchor is None or not 0.0 < anchor[0] < anchor[1] < 1.0:
+        return values
+    return np.interp(values, [0.0, anchor[0], anchor[1], 1.0], [0.0, 0.125, 0.5, 1.0]).astype(np.float32)
+
+
+def colorize(map_full: np.ndarray, anchor: tuple[float, float] | None = None) -> np.ndarray:
+    """JET colours of a map on the fixed scale 0..1 (or :func:`anchored`): (H, W) float -> (H, W, 3) uint8 RGB.
 
     ``level = round(255 * clip(v, 0, 1))``; 0 is dark blue (0, 0, 128), 1 is dark red (128, 0, 0).
     """
-    arr = _check_map(map_full, "map")
+    arr = anchored(_check_map(map_full, "map"), anchor)
     levels = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
     bgr = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -238,12 +250,14 @@ def postprocess(
     alpha: float = 0.5,
     max_pixels: int | None = None,
     checkpoint: Callable[[], None] | None = None,
+    anchor: tuple[float, float] | None = None,
 ) -> PostResult:
     """Build the operator artefacts of one image from its (T, T) anomaly map.
 
     score_map: (T, T) float in [0, 1]; image_rgb: (H, W, 3) uint8 original image. The mask PNG is 8-bit L with
     values {0, 255}; heatmap and overlay PNGs are RGB; all are H x W. ``include`` picks which PNGs to encode
-    (any of :data:`~service.inspection.ARTEFACT_KINDS`); regions and ratios are always computed.
+    (any of :data:`~service.inspection.ARTEFACT_KINDS`); regions and ratios are always computed. ``anchor``: the
+    colour scale of a calibrated product (:func:`anchored`).
     """
     image = _check_image(image_rgb)
     src = _check_map(score_map)
@@ -270,7 +284,7 @@ def postprocess(
     del labels
     step()
 
-    heat = colorize(map_full) if kinds & {"heatmap", "overlay"} else None
+    heat = colorize(map_full, anchor) if kinds & {"heatmap", "overlay"} else None
     pngs = {}
     for kind in ARTEFACT_KINDS:
         if kind in kinds:

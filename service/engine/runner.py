@@ -17,10 +17,13 @@ import torch
 
 from service.inspection import ARTEFACT_KINDS
 from service.model import DHRCLIP, ImageScores, ModelInfo, Views, stack_views
+from service.model.memory import DEFAULT_FUSION_WEIGHT, DEFAULT_MAX_TOKENS, NormalMemory
+from service.model.vision import VisionFeatures
 
 from .admission import Admission, Ticket
 from .batcher import BatchStats, DynamicBatcher
 from .decode import DecodedImage, DecodeLimits, decode_image, views_for
+from .knowledge import MemoryCache
 from .postprocess import PostResult, postprocess
 
 
@@ -37,6 +40,8 @@ class EngineConfig:
     warmup: bool = True
     request_timeout_s: float = 30.0  # one request's images must be analysed within this (the deadline)
     max_queue_wait_s: float | None = None  # expected model wait beyond which work is refused (None: the deadline)
+    memory_cache_size: int = 8  # products whose normal memory stays on the device (least recently used evicted)
+    memory_max_tokens: int = DEFAULT_MAX_TOKENS  # coreset cap per layer and view kind
 
     @property
     def limits(self) -> DecodeLimits:
@@ -54,6 +59,26 @@ class ImageResult:
     scores: ImageScores[float]
     anomaly_map: np.ndarray  # (T, T) float32 in [0, 1], squashed-square geometry
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # (T, T) float32 extra maps asked for (EXTRA_MAPS)
+    features: tuple[VisionFeatures, VisionFeatures] | None = None  # whole / crops of this image (batch of 1), CPU
+
+
+@dataclass(frozen=True, eq=False)
+class InferItem:
+    """One image for the batcher: its views, the normal memory to judge it with (on the model's device; None:
+    zero-shot) and whether to return its features (reference images)."""
+
+    views: Views
+    memory: NormalMemory | None = None
+    fusion_weight: float = DEFAULT_FUSION_WEIGHT
+    keep_features: bool = False
+
+
+def _take(feats: VisionFeatures, index: list[int], n: int) -> VisionFeatures:
+    """Rows ``index`` of batched features (the tensors themselves when ``index`` is the whole batch)."""
+    if index == list(range(n)):
+        return feats
+    i = torch.tensor(index, device=feats.tokens.device)
+    return VisionFeatures(feats.tokens.index_select(0, i), feats.cls.index_select(0, i))
 
 
 class ModelRunner:
@@ -63,16 +88,33 @@ class ModelRunner:
         self.model = model
         self.preset = model.cfg.preset
 
-    def run(self, batch: list[Views], extra: tuple[str, ...] = ()) -> list[ImageResult]:
-        """Views of B images -> B results: scores, the clamped service map and the ``extra`` maps, on the CPU."""
-        out = self.model(*stack_views(batch), extra)
-        maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()  # (B, T, T)
-        scores = torch.stack(out.scores(), 1).float().cpu().tolist()  # (B, 3)
-        more = {name: getattr(out, name).float().cpu().numpy() for name in extra}  # name -> (B, T, T)
-        return [
-            ImageResult(ImageScores(*s), m, {name: v[i] for name, v in more.items()})
-            for i, (s, m) in enumerate(zip(scores, maps, strict=True))
-        ]
+    @torch.inference_mode()
+    def run(self, batch: list[Views | InferItem], extra: tuple[str, ...] = ()) -> list[ImageResult]:
+        """B images -> B results: scores, the clamped service map and the ``extra`` maps, on the CPU.
+
+        The vision tower runs once for the whole batch; scoring runs once per (memory, fusion weight) group, so
+        images of several products share a batch. Without memories this is one ``score`` call on the batch.
+        """
+        jobs = [item if isinstance(item, InferItem) else InferItem(item) for item in batch]
+        whole, crops = self.model.encode_views(*stack_views([j.views for j in jobs]))
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((id(job.memory), job.fusion_weight), []).append(i)
+        results: list[ImageResult | None] = [None] * len(jobs)
+        for index in groups.values():
+            job = jobs[index[0]]
+            w, c = _take(whole, index, len(jobs)), _take(crops, index, len(jobs))
+            out = self.model.score(w, c, extra, job.memory, job.fusion_weight)
+            maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()  # (b, T, T)
+            scores = torch.stack(out.scores(), 1).float().cpu().tolist()  # (b, 3)
+            more = {name: getattr(out, name).float().cpu().numpy() for name in extra}  # name -> (b, T, T)
+            for k, i in enumerate(index):
+                feats = None
+                if jobs[i].keep_features:
+                    feats = tuple(VisionFeatures(f.tokens[k : k + 1].cpu(), f.cls[k : k + 1].cpu()) for f in (w, c))
+                more_i = {name: v[k] for name, v in more.items()}
+                results[i] = ImageResult(ImageScores(*scores[k]), maps[k], more_i, feats)
+        return results
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run dummy batches once (allocations, kernel selection); returns seconds spent."""
@@ -100,8 +142,9 @@ class Engine:
     def __init__(self, model: DHRCLIP, info: ModelInfo, cfg: EngineConfig = EngineConfig(), on_batch=None):
         self.model, self.info, self.cfg = model, info, cfg
         self.runner = ModelRunner(model)
+        self.memories = MemoryCache(model.device, cfg.memory_cache_size)
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="dhr-cpu")
-        self.batcher: DynamicBatcher[Views, ImageResult] = DynamicBatcher(
+        self.batcher: DynamicBatcher[Views | InferItem, ImageResult] = DynamicBatcher(
             self.runner.run,
             max_batch_size=cfg.max_batch_size,
             max_wait_ms=cfg.max_wait_ms,
@@ -198,15 +241,20 @@ class Job:
 
         return await self._on_pool(work)
 
-    async def infer(self, views: Views, timings: dict | None = None) -> ImageResult:
-        """Queue one image for the next batch (round-robin with other requests)."""
+    async def infer(self, views: Views | InferItem, timings: dict | None = None) -> ImageResult:
+        """Queue one image (or an :class:`InferItem`) for the next batch (round-robin with other requests)."""
         try:
             return await self.engine.batcher.submit(views, timings, key=self.key)
         finally:
             self.ticket.done()
 
     async def postprocess(
-        self, result: ImageResult, decoded: DecodedImage, pixel_threshold: float, include=ARTEFACT_KINDS
+        self,
+        result: ImageResult,
+        decoded: DecodedImage,
+        pixel_threshold: float,
+        include=ARTEFACT_KINDS,
+        anchor: tuple[float, float] | None = None,
     ) -> PostResult:
         limits = self.engine.cfg.limits
 
@@ -218,6 +266,7 @@ class Job:
                 include=include,
                 max_pixels=limits.max_pixels,
                 checkpoint=self.checkpoint,
+                anchor=anchor,
             )
 
         return await self._on_pool(work)

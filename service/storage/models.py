@@ -114,17 +114,69 @@ class InspectionRecord:
     model: dict = field(default_factory=dict)
     timing_ms: dict = field(default_factory=dict)
     artefacts: list[str] = field(default_factory=list)
+    memory_version: str | None = None  # normal memory the image was judged with (None: zero-shot)
+    calibration_version: str | None = None  # calibration the thresholds came from (None: set by hand)
 
 
 @dataclass(kw_only=True)
 class ProductProfile:
-    """Per-product decision settings; ``image_score`` names the image-score variant the thresholds belong to."""
+    """Per-product decision settings; ``image_score`` names the image-score variant the thresholds belong to.
+
+    ``image_threshold`` is the reject threshold, ``review_threshold`` (None: equal to it) the lower bound of the
+    review zone; ``fusion_weight`` w weighs the zero-shot map against the few-shot map of the product's normal
+    memory (``memory_version``, None without references); ``calibration_version`` names the calibration the
+    thresholds came from (None: set by hand).
+    """
 
     name: str
     image_threshold: float
     pixel_threshold: float
     image_score: str
     updated_at: datetime = field(default_factory=utcnow)
+    review_threshold: float | None = None
+    fusion_weight: float = 0.5
+    memory_version: str | None = None
+    calibration_version: str | None = None
+    pixel_good_level: float | None = None  # median good pixel of the calibration: anchors the heatmap colours
+
+
+@dataclass(kw_only=True)
+class ReferenceImage:
+    """A good reference image of a product: its uploaded bytes and model features are kept on disk."""
+
+    id: str = field(default_factory=new_inspection_id)
+    product: str
+    filename: str
+    sha256: str
+    width: int
+    height: int
+    nbytes: int
+    model_key: str  # which model (backbone, preset, layer mode, precision) the stored features belong to
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(kw_only=True)
+class MemoryInfo:
+    """A built normal memory: ``tokens`` per layer over both view kinds, ``nbytes`` of its tensors."""
+
+    version: str
+    product: str
+    model_key: str
+    n_references: int
+    tokens: int
+    nbytes: int
+    created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(kw_only=True)
+class CalibrationRecord:
+    """A stored calibration (``content``: ``service.engine.calibration.Calibration.to_dict()``)."""
+
+    version: str
+    product: str
+    memory_version: str | None
+    content: dict
+    created_at: datetime = field(default_factory=utcnow)
 
 
 class Base(DeclarativeBase):
@@ -152,6 +204,8 @@ class InspectionRow(Base):
     model: Mapped[dict] = mapped_column(JSON, nullable=False)
     timing_ms: Mapped[dict] = mapped_column(JSON, nullable=False)
     artefacts: Mapped[list] = mapped_column(JSON, nullable=False)
+    memory_version: Mapped[str | None] = mapped_column(String(16))
+    calibration_version: Mapped[str | None] = mapped_column(String(16))
 
     # newest-first pages overall, and per verdict, product and line (console tiles, reject strip, review queue)
     __table_args__ = (
@@ -170,6 +224,47 @@ class ProductRow(Base):
     pixel_threshold: Mapped[float] = mapped_column(Float, nullable=False)
     image_score: Mapped[str] = mapped_column(String(64), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    review_threshold: Mapped[float | None] = mapped_column(Float)
+    fusion_weight: Mapped[float] = mapped_column(Float, nullable=False, server_default="0.5")
+    memory_version: Mapped[str | None] = mapped_column(String(16))
+    calibration_version: Mapped[str | None] = mapped_column(String(16))
+    pixel_good_level: Mapped[float | None] = mapped_column(Float)
+
+
+class ReferenceRow(Base):
+    __tablename__ = "reference_images"
+
+    id: Mapped[str] = mapped_column(String(28), primary_key=True)
+    product: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    filename: Mapped[str] = mapped_column(String(1000), nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    width: Mapped[int] = mapped_column(Integer, nullable=False)
+    height: Mapped[int] = mapped_column(Integer, nullable=False)
+    nbytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    model_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class MemoryRow(Base):
+    __tablename__ = "memories"
+
+    version: Mapped[str] = mapped_column(String(16), primary_key=True)
+    product: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    model_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    n_references: Mapped[int] = mapped_column(Integer, nullable=False)
+    tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    nbytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class CalibrationRow(Base):
+    __tablename__ = "calibrations"
+
+    version: Mapped[str] = mapped_column(String(16), primary_key=True)
+    product: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    memory_version: Mapped[str | None] = mapped_column(String(16))
+    content: Mapped[dict] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
 class IdempotencyRow(Base):
@@ -213,6 +308,16 @@ def check_name(value: str | None, what: str) -> None:
         raise ValueError(f"{what} {value!r} is not a valid name: {NAME_RULE}")
 
 
+def to_row(row_type: type, item) -> Base:
+    """A dataclass instance as the ORM row of the same field names."""
+    return row_type(**{name: getattr(item, name) for name in type(item).__dataclass_fields__})
+
+
+def from_row(item_type: type, row: Base):
+    """An ORM row as the dataclass of the same field names."""
+    return item_type(**{name: getattr(row, name) for name in item_type.__dataclass_fields__})
+
+
 def validate_record(record: InspectionRecord) -> None:
     """Raise ValueError naming the first field that cannot be stored."""
     for name in ("product", "line", "part_id"):
@@ -242,3 +347,9 @@ def validate_profile(profile: ProductProfile) -> None:
         raise ValueError(f"image_threshold must be finite, got {profile.image_threshold!r}")
     if not 0.0 <= profile.pixel_threshold <= 1.0:
         raise ValueError(f"pixel_threshold must be in [0, 1], got {profile.pixel_threshold!r}")
+    if profile.review_threshold is not None and not profile.review_threshold <= profile.image_threshold:
+        raise ValueError(
+            f"review_threshold {profile.review_threshold} must not exceed image_threshold {profile.image_threshold}"
+        )
+    if not 0.0 <= profile.fusion_weight <= 1.0:
+        raise ValueError(f"fusion_weight must be in [0, 1], got {profile.fusion_weight!r}")

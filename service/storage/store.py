@@ -18,8 +18,6 @@ process crash and a power loss alike (the cost is one fsync of the WAL per inspe
 from __future__ import annotations
 
 import base64
-import os
-import secrets
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -33,6 +31,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from service.storage.files import fsync_dir, write_atomic
+from service.storage.knowledge import ProductKnowledge
 from service.storage.models import (
     ID_RE,
     KIND_RE,
@@ -67,31 +67,6 @@ def _sqlite_pragmas(dbapi_connection, _connection_record) -> None:
     cursor.close()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 CURSOR_PATTERN = r"^[A-Za-z0-9_-]+$"  # urlsafe base64 without padding
 CURSOR_MAX = 88  # base64 of "<32-character ISO time>|<28-digit id>" is 82 characters; a little room
 
@@ -115,7 +90,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, record_id
 
 
-class InspectionStore(ReviewMethods, SummaryMethods):
+class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
     """Durable inspection records and their PNG artefacts.
 
     database_url: SQLAlchemy URL, e.g. ``sqlite:////var/lib/dhrclip/inspections.db`` or
@@ -192,9 +167,9 @@ class InspectionStore(ReviewMethods, SummaryMethods):
                 directory.mkdir(parents=True)
                 created_dir = True
                 for kind, data in artefacts.items():
-                    _write_atomic(directory / f"{kind}.png", bytes(data))
+                    write_atomic(directory / f"{kind}.png", bytes(data))
                 for d in (directory, *(p.parent for p in new_dirs)):
-                    _fsync_dir(d)
+                    fsync_dir(d)
             with self._sessions() as session, session.begin():
                 session.add(record_to_row(stored))
                 if idempotency is not None:

@@ -1,0 +1,136 @@
+"""Product knowledge over HTTP: references (all-or-nothing), memory in /segment, calibration, restart, review zone."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api import create_app
+
+from .api_fixtures import encode, make_settings, wait_ready
+
+SIDE = 224
+
+
+def _texture(seed: int, foreign: bool = False) -> bytes:
+    """Stripes at a random phase with sensor noise (good); ``foreign``: a square of random colours pasted in."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE].astype(np.float64)
+    dy, dx = rng.uniform(0, 6, 2)
+    grey = np.clip(
+        128 + 50 * np.sin((xx + dx) / 3.0) + 40 * np.cos((yy + dy) / 4.0) + rng.normal(0, 4, xx.shape), 0, 255
+    )
+    img = np.stack([grey, 0.8 * grey + 20, 0.6 * grey + 40], -1).astype(np.uint8)
+    if foreign:
+        img[150:190, 50:90] = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    return encode(Image.fromarray(img))
+
+
+def _files(field: str, seeds, foreign: bool = False) -> list:
+    return [(field, (f"part{s}.png", _texture(s, foreign), "image/png")) for s in seeds]
+
+
+def _problem(r, status: int, slug: str, text: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["type"].endswith(slug) and text in body["detail"], body
+
+
+def test_references_memory_calibration_and_restart(tmp_path):
+    settings = make_settings(tmp_path / "data")
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        _problem(client.post("/products/nope/references", files=_files("image", [1])), 404, "not-found", "nope")
+        r = client.put("/products/weave", json={"image_threshold": 0.5, "pixel_threshold": 0.5})
+        assert r.status_code == 200 and r.json()["memory_version"] is None
+
+        zero = client.post("/segment", data={"product": "weave"}, files=_files("image", [20], foreign=True)).json()
+        assert zero["results"][0]["memory_version"] is None
+
+        r = client.post("/products/weave/references", files=_files("image", [1, 2, 3]))
+        assert r.status_code == 201, r.text
+        added = r.json()
+        assert [i["filename"] for i in added["items"]] == ["part1.png", "part2.png", "part3.png"]
+        memory = added["memory"]
+        # preset fast, tiny CLIP (D = 64, one "final" layer): 24^2 whole + 4 * 16^2 crop tokens per reference
+        assert memory["n_references"] == 3 and memory["tokens"] == 3 * (576 + 4 * 256)
+        assert memory["nbytes"] == memory["tokens"] * 64 * 4
+
+        bad = [*_files("image", [4]), ("image", ("notes.txt", b"not an image", "text/plain"))]
+        r = client.post("/products/weave/references", files=bad)
+        assert r.status_code in (400, 415, 422), r.text
+        assert "notes.txt" in r.json()["detail"]
+        listed = client.get("/products/weave/references").json()
+        assert len(listed["items"]) == 3 and listed["memory"]["version"] == memory["version"]  # nothing added
+
+        seg = client.post("/segment", data={"product": "weave"}, files=_files("image", [21, 20], foreign=True))
+        bad_score = seg.json()["results"][1]["score"]
+        good = client.post("/segment", data={"product": "weave"}, files=_files("image", [21, 22])).json()["results"]
+        assert all(g["memory_version"] == memory["version"] for g in good)
+        assert bad_score > max(g["score"] for g in good)
+
+        _problem(
+            client.post("/products/weave/calibrate", data={"use_references": "true"}),
+            422,
+            "sample-too-small",
+            "3 good images cannot support a false-reject rate of 0.01: at least 100 are needed",
+        )
+        _problem(
+            client.post("/products/weave/calibrate", data={"use_references": "true", "target_frr": "0.7"}),
+            422,
+            "invalid-calibration",
+            "target_frr must be in (0, 0.5), got 0.7",
+        )
+        _problem(client.post("/products/weave/calibrate", data={}), 422, "empty-calibration-set", "'good'")
+        r = client.post(
+            "/products/weave/calibrate",
+            data={"use_references": "true", "target_frr": "0.34", "image_score": "map_max"},
+            files=_files("defect", [20], foreign=True),
+        )
+        assert r.status_code == 200, r.text
+        product = r.json()
+        cal = product["calibration"]
+        assert cal["n_good"] == 3 and cal["n_defect"] == 1 and cal["good_frr"] == 1 / 3
+        assert cal["current"] and cal["memory_version"] == memory["version"]
+        assert product["image_threshold"] == cal["reject_threshold"] == product["review_threshold"]
+        assert product["calibration_version"] == cal["version"] and product["image_score"] == "map_max"
+        assert sum(cal["good_histogram"]) == 3 and sum(cal["defect_histogram"]) == 1
+        assert (
+            product["pixel_threshold"]
+            == cal["pixel_threshold"]
+            > cal["pixel_good_level"]
+            == product["pixel_good_level"]
+        )
+        before = client.post("/segment", data={"product": "weave"}, files=_files("image", [22])).json()["results"][0]
+        assert before["calibration_version"] == cal["version"]
+
+    with TestClient(create_app(settings)) as client:  # restart on the same data dir and database
+        wait_ready(client)
+        product = client.get("/products/weave").json()
+        assert product["memory"]["version"] == memory["version"] and product["calibration"]["version"] == cal["version"]
+        after = client.post("/segment", data={"product": "weave"}, files=_files("image", [22])).json()["results"][0]
+        assert after["score"] == before["score"] and after["memory_version"] == memory["version"]
+
+        ref_id = listed["items"][0]["id"]
+        assert client.delete(f"/products/weave/references/{ref_id}").status_code == 204
+        _problem(client.delete(f"/products/weave/references/{ref_id}"), 404, "not-found", ref_id)
+        product = client.get("/products/weave").json()
+        assert product["memory"]["n_references"] == 2 and product["memory_version"] != memory["version"]
+        assert product["calibration"]["current"] is False
+
+
+def test_review_zone_verdicts_are_counted_and_thresholds_must_be_ordered(tmp_path):
+    with TestClient(create_app(make_settings(tmp_path / "data"))) as client:
+        wait_ready(client)
+        r = client.put("/products/p", json={"image_threshold": 0.4, "review_threshold": 0.6, "pixel_threshold": 0.5})
+        assert r.status_code == 422 and "thresholds out of order" in r.text
+        body = {"image_threshold": 1.0, "review_threshold": 0.0, "pixel_threshold": 0.5}
+        assert client.put("/products/p", json=body).status_code == 200
+        res = client.post("/segment", data={"product": "p"}, files=_files("image", [5])).json()["results"][0]
+        assert res["verdict"] == "review" and not math.isnan(res["score"])
+        assert client.get("/health").json()["counts"]["review"] == 1
+        assert 'dhr_images_total{verdict="review"} 1.0' in client.get("/metrics").text
