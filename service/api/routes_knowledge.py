@@ -39,12 +39,11 @@ from .state import ServiceContext
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["products"])
 
 ProductName = Annotated[str, Path(min_length=1, max_length=200, description="product name")]
-_locks: dict[str, asyncio.Lock] = {}
 
 
-def _lock(product: str) -> asyncio.Lock:
-    """One lock per product: reference changes and calibrations of a product run one at a time."""
-    return _locks.setdefault(product, asyncio.Lock())
+def _lock(ctx: ServiceContext, product: str) -> asyncio.Lock:
+    """One lock per product and app: reference changes and calibrations of a product run one at a time."""
+    return ctx.product_locks.setdefault(product, asyncio.Lock())
 
 
 async def _profile(ctx: ServiceContext, name: str) -> ProductProfile:
@@ -101,7 +100,7 @@ async def add_references(request: Request, name: ProductName):
         )
         for a in analysed
     ]
-    async with _lock(name):
+    async with _lock(ctx, name):
         stored = await asyncio.to_thread(store.add_references, items)
         await asyncio.to_thread(rebuild_memory, engine, store, name)
     return await _reference_list(ctx, name, {r.id for r in stored})
@@ -117,7 +116,7 @@ async def delete_reference(request: Request, name: ProductName, ref_id: str):
     ctx: ServiceContext = request.app.state.ctx
     engine, store = ctx.require_engine(), ctx.require_store()
     await _profile(ctx, name)
-    async with _lock(name):
+    async with _lock(ctx, name):
         if not await asyncio.to_thread(store.delete_reference, name, ref_id):
             raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
         await asyncio.to_thread(rebuild_memory, engine, store, name)
@@ -183,7 +182,7 @@ async def _scores_and_maps(ctx, engine, profile, form, use_references: bool, ima
 async def calibrate_product(request: Request, name: ProductName):
     ctx: ServiceContext = request.app.state.ctx
     engine, store = ctx.require_engine(), ctx.require_store()
-    async with _lock(name):
+    async with _lock(ctx, name):
         profile = await _profile(ctx, name)
         async with request.form(max_files=ctx.settings.queue_size + 1) as form:
             target_frr = _form_float(form, "target_frr", DEFAULT_TARGET_FRR)

@@ -29,6 +29,10 @@ The JSON report keeps the values in [0, 1] (``null`` when undefined)::
 
 with metrics ``pixel_auroc, pixel_aupro, pixel_aupro_ref, pixel_f1_max`` and per image-score variant
 (``reference, map_max, map_topk``) ``{"image_auroc", "image_ap", "image_f1_max"}``.
+
+``--shots K`` (``--shot-seed S``) adds a second table and ``"few_shot": {"shots", "shot_seed", "classes", "mean",
+...}``: the same test images judged with K good train images per class as references (``service.evaluate.shots``),
+the usual few-shot protocol; the first table stays the zero-shot one.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "'service': the service's maps at each image's original size",
     )
     run.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    run.add_argument(
+        "--shots",
+        type=int,
+        default=0,
+        help="K > 0: also evaluate with K good train images per class as references (few-shot), side by side",
+    )
+    run.add_argument("--shot-seed", type=int, default=0, help="seed of the draw of the K reference images")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -79,11 +90,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from service.data import balance_warning, load_dataset, parse_classes
 
     from .runner import evaluate
+    from .shots import few_shot_memories
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.shots < 0:
+        raise UserError(f"--shots must be >= 0, got {args.shots}")
     report_path = Path(args.report).expanduser() if args.report else None
     if report_path is not None and report_path.is_dir():
         raise UserError(f"--report {report_path}: is a directory, expected a file name")
@@ -104,7 +118,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {info.device} {args.precision}",
         file=sys.stderr,
     )
-    body = evaluate(model, by_class, protocol=args.protocol, batch_size=args.batch_size, progress=not args.no_progress)
+    run = {"protocol": args.protocol, "batch_size": args.batch_size, "progress": not args.no_progress}
+    body = evaluate(model, by_class, **run)
     report = {
         "protocol": body["protocol"],
         "preset": body["preset"],
@@ -121,6 +136,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for cls, names in undefined_metrics(report).items():
         if names != announced.get(cls):
             print(f"dhrclip evaluate: warning: class {cls}: {names} undefined (shown as -)", file=sys.stderr)
+    if args.shots:
+        train = load_dataset(root, split="train", classes=list(by_class))
+        memories = few_shot_memories(model, train, list(by_class), args.shots, args.shot_seed)
+        few = evaluate(model, by_class, memories=memories, **run)
+        report["few_shot"] = {"shots": args.shots, "shot_seed": args.shot_seed, **few}
+        print(f"\n{args.shots}-shot (seed {args.shot_seed}):")
+        print(format_table(report["few_shot"]))
     t = body["timing"]
     print(
         f"{n} images in {body['seconds']:.1f} s ({body['seconds'] / n:.2f} s per image: model {t['model']:.1f} s, "
@@ -188,6 +210,8 @@ def format_table(report: dict) -> str:
 
 def check_report(report: dict) -> None:
     """Raise :class:`ValueError` unless every metric of every class and of the mean is ``None`` or in [0, 1]."""
+    if "few_shot" in report:
+        check_report(report["few_shot"])
     for where, values in [*((f"class {c}", r) for c, r in report["classes"].items()), ("mean", report["mean"])]:
         for key, value in _metric_items(values):
             if value is not None and not (isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0):

@@ -70,12 +70,13 @@ def collect_class(
     batch_size: int = 4,
     progress: bool = False,
     desc: str = "",
+    memory=None,
 ) -> ClassData:
     """Run ``model`` over ``samples`` in batches; return maps, masks, labels and the three image scores.
 
     All masks are read first (a broken mask fails before any forward pass). Paper protocol: maps ``(N, T, T)``
     from ``eval_map``. Service protocol: map ``i`` is ``anomaly_map`` clamped to [0, 1] and resized to mask ``i``'s
-    ``(H_i, W_i)``.
+    ``(H_i, W_i)``. ``memory``: a normal memory of the class (few-shot), passed to the model call when given.
     """
     _check_protocol(protocol)
     if batch_size < 1:
@@ -105,7 +106,8 @@ def collect_class(
         views = [load_views(read_image(s.img_path), preset) for s in batch]
         whole, crops = stack_views(views)  # (B, S, S, 3), (B, 4, P, P, 3) uint8
         t1 = time.perf_counter()
-        out = model(whole, crops, extra=("eval_map",) if protocol == "paper" else ())
+        shots = {} if memory is None else {"memory": memory}
+        out = model(whole, crops, extra=("eval_map",) if protocol == "paper" else (), **shots)
         t2 = time.perf_counter()
         seconds["load"] += t1 - t0
         seconds["model"] += t2 - t1
@@ -198,11 +200,13 @@ def evaluate(
     batch_size: int = 4,
     progress: bool = True,
     on_class: Callable[[str, ClassData], None] | None = None,
+    memories: dict | None = None,
 ) -> dict:
     """Evaluate every class; returns the report body.
 
     ``on_class(cls, data)`` is called with each class's :class:`ClassData` (maps, masks, scores) before it is freed,
-    e.g. to keep or save the maps.
+    e.g. to keep or save the maps. ``memories``: ``{cls: NormalMemory}`` for the few-shot protocol (K good train
+    images per class as references); a class without one is scored zero-shot.
 
     ``{"protocol", "preset", "classes": {cls: {metrics..., "n_images", "n_anomalous"}}, "mean": {metrics...},
     "seconds", "timing": {"load", "model", "metrics"}}``; metric values in [0, 1] or ``None``. The command adds
@@ -217,7 +221,8 @@ def evaluate(
     for cls, samples in samples_by_class.items():
         if not samples:
             raise ValueError(f"class {cls!r} has no test image")
-        data = collect_class(model, samples, protocol, batch_size, progress, desc=cls)
+        memory = None if memories is None else memories.get(cls)
+        data = collect_class(model, samples, protocol, batch_size, progress, desc=cls, memory=memory)
         t0 = time.perf_counter()
         metrics = class_metrics(data)
         timing["metrics"] += time.perf_counter() - t0
