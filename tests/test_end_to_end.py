@@ -15,7 +15,7 @@ from .api_fixtures import make_settings, wait_ready
 from .paths import REAL_DEFECTS, TINY_CLIP
 
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupro_ref", "pixel_f1_max")
-IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max")
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1_max", "overkill_at_escape")
 
 
 def _in_unit(v):

@@ -106,7 +106,8 @@ def test_perfect_map_scores_one_and_inverted_map_zero(toy):
     assert (row["n_images"], row["n_anomalous"]) == (4, 2)
     # a binary map puts every kept PRO point at FPR 0: the reference AUPRO (rescaled FPRs) is undefined there
     assert [row[k] for k in PIXEL_KEYS] == [1.0, 1.0, None, 1.0]
-    assert all(row[v] == dict.fromkeys(IMAGE_KEYS, 1.0) for v in IMAGE_SCORES)
+    perfect_image = {"image_auroc": 1.0, "image_ap": 1.0, "image_f1_max": 1.0, "overkill_at_escape": 0.0}
+    assert all(row[v] == perfect_image for v in IMAGE_SCORES)
     inverted = evaluate(ImageAsMap(lambda c: 1.0 - (c > 0).float()), toy, batch_size=4, progress=False)
     row = inverted["classes"]["toy"]
     assert row["pixel_auroc"] == 0.0
@@ -225,7 +226,7 @@ def test_mean_skips_undefined_values_and_keeps_all_undefined_as_none():
         "pixel_aupro": 0.2,
         "pixel_aupro_ref": None,
         "pixel_f1_max": 0.1,
-        "reference": {"image_auroc": None, "image_ap": None, "image_f1_max": None},
+        "reference": {"image_auroc": None, "image_ap": None, "image_f1_max": None, "overkill_at_escape": None},
         "n_images": 3,
     }
     b = {
@@ -233,7 +234,7 @@ def test_mean_skips_undefined_values_and_keeps_all_undefined_as_none():
         "pixel_aupro": 0.4,
         "pixel_aupro_ref": None,
         "pixel_f1_max": None,
-        "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None},
+        "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None, "overkill_at_escape": 0.25},
         "n_images": 5,
     }
     mean = mean_metrics({"a": a, "b": b})
@@ -242,7 +243,7 @@ def test_mean_skips_undefined_values_and_keeps_all_undefined_as_none():
         "pixel_aupro": pytest.approx(0.3),
         "pixel_aupro_ref": None,
         "pixel_f1_max": 0.1,
-        "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None},
+        "reference": {"image_auroc": 0.8, "image_ap": 0.6, "image_f1_max": None, "overkill_at_escape": 0.25},
     }
 
 

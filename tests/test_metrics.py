@@ -191,11 +191,13 @@ def test_compute_metrics_keys_and_undefined_values():
     assert out["pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps))
     assert out["pixel_aupro"] == pytest.approx(brute_force_standard(masks, maps), abs=1e-9)
     assert out["pixel_aupro_ref"] == pytest.approx(brute_force_reference(masks, maps), abs=1e-9)
-    assert out["reference"] == {"image_auroc": 1.0, "image_ap": 1.0, "image_f1_max": 1.0}
+    assert out["reference"] == {"image_auroc": 1.0, "image_ap": 1.0, "image_f1_max": 1.0, "overkill_at_escape": 0.0}
     # map_max: anomalous 0.4, 0.8 vs good 0.5, 0.2 -> pairs won 1 + 2 of 4 = 0.75
     assert out["map_max"]["image_auroc"] == pytest.approx(0.75)
     only_anomalous = compute_metrics(masks, maps, np.ones(4, dtype=int), scores)
-    assert only_anomalous["reference"] == {"image_auroc": None, "image_ap": None, "image_f1_max": None}
+    assert only_anomalous["reference"] == dict.fromkeys(
+        ("image_auroc", "image_ap", "image_f1_max", "overkill_at_escape")
+    )
     no_defect = compute_metrics(np.zeros_like(masks), maps, labels, scores)
     assert [no_defect[k] for k in ("pixel_auroc", "pixel_aupro", "pixel_aupro_ref", "pixel_f1_max")] == [None] * 4
 
@@ -225,3 +227,18 @@ def test_large_problem_completes():
     assert fpr.shape == pro.shape and fpr.size in (200, 201)
     assert np.all(np.diff(fpr) <= 0) and np.all(np.diff(pro) <= 0)  # both fall as the threshold rises
     assert 0.0 < aupro(masks, maps) < 1.0
+
+
+def test_overkill_at_escape_hand_checked():
+    from service.evaluate.metrics import overkill_at_escape
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.25, 0.5, 0.6, 0.7])
+    # 2 % of 4 defects: none may escape -> threshold 0.25 (the lowest defect) rejects goods 0.3 and 0.4
+    assert overkill_at_escape(labels, scores) == 0.5
+    # 25 %: one defect (0.25) may escape -> threshold 0.5, no good part rejected
+    assert overkill_at_escape(labels, scores, escape_rate=0.25) == 0.0
+    # a good part tied with the threshold is rejected (score >= threshold)
+    assert overkill_at_escape(labels, np.array([0.1, 0.2, 0.3, 0.5, 0.25, 0.5, 0.6, 0.7]), 0.25) == 0.25
+    with pytest.raises(ValueError, match=r"escape_rate must be in \[0, 1\), got 1.0"):
+        overkill_at_escape(labels, scores, escape_rate=1.0)

@@ -28,7 +28,9 @@ The JSON report keeps the values in [0, 1] (``null`` when undefined)::
      "n_anomalous"}}, "mean": {metrics...}, "seconds", "timing": {"load", "model", "metrics"}}
 
 with metrics ``pixel_auroc, pixel_aupro, pixel_aupro_ref, pixel_f1_max`` and per image-score variant
-(``reference, map_max, map_topk``) ``{"image_auroc", "image_ap", "image_f1_max"}``.
+(``reference, map_max, map_topk``) ``{"image_auroc", "image_ap", "image_f1_max", "overkill_at_escape"}``; the
+last (``OK@E`` in the table) is the false-reject rate of good images at the threshold that lets at most
+``--escape-rate`` (default 2 %) of the defective images escape.
 
 ``--shots K`` (``--shot-seed S``) adds a second table and ``"few_shot": {"shots", "shot_seed", "classes", "mean",
 ...}``: the same test images judged with K good train images per class as references (``service.evaluate.shots``),
@@ -47,10 +49,10 @@ from service.cli_options import add_model_arguments, load_model_from_args
 from service.errors import UserError
 from service.model.config import IMAGE_SCORES
 
-from .choices import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS
+from .choices import DEFAULT_ESCAPE_RATE, IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS
 
 PIXEL_HEADERS = ("AUROC", "AUPRO", "AUPRO*", "F1")
-IMAGE_HEADERS = ("AUROC", "AP", "F1")
+IMAGE_HEADERS = ("AUROC", "AP", "F1", "OK@E")
 COL = 7  # width of one value column, right-aligned
 SEP = " |"
 
@@ -82,6 +84,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="K > 0: also evaluate with K good train images per class as references (few-shot), side by side",
     )
     run.add_argument("--shot-seed", type=int, default=0, help="seed of the draw of the K reference images")
+    run.add_argument(
+        "--escape-rate",
+        type=float,
+        default=DEFAULT_ESCAPE_RATE,
+        help="overkill_at_escape (OK@E): false-reject rate of good images when at most this share of defective "
+        "images escapes (default 0.02)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -96,6 +105,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.escape_rate < 1.0:
+        raise UserError(f"--escape-rate must be in [0, 1), got {args.escape_rate}")
     if args.shots < 0:
         raise UserError(f"--shots must be >= 0, got {args.shots}")
     report_path = Path(args.report).expanduser() if args.report else None
@@ -118,7 +129,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {info.device} {args.precision}",
         file=sys.stderr,
     )
-    run = {"protocol": args.protocol, "batch_size": args.batch_size, "progress": not args.no_progress}
+    run = {
+        "protocol": args.protocol,
+        "batch_size": args.batch_size,
+        "progress": not args.no_progress,
+        "escape_rate": args.escape_rate,
+    }
     body = evaluate(model, by_class, **run)
     report = {
         "protocol": body["protocol"],
@@ -127,6 +143,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "data": str(root),
         "limit": args.limit,
         "seed": args.seed,
+        "escape_rate": args.escape_rate,
         "classes": body["classes"],
         "mean": body["mean"],
         "seconds": body["seconds"],

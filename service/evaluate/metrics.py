@@ -42,6 +42,8 @@ import numpy as np
 from skimage.measure import label as label_regions
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
+from .choices import DEFAULT_ESCAPE_RATE, IMAGE_KEYS
+
 AUPRO_VARIANTS = ("standard", "reference")
 
 
@@ -73,6 +75,35 @@ def image_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     """Maximum F1 over all thresholds of the image scores."""
     labels, scores = _check_images(labels, scores)
     return _f1_max_sorted(*_split_sorted(labels == 1, scores))
+
+
+def overkill_at_escape(labels: np.ndarray, scores: np.ndarray, escape_rate: float = DEFAULT_ESCAPE_RATE) -> float:
+    """False-reject rate of good images at the highest threshold that lets at most ``escape_rate`` of the
+    defective images escape.
+
+    With the defect scores sorted ``d_1 <= ... <= d_m`` and ``r = floor(escape_rate * m)`` escapes allowed, the
+    threshold is ``t = d_(r + 1)`` (``score >= t`` rejects, so at most r defects lie below it) and the result is
+    ``mean(good >= t)``.
+    """
+    labels, scores = _check_images(labels, scores)
+    if not 0.0 <= escape_rate < 1.0:
+        raise ValueError(f"escape_rate must be in [0, 1), got {escape_rate}")
+    defects = np.sort(scores[labels == 1])
+    allowed = int(np.floor(escape_rate * defects.size + 1e-9))
+    return float(np.mean(scores[labels == 0] >= defects[allowed]))
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray, escape_rate: float = DEFAULT_ESCAPE_RATE) -> dict:
+    """``{key: value}`` of :data:`IMAGE_KEYS` for one image-score variant; all None unless both labels occur."""
+    _check_images(labels, scores, require_both=False)
+    if not np.isin([0, 1], labels).all():
+        return dict.fromkeys(IMAGE_KEYS)
+    return {
+        "image_auroc": image_auroc(labels, scores),
+        "image_ap": image_ap(labels, scores),
+        "image_f1_max": image_f1_max(labels, scores),
+        "overkill_at_escape": overkill_at_escape(labels, scores, escape_rate),
+    }
 
 
 def aupro(
@@ -154,14 +185,18 @@ def pro_curve(
 
 
 def compute_metrics(
-    masks: np.ndarray, maps: np.ndarray, labels: np.ndarray, scores_by_variant: dict[str, np.ndarray]
+    masks: np.ndarray,
+    maps: np.ndarray,
+    labels: np.ndarray,
+    scores_by_variant: dict[str, np.ndarray],
+    escape_rate: float = DEFAULT_ESCAPE_RATE,
 ) -> dict:
     """All metrics of one class.
 
     Returns ``{"pixel_auroc", "pixel_aupro" (standard), "pixel_aupro_ref" (reference), "pixel_f1_max",
-    v: {"image_auroc", "image_ap", "image_f1_max"} for every image-score variant v}``. Pixel metrics are ``None``
-    when the masks hold only one class of pixel; image metrics are ``None`` when the labels hold only one class
-    (e.g. a class with only anomalous images); an undefined AUPRO (NaN) is ``None``.
+    v: {"image_auroc", "image_ap", "image_f1_max", "overkill_at_escape"} for every image-score variant v}``.
+    Pixel metrics are ``None`` when the masks hold only one class of pixel; image metrics are ``None`` when the
+    labels hold only one class (e.g. a class with only anomalous images); an undefined AUPRO (NaN) is ``None``.
     """
     masks, maps = _check_pixels(masks, maps, require_both=False)
     labels = np.asarray(labels)
@@ -176,16 +211,10 @@ def compute_metrics(
         for key, variant in (("pixel_aupro", "standard"), ("pixel_aupro_ref", "reference")):
             value = aupro_from_curve(fpr, pro, variant=variant)
             result[key] = None if np.isnan(value) else value
-    both_labels = np.isin([0, 1], labels).all()
     for name, scores in scores_by_variant.items():
         if name in result:
             raise ValueError(f"image-score variant name {name!r} clashes with a pixel metric key")
-        _check_images(labels, scores, require_both=False)
-        result[name] = {
-            "image_auroc": image_auroc(labels, scores) if both_labels else None,
-            "image_ap": image_ap(labels, scores) if both_labels else None,
-            "image_f1_max": image_f1_max(labels, scores) if both_labels else None,
-        }
+        result[name] = image_metrics(labels, scores, escape_rate)
     return result
 
 

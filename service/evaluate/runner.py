@@ -34,13 +34,11 @@ from service.data import Sample, load_mask, read_image
 from service.engine.postprocess import resize_map
 from service.model import IMAGE_SCORES, load_views, stack_views
 
-from .choices import IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS
+from .choices import DEFAULT_ESCAPE_RATE, IMAGE_KEYS, PIXEL_KEYS, PROTOCOLS
 from .metrics import (
     aupro_from_curve,
     compute_metrics,
-    image_ap,
-    image_auroc,
-    image_f1_max,
+    image_metrics,
     pixel_auroc,
     pixel_f1_max,
     pro_curve,
@@ -134,11 +132,11 @@ def collect_class(
     return ClassData(masks, maps, labels, scores, seconds)
 
 
-def class_metrics(data: ClassData) -> dict:
+def class_metrics(data: ClassData, escape_rate: float = DEFAULT_ESCAPE_RATE) -> dict:
     """Metrics of one class: :func:`compute_metrics` on stacked arrays, :func:`pooled_metrics` on lists."""
     if isinstance(data.maps, np.ndarray):
-        return compute_metrics(data.masks, data.maps, data.labels, data.scores)
-    return pooled_metrics(data.masks, data.maps, data.labels, data.scores)
+        return compute_metrics(data.masks, data.maps, data.labels, data.scores, escape_rate)
+    return pooled_metrics(data.masks, data.maps, data.labels, data.scores, escape_rate)
 
 
 def pooled_metrics(
@@ -146,6 +144,7 @@ def pooled_metrics(
     maps: Sequence[np.ndarray],
     labels: np.ndarray,
     scores_by_variant: dict[str, np.ndarray],
+    escape_rate: float = DEFAULT_ESCAPE_RATE,
 ) -> dict:
     """:func:`compute_metrics` for images of different sizes: ``masks[i]``, ``maps[i]`` of shape ``(H_i, W_i)``.
 
@@ -169,12 +168,8 @@ def pooled_metrics(
             value = aupro_from_curve(fpr, pro, variant=variant)
             result[key] = None if np.isnan(value) else value
     labels = np.asarray(labels)
-    both = np.isin([0, 1], labels).all()
     for name, scores in scores_by_variant.items():
-        result[name] = {
-            k: (f(labels, scores) if both else None)
-            for k, f in zip(IMAGE_KEYS, (image_auroc, image_ap, image_f1_max), strict=True)
-        }
+        result[name] = image_metrics(labels, scores, escape_rate)
     return result
 
 
@@ -201,6 +196,7 @@ def evaluate(
     progress: bool = True,
     on_class: Callable[[str, ClassData], None] | None = None,
     memories: dict | None = None,
+    escape_rate: float = DEFAULT_ESCAPE_RATE,
 ) -> dict:
     """Evaluate every class; returns the report body.
 
@@ -224,7 +220,7 @@ def evaluate(
         memory = None if memories is None else memories.get(cls)
         data = collect_class(model, samples, protocol, batch_size, progress, desc=cls, memory=memory)
         t0 = time.perf_counter()
-        metrics = class_metrics(data)
+        metrics = class_metrics(data, escape_rate)
         timing["metrics"] += time.perf_counter() - t0
         timing["load"] += data.seconds["load"]
         timing["model"] += data.seconds["model"]
