@@ -10,6 +10,7 @@ from service.errors import UserError
 # Each choice of the model is named once, here; Literal types, argparse choices, OpenAPI enums and settings
 # validation all derive from these tables.
 LAYER_FEATURES = ("final", "per_layer")
+DEFAULT_FUSION_WEIGHT = 0.5  # w of w * zero-shot + (1 - w) * few-shot (normal memory), per product
 LayerFeatures = Literal[LAYER_FEATURES]
 # precision name -> torch dtype name (the vision tower's compute dtype; LayerNorm always runs in fp32)
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

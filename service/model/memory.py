@@ -30,14 +30,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import DHRConfig
+from .config import DEFAULT_FUSION_WEIGHT, DHRConfig
 from .scoring import gaussian_blur, map_max, map_topk, minmax
 from .tiling import dhr_mix, upsample
 from .vision import VisionFeatures
 
 VIEW_KINDS = ("whole", "crops")
 DEFAULT_MAX_TOKENS = 40_000  # per layer and view kind; 17 references of preset mvtec fit uncapped
-DEFAULT_FUSION_WEIGHT = 0.5
 CORESET_DIM = 128  # random projection used only to choose the coreset
 CORESET_SEED = 0
 _CHUNK_ELEMENTS = 1 << 24  # similarity block of at most 16 M floats (64 MiB) per matmul

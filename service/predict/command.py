@@ -9,6 +9,10 @@ Each image goes the service's way: ``decode_image`` -> DHR views -> :class:`~ser
 holds the scores of every variant, the verdict, the regions, the model identity and timings; ``--save-maps`` adds
 ``<stem>.maps.npz`` with the ``(T, T)`` float32 ``anomaly_map``, ``eval_map`` and ``raw_map``. An unreadable file
 gets one line on stderr and is skipped (exit status 1); a bad option or missing weights end the command (status 2).
+
+``--references DIR``: every image file in DIR (sorted by name) is a good reference of the product; their normal
+memory is built once (``service.engine.knowledge``) and every image is judged with the few-shot map fused in
+(``--fusion-weight`` w, default 0.5). An unreadable reference ends the command (status 2, naming the file).
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.cli_options import add_model_arguments, load_model_from_args
+from service.errors import UserError
 from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
-from service.model.config import IMAGE_SCORES
+from service.model.config import DEFAULT_FUSION_WEIGHT, IMAGE_SCORES
 
 if TYPE_CHECKING:  # the handler imports them (numpy, OpenCV, torch): `dhrclip --help` stays fast
     from service.engine import ModelInfo
     from service.engine.decode import DecodedImage
+    from service.engine.knowledge import NormalMemory
     from service.engine.runner import ImageResult, ModelRunner
     from service.model import Views
 
@@ -40,6 +46,9 @@ class PredictOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
     image_score: str = "reference"
     max_pixels: int = 200_000_000
+    memory: NormalMemory | None = None  # on the model's device
+    fusion_weight: float = DEFAULT_FUSION_WEIGHT
+    n_references: int = 0
 
 
 @dataclass
@@ -60,6 +69,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=d.image, help="image threshold of the verdict")
     parser.add_argument("--pixel-threshold", type=float, default=d.pixel, help="mask threshold on the anomaly map")
     parser.add_argument("--image-score", default="reference", choices=IMAGE_SCORES, help="score variant judged")
+    parser.add_argument("--references", default=None, help="folder of good reference images (few-shot memory)")
+    parser.add_argument(
+        "--fusion-weight", type=float, default=DEFAULT_FUSION_WEIGHT, help="w of w * zero-shot + (1 - w) * few-shot"
+    )
     add_model_arguments(parser)
 
 
@@ -67,16 +80,51 @@ def run_predict(args: argparse.Namespace) -> int:
     """Run ``dhrclip predict``: 0 when every image was written, 1 when some could not be read."""
     from service.engine.runner import ModelRunner
 
+    if not 0.0 <= args.fusion_weight <= 1.0:
+        raise UserError(f"--fusion-weight must be in [0, 1], got {args.fusion_weight}")
     model, info = load_model_from_args(args)
+    runner = ModelRunner(model)
+    memory, n_refs = None, 0
+    if args.references:
+        memory, n_refs = reference_memory(Path(args.references), runner, args.batch_size)
     opts = PredictOptions(
         Path(args.out),
         save_maps=args.save_maps,
         batch_size=args.batch_size,
         thresholds=Thresholds(image=args.threshold, pixel=args.pixel_threshold),
         image_score=args.image_score,
+        memory=memory,
+        fusion_weight=args.fusion_weight,
+        n_references=n_refs,
     )
-    failures = predict_files([Path(p) for p in args.images], ModelRunner(model), info, opts)
+    failures = predict_files([Path(p) for p in args.images], runner, info, opts)
     return 1 if failures else 0
+
+
+def reference_memory(folder: Path, runner: ModelRunner, batch_size: int) -> tuple[NormalMemory, int]:
+    """The normal memory of the image files in ``folder`` (sorted), on the model's device, and their count."""
+    from service.engine.decode import DecodeLimits, ImageError, decode_image, views_for
+    from service.engine.knowledge import DEFAULT_MAX_TOKENS, build_memory
+    from service.engine.runner import InferItem
+
+    if not folder.is_dir():
+        raise UserError(f"--references {folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"--references {folder}: no image files")
+    features = []
+    for start in range(0, len(files), max(1, batch_size)):
+        jobs = []
+        for path in files[start : start + max(1, batch_size)]:
+            try:
+                decoded = decode_image(path.read_bytes(), str(path), DecodeLimits(max_pixels=PredictOptions.max_pixels))
+            except (ImageError, OSError) as e:
+                raise UserError(f"reference {e if isinstance(e, ImageError) else f'{path}: {e}'}") from None
+            jobs.append(InferItem(views_for(decoded, runner.preset), keep_features=True))
+        features += [r.features for r in runner.run(jobs)]
+    memory = build_memory(features, DEFAULT_MAX_TOKENS).to(runner.model.device)
+    print(f"{len(files)} reference image(s): memory of {memory.size} tokens per layer", file=sys.stderr)
+    return memory, len(files)
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -107,6 +155,7 @@ def _write_outputs(item: _Pending, result: ImageResult, info: ModelInfo, opts: P
         "format": dec.format,
         "mode": dec.mode,
         "preset": info.preset,
+        "references": opts.n_references,
         "image_score": opts.image_score,
         "score": score,
         **{f"score_{v}": getattr(result.scores, v) for v in IMAGE_SCORES},
@@ -129,6 +178,7 @@ def _write_outputs(item: _Pending, result: ImageResult, info: ModelInfo, opts: P
 def predict_files(paths: list[Path], runner: ModelRunner, info: ModelInfo, opts: PredictOptions) -> int:
     """Run every image; unreadable files get one line on stderr and are skipped. Returns the failure count."""
     from service.engine.decode import DecodeLimits, ImageError, decode_image, views_for
+    from service.engine.runner import InferItem
     from service.model import EXTRA_MAPS
 
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +191,7 @@ def predict_files(paths: list[Path], runner: ModelRunner, info: ModelInfo, opts:
         if not pending:
             return
         t0 = time.perf_counter()
-        results = runner.run([p.views for p in pending], extra)
+        results = runner.run([InferItem(p.views, opts.memory, opts.fusion_weight) for p in pending], extra)
         infer_ms = 1000 * (time.perf_counter() - t0) / len(pending)
         for item, result in zip(pending, results, strict=True):
             _write_outputs(item, result, info, opts, infer_ms)
