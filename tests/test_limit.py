@@ -74,7 +74,7 @@ def test_evaluate_warns_in_one_line_when_a_class_has_no_defective_image(tmp_path
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == [
         "dhrclip evaluate: warning: class plate: 2 images, none defective: "
-        "pixel AUROC, AUPRO, AUPRO*, F1; image AUROC, AP, F1 undefined (shown as -)"
+        "pixel AUROC, AUPRO, AUPRO*, F1; image AUROC, AP, F1, OK@E undefined (shown as -)"
     ]
 
 

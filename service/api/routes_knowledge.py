@@ -31,6 +31,7 @@ from service.storage.models import CalibrationRecord, ReferenceImage
 from .knowledge import leave_one_out, product_memory, rebuild_memory
 from .pipeline import admit, analyse_all
 from .problems import Problem, problem_responses
+from .routes_inspections import ProductName
 from .routes_segment import read_uploads
 from .schemas import ProductOut, ReferenceList, memory_out, product_out, reference_out
 from .security import require_api_key
@@ -38,7 +39,7 @@ from .state import ServiceContext
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["products"])
 
-ProductName = Annotated[str, Path(min_length=1, max_length=200, description="product name")]
+ReferenceId = Annotated[str, Path(min_length=1, max_length=64, description="reference id (28 hex digits)")]
 
 
 def _lock(ctx: ServiceContext, product: str) -> asyncio.Lock:
@@ -112,7 +113,7 @@ async def list_references(request: Request, name: ProductName):
 
 
 @router.delete("/products/{name}/references/{ref_id}", status_code=204, responses=problem_responses(401, 404, 409, 503))
-async def delete_reference(request: Request, name: ProductName, ref_id: str):
+async def delete_reference(request: Request, name: ProductName, ref_id: ReferenceId):
     ctx: ServiceContext = request.app.state.ctx
     engine, store = ctx.require_engine(), ctx.require_store()
     await _profile(ctx, name)

@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -93,9 +93,12 @@ class ModelRunner:
         """B images -> B results: scores, the clamped service map and the ``extra`` maps, on the CPU.
 
         The vision tower runs once for the whole batch; scoring runs once per (memory, fusion weight) group, so
-        images of several products share a batch. Without memories this is one ``score`` call on the batch.
+        images of several products share a batch. Without memories or kept features this is one model call, the
+        zero-shot path exactly.
         """
         jobs = [item if isinstance(item, InferItem) else InferItem(item) for item in batch]
+        if all(j.memory is None and not j.keep_features for j in jobs):
+            return self._results(self.model(*stack_views([j.views for j in jobs]), extra), extra)
         whole, crops = self.model.encode_views(*stack_views([j.views for j in jobs]))
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -104,17 +107,24 @@ class ModelRunner:
         for index in groups.values():
             job = jobs[index[0]]
             w, c = _take(whole, index, len(jobs)), _take(crops, index, len(jobs))
-            out = self.model.score(w, c, extra, job.memory, job.fusion_weight)
-            maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()  # (b, T, T)
-            scores = torch.stack(out.scores(), 1).float().cpu().tolist()  # (b, 3)
-            more = {name: getattr(out, name).float().cpu().numpy() for name in extra}  # name -> (b, T, T)
+            out = self._results(self.model.score(w, c, extra, job.memory, job.fusion_weight), extra)
             for k, i in enumerate(index):
                 feats = None
                 if jobs[i].keep_features:
                     feats = tuple(VisionFeatures(f.tokens[k : k + 1].cpu(), f.cls[k : k + 1].cpu()) for f in (w, c))
-                more_i = {name: v[k] for name, v in more.items()}
-                results[i] = ImageResult(ImageScores(*scores[k]), maps[k], more_i, feats)
+                results[i] = replace(out[k], features=feats)
         return results
+
+    @staticmethod
+    def _results(out, extra: tuple[str, ...]) -> list[ImageResult]:
+        """A batch's DHROutput -> one ImageResult per image, on the CPU."""
+        maps = out.anomaly_map.clamp(0, 1).float().cpu().numpy()  # (b, T, T)
+        scores = torch.stack(out.scores(), 1).float().cpu().tolist()  # (b, 3)
+        more = {name: getattr(out, name).float().cpu().numpy() for name in extra}  # name -> (b, T, T)
+        return [
+            ImageResult(ImageScores(*s), m, {name: v[i] for name, v in more.items()})
+            for i, (s, m) in enumerate(zip(scores, maps, strict=True))
+        ]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
         """Run dummy batches once (allocations, kernel selection); returns seconds spent."""
