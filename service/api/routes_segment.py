@@ -26,6 +26,7 @@ from starlette.datastructures import UploadFile
 
 from service.engine import ImageScore
 from service.inspection import ARTEFACT_KINDS, ArtefactKind, Thresholds
+from service.storage import InspectionStore
 from service.storage.models import NAME_MAX, NAME_PATTERN
 
 from .access_log import too_large
