@@ -6,9 +6,9 @@ loader's one-line message, when the weights are missing). Shutdown: retention an
 its queue (every accepted image is answered), the store closes.
 
 Routes: /segment (routes_segment), /inspections and /products (routes_inspections), reviews and the CSV export
-(routes_reviews), product references and calibration (routes_knowledge), /health, /livez, /readyz, /metrics (routes_ops), the operator console under /ui (console).
-Every error answer is problem+json (problems); every response carries X-Request-ID and produces one JSON line on
-the ``dhrclip.access`` logger (access_log).
+(routes_reviews), product references and calibration (routes_knowledge), /health, /livez, /readyz, /metrics
+(routes_ops), the operator console under /ui (console). Every error answer is problem+json (problems); every
+response carries X-Request-ID and produces one JSON line on the ``dhrclip.access`` logger (access_log).
 """
 
 from __future__ import annotations

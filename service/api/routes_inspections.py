@@ -8,8 +8,9 @@
 - ``GET /inspections/{id}/overlay.png | heatmap.png | mask.png``: the stored PNG (original image size).
 - ``GET /products``, ``GET /products/{name}``, ``PUT /products/{name}``: per-product image (reject) threshold,
   optional review threshold, pixel threshold, image-score variant and fusion weight (all in [0, 1]); /segment uses
-  them for requests naming the product (PUT needs an admin key). A PUT keeps the product's references and memory and drops the link to
-  its calibration (hand-set thresholds). GET /products/{name} adds the memory and the calibration.
+  them for requests naming the product (PUT needs an admin key). A PUT keeps the product's references and memory
+  and drops the link to its calibration (hand-set thresholds). GET /products/{name} adds the memory and the
+  calibration.
 
 The store is synchronous, so every call runs in a worker thread.
 """

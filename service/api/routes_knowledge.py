@@ -10,6 +10,8 @@
   in (0, 0.5)), ``review_frr`` (optional, >= target_frr: the review zone), ``pixel_quantile`` (default 0.999),
   ``image_score`` (default: the product's). Sets the product's thresholds; 200 ``ProductOut`` with the
   calibration. A sample too small for ``target_frr`` is refused with 422 ``sample-too-small``.
+
+Adding or deleting references and calibrating need an admin key (``DHR_ADMIN_KEYS``); listing an operator key.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .problems import Problem, problem_responses
 from .routes_inspections import ProductName
 from .routes_segment import read_uploads
 from .schemas import ProductOut, ReferenceList, memory_out, product_out, reference_out
-from .security import require_api_key
+from .security import Caller, require_admin_key, require_api_key
 from .state import ServiceContext
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["products"])
@@ -69,9 +71,9 @@ async def _reference_list(ctx: ServiceContext, name: str, only: set[str] | None 
     "/products/{name}/references",
     status_code=201,
     response_model=ReferenceList,
-    responses=problem_responses(400, 401, 404, 409, 413, 415, 422, 503, 504),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
 )
-async def add_references(request: Request, name: ProductName):
+async def add_references(request: Request, name: ProductName, _: Caller = Depends(require_admin_key)):
     ctx: ServiceContext = request.app.state.ctx
     engine, store = ctx.require_engine(), ctx.require_store()
     await _profile(ctx, name)
@@ -112,8 +114,12 @@ async def list_references(request: Request, name: ProductName):
     return await _reference_list(request.app.state.ctx, name)
 
 
-@router.delete("/products/{name}/references/{ref_id}", status_code=204, responses=problem_responses(401, 404, 409, 503))
-async def delete_reference(request: Request, name: ProductName, ref_id: ReferenceId):
+@router.delete(
+    "/products/{name}/references/{ref_id}", status_code=204, responses=problem_responses(401, 403, 404, 409, 503)
+)
+async def delete_reference(
+    request: Request, name: ProductName, ref_id: ReferenceId, _: Caller = Depends(require_admin_key)
+):
     ctx: ServiceContext = request.app.state.ctx
     engine, store = ctx.require_engine(), ctx.require_store()
     await _profile(ctx, name)
@@ -178,9 +184,9 @@ async def _scores_and_maps(ctx, engine, profile, form, use_references: bool, ima
 @router.post(
     "/products/{name}/calibrate",
     response_model=ProductOut,
-    responses=problem_responses(400, 401, 404, 409, 413, 415, 422, 503, 504),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
 )
-async def calibrate_product(request: Request, name: ProductName):
+async def calibrate_product(request: Request, name: ProductName, _: Caller = Depends(require_admin_key)):
     ctx: ServiceContext = request.app.state.ctx
     engine, store = ctx.require_engine(), ctx.require_store()
     async with _lock(ctx, name):

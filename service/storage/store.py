@@ -217,7 +217,7 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
         if cached.is_file():
             return cached.read_bytes()
         data = render_thumbnail(overlay.read_bytes())
-        _write_atomic(cached, data)
+        write_atomic(cached, data)
         return data
 
     def list(

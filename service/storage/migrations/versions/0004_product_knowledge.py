@@ -1,15 +1,15 @@
 """Product knowledge: reference images, normal memories, calibrations; review zone, fusion weight and versions.
 
-Revision ID: 0003_product_knowledge
-Revises: 0002_idempotency_keys
+Revision ID: 0004_product_knowledge
+Revises: 0003_reviews
 Create Date: 2026-11-29
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_product_knowledge"
-down_revision = "0002_idempotency_keys"
+revision = "0004_product_knowledge"
+down_revision = "0003_reviews"
 branch_labels = None
 depends_on = None
 
