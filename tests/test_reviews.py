@@ -70,7 +70,7 @@ def test_invalid_reviews_write_nothing(store):
         store.add_review(Review(inspection_id="0" * 28, decision="escape"))
     with pytest.raises(ReviewNotAllowed, match="escape applies to verdicts ok; this inspection's verdict is defect"):
         store.add_review(Review(inspection_id=bad_rec.id, decision="escape"))
-    with pytest.raises(ReviewNotAllowed, match="false_reject applies to verdicts defect; this"):
+    with pytest.raises(ReviewNotAllowed, match="false_reject applies to verdicts review or defect; this"):
         store.add_review(Review(inspection_id=ok_rec.id, decision="false_reject"))
     with pytest.raises(ValueError, match="decision must be one of"):
         store.add_review(Review(inspection_id=bad_rec.id, decision="maybe"))
