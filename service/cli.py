@@ -1,4 +1,4 @@
-"""``dhrclip``: one command, sub-commands serve, predict, train, evaluate, weights, data."""
+"""``dhrclip``: one command, sub-commands serve, predict, export, train, evaluate, weights, data."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from service.runtime import apply_thread_policy
 COMMANDS = (
     ("serve", "start the HTTP service", "service.api.server", "add_serve_arguments", "run_serve"),
     ("predict", "score image files offline", "service.predict.command", "add_predict_arguments", "run_predict"),
+    (
+        "export",
+        "export the vision path for ONNX Runtime / OpenVINO / TensorRT",
+        "service.export.command",
+        "add_export_arguments",
+        "run_export",
+    ),
     (
         "train",
         "train prompt weights on an auxiliary dataset",

@@ -8,15 +8,18 @@ argparse is imported at module level: the model is imported when a command runs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from service.model.config import PRECISIONS, PRESETS
+from service.model.config import BACKENDS, PRECISIONS, PRESETS
 
 DEFAULT_DEVICE = "auto"
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, prompts: bool = True, precision_help: str = "") -> None:
+def add_model_arguments(
+    parser: argparse.ArgumentParser, prompts: bool = True, precision_help: str = "", backend: bool = False
+) -> None:
     """The ``model`` option group: --backbone, --prompts (unless ``prompts=False``), --model-weights-dir, --preset,
-    --device, --precision, --allow-download."""
+    --device, --precision, --allow-download; with ``backend``: --backend and --export-dir (inference commands)."""
     from service.model.weights import DEFAULT_WEIGHTS_DIR
 
     group = parser.add_argument_group("model")
@@ -49,6 +52,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, prompts: bool = True, p
         help=precision_help or "vision tower precision (default fp32)",
     )
     group.add_argument("--allow-download", action="store_true", help="let open_clip download the 'openai' weights")
+    if backend:
+        group.add_argument(
+            "--backend",
+            choices=BACKENDS,
+            default="torch",
+            help="what runs the vision path (default torch); the others run a model written by `dhrclip export`",
+        )
+        group.add_argument(
+            "--export-dir",
+            default=None,
+            help="the exported model of a non-torch backend (default: MODEL_WEIGHTS_DIR/export)",
+        )
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -56,4 +71,16 @@ def load_model_from_args(args: argparse.Namespace):
     from service.model.weights import find_weights
 
     choice = find_weights(args.backbone, getattr(args, "prompts", None), args.model_weights_dir, args.device)
-    return choice.load(preset=args.preset, precision=args.precision, allow_download=args.allow_download)
+    backend = getattr(args, "backend", "torch")
+    if backend == "torch":
+        return choice.load(preset=args.preset, precision=args.precision, allow_download=args.allow_download)
+    from service.engine import load_for_backend
+
+    return load_for_backend(
+        backend,
+        choice,
+        device=args.device,
+        export_dir=args.export_dir or Path(args.model_weights_dir) / "export",
+        preset=args.preset,
+        precision=args.precision,
+    )

@@ -17,10 +17,18 @@ from typing import Annotated, get_args
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine import ImageScore, Precision, PresetName
+from service.engine import BackendName, ImageScore, Precision, PresetName
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_OPTIONAL = ("backbone", "prompts", "database_url", "retention_days", "retention_max_count", "max_queue_wait_s")
+_OPTIONAL = (
+    "backbone",
+    "prompts",
+    "export_dir",
+    "database_url",
+    "retention_days",
+    "retention_max_count",
+    "max_queue_wait_s",
+)
 
 
 class Settings(BaseSettings):
@@ -39,6 +47,12 @@ class Settings(BaseSettings):
     preset: PresetName = Field("mvtec", description="DHR geometry")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)")
     precision: Precision = Field("fp32", description="vision tower precision")
+    backend: BackendName = Field(
+        "torch", description="what runs the vision path; all but torch run a model written by `dhrclip export`"
+    )
+    export_dir: Path | None = Field(
+        None, description="the exported model of a non-torch backend; unset: <model_weights_dir>/export"
+    )
     allow_download: bool = Field(False, description="let open_clip download the OpenAI weights when backbone=openai")
     model_weights_dir: Path = Field(Path("./model_weights"), description="where unset backbone / prompts are looked up")
 
@@ -128,7 +142,7 @@ class Settings(BaseSettings):
             value = int(value)
         return value
 
-    @field_validator("preset", "precision", mode="before")
+    @field_validator("preset", "precision", "backend", mode="before")
     @classmethod
     def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """One line naming the choices (the Literal's own message would list them less readably)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from service.engine import DHRCLIP, ModelInfo, WeightsChoice, WeightsError, find_weights
+from service.engine import DHRCLIP, ModelInfo, WeightsChoice, WeightsError, find_weights, load_for_backend
 
 from .settings import Settings
 
@@ -30,11 +30,18 @@ def load_weights(settings: Settings) -> tuple[DHRCLIP, ModelInfo, WeightsChoice]
     ``CheckpointError`` (unusable prompt checkpoint), all :class:`~service.errors.UserError`.
     """
     choice = choose_weights(settings)
-    logger.info("loading model: %s", choice.describe())
-    model, info = choice.load(
-        preset=settings.preset, precision=settings.precision, allow_download=settings.allow_download
+    logger.info("loading model: %s, backend %s", choice.describe(), settings.backend)
+    model, info = load_for_backend(
+        settings.backend,
+        choice,
+        device=settings.device,
+        export_dir=settings.export_dir or settings.model_weights_dir / "export",
+        preset=settings.preset,
+        precision=settings.precision,
+        allow_download=settings.allow_download,
+        label="DHR_BACKEND",
     )
-    if choice.prompts_source == "default":
+    if choice.prompts_source == "default" and settings.backend == "torch":
         logger.warning(
             "no prompt checkpoint in %s: serving the zero-shot prompt ensemble (prompts_kind=ensemble)",
             settings.model_weights_dir / "prompts",

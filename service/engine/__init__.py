@@ -7,6 +7,7 @@ torch on first use (``service/lazy.py``).
 
 from service.lazy import lazy_exports
 from service.model import IMAGE_SCORES, PRECISIONS, PRESETS, ImageScore, ImageScores, Precision, PresetName
+from service.model.config import BACKENDS, BackendName
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -15,14 +16,17 @@ __getattr__, __dir__ = lazy_exports(
         "service.model": ("DHRCLIP", "ModelInfo", "load_model"),
         "service.model.devices": ("resolve_device",),
         "service.model.weights": ("WeightsChoice", "WeightsError", "find_weights"),
+        "service.engine.backends": ("load_for_backend",),
     },
 )
 
 __all__ = [
+    "BACKENDS",
     "DHRCLIP",
     "IMAGE_SCORES",
     "PRECISIONS",
     "PRESETS",
+    "BackendName",
     "ImageScore",
     "ImageScores",
     "ModelInfo",
@@ -31,6 +35,7 @@ __all__ = [
     "WeightsChoice",
     "WeightsError",
     "find_weights",
+    "load_for_backend",
     "load_model",
     "resolve_device",
 ]

@@ -67,7 +67,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--seed", type=int, default=0, help="seed of the --limit selection (default 0)")
     io.add_argument("--report", default=None, help="write the full report as JSON to this file")
-    add_model_arguments(parser)
+    add_model_arguments(parser, backend=True)
     run = parser.add_argument_group("protocol and execution")
     run.add_argument(
         "--protocol",

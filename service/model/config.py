@@ -73,6 +73,9 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset("fast", 336, 224, 448),
 }
 PresetName = Literal[tuple(PRESETS)]
+# what runs the vision path: torch here, or an exported graph (service.engine.backends holds each one's needs)
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
+BackendName = Literal[BACKENDS]
 
 
 def get_preset(name: str) -> Preset:

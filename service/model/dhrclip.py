@@ -9,7 +9,7 @@ then smoothed with a Gaussian of sigma and scored.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 import torch
@@ -30,7 +30,7 @@ from .scoring import (
     token_probs,
 )
 from .tiling import dhr_mix, upsample
-from .vision import DHRVisionTower, VisionFeatures
+from .vision import DHRVisionTower, ViewEncoder, VisionFeatures
 
 EXTRA_MAPS = ("eval_map", "raw_map")  # computed only when asked for (evaluation, ``predict --save-maps``)
 
@@ -110,13 +110,35 @@ class DHRCLIP(nn.Module):
     (:func:`cast_copy`), so the caller's module is never cast.
     """
 
-    def __init__(self, visual: nn.Module, text_features: torch.Tensor, cfg: DHRConfig, precision: str = "fp32"):
+    def __init__(
+        self,
+        visual: nn.Module | None,
+        text_features: torch.Tensor,
+        cfg: DHRConfig,
+        precision: str = "fp32",
+        encoder: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
+    ):
+        """``visual`` an open_clip vision tower run in torch, or None with ``encoder``: a backend with the
+        :class:`~service.model.vision.ViewEncoder` signature (an exported graph) fed float32 views."""
         super().__init__()
         dtype = dtype_of(precision)
+        if (visual is None) == (encoder is None):
+            raise ValueError("give either a vision tower (visual) or a backend encoder, not both")
         self.cfg = cfg
         self.precision = precision
-        self.tower = DHRVisionTower(visual if precision == "fp32" else cast_copy(visual, dtype), cfg)
+        if encoder is None:
+            tower = DHRVisionTower(visual if precision == "fp32" else cast_copy(visual, dtype), cfg)
+            self.encoder = ViewEncoder(tower, cfg.preset.one_batch)
+            self.view_dtype = dtype
+        else:
+            self.encoder = encoder
+            self.view_dtype = torch.float32  # an exported graph casts to its own precision inside
         self.register_buffer("text_features", F.normalize(text_features.detach().float(), dim=-1))  # (2, D)
+
+    @property
+    def tower(self) -> DHRVisionTower:
+        """The torch vision tower (absent when an exported graph runs the vision path)."""
+        return self.encoder.tower
 
     @property
     def device(self) -> torch.device:
@@ -127,17 +149,11 @@ class DHRCLIP(nn.Module):
 
         Tokens: (B, nl, L, D) and (B, 4, nl, L, D); cls: (B, D) and (B, 4, D).
         """
-        dtype, dev = dtype_of(self.precision), self.device
-        b = whole_u8.shape[0]
+        dtype, dev = self.view_dtype, self.device
         whole = normalize(whole_u8.to(dev, non_blocking=True), dtype)  # (B, 3, S, S)
-        crops = normalize(crops_u8.to(dev, non_blocking=True), dtype).flatten(0, 1)  # (4B, 3, P, P)
-        if self.cfg.preset.one_batch:
-            feats = self.tower(torch.cat([whole.unsqueeze(1), crops.view(b, 4, *crops.shape[1:])], 1).flatten(0, 1))
-            tokens = feats.tokens.view(b, 5, *feats.tokens.shape[1:])  # (B, 5, nl, L, D)
-            cls = feats.cls.view(b, 5, -1)
-            return VisionFeatures(tokens[:, 0], cls[:, 0]), VisionFeatures(tokens[:, 1:], cls[:, 1:])
-        fw, fc = self.tower(whole), self.tower(crops)
-        return fw, VisionFeatures(fc.tokens.view(b, 4, *fc.tokens.shape[1:]), fc.cls.view(b, 4, -1))
+        crops = normalize(crops_u8.to(dev, non_blocking=True), dtype)  # (B, 4, 3, P, P)
+        wt, wc, ct, cc = self.encoder(whole, crops)
+        return VisionFeatures(wt, wc), VisionFeatures(ct, cc)
 
     def score(
         self,

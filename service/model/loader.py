@@ -27,6 +27,8 @@ class ModelInfo:
     precision: str
     device: str
     layer_features: str
+    backend: str = "torch"  # what runs the vision path (service.engine.backends)
+    quantization: str | None = None  # "int8" for a quantised export
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -127,3 +127,27 @@ class DHRVisionTower(nn.Module):
         tokens = self._ln(vis.ln_post, states) @ proj  # (N, n_layers, L, D)
         cls = x[:, 0] @ proj  # (N, D), no ln_post (quirk Q3)
         return VisionFeatures(tokens.float(), cls.float())
+
+
+class ViewEncoder(nn.Module):
+    """The exportable vision path of DHR-CLIP: normalised whole views and crops in, their features out.
+
+    whole (B, 3, S, S) and crops (B, 4, 3, P, P) float -> (whole_tokens (B, nl, Ls, D), whole_cls (B, D),
+    crop_tokens (B, 4, nl, Lp, D), crop_cls (B, 4, D)), all float32. When S == P the 5B views go through the tower
+    as one batch. Every backend (torch, an exported graph) has this signature; scoring stays in torch.
+    """
+
+    def __init__(self, tower: DHRVisionTower, one_batch: bool):
+        super().__init__()
+        self.tower = tower
+        self.one_batch = one_batch
+
+    def forward(self, whole: torch.Tensor, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = whole.shape[0]
+        if self.one_batch:
+            feats = self.tower(torch.cat([whole.unsqueeze(1), crops], 1).flatten(0, 1))
+            tokens = feats.tokens.unflatten(0, (b, 5))  # (B, 5, nl, L, D)
+            cls = feats.cls.unflatten(0, (b, 5))
+            return tokens[:, 0], cls[:, 0], tokens[:, 1:], cls[:, 1:]
+        fw, fc = self.tower(whole), self.tower(crops.flatten(0, 1))
+        return fw.tokens, fw.cls, fc.tokens.unflatten(0, (b, 4)), fc.cls.unflatten(0, (b, 4))

@@ -73,7 +73,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fusion-weight", type=float, default=DEFAULT_FUSION_WEIGHT, help="w of w * zero-shot + (1 - w) * few-shot"
     )
-    add_model_arguments(parser)
+    add_model_arguments(parser, backend=True)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -1,0 +1,235 @@
+"""Export of the DHR vision path and the ONNX Runtime / OpenVINO backends against torch fp32 (fixture config A).
+
+The export is made once per module through the real command (``dhrclip export``) from the tiny random CLIP and the
+reference prompt checkpoint, preset mvtec (config A). Every backend is compared with the torch fp32 model on the
+three fixture images: anomaly maps and reference image scores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.cli import main
+from service.engine.backends import load_exported, load_for_backend, require
+from service.engine.export import ONNX_GRAPH, SIDECAR, ExportError
+from service.model import build_model, load_views, stack_views
+from service.model.weights import find_weights
+
+from .api_fixtures import make_settings, png_file, wait_ready
+from .paths import FIXTURES, REAL_DEFECTS, REF_PROMPTS, TINY_CLIP
+
+IMAGES = ("img0_rgb_700x700.png", "img1_rgb_640x480.png", "img2_gray_512x512.png")
+
+
+def export(out: Path, *extra: str) -> Path:
+    """``dhrclip export`` in this process (the command's own code; saves a second torch import)."""
+    args = ["export", "--backbone", str(TINY_CLIP), "--prompts", str(REF_PROMPTS), "--out", str(out), *extra]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    return export(tmp_path_factory.mktemp("export") / "fp32", "--preset", "mvtec", "--precision", "fp32")
+
+
+@pytest.fixture(scope="module")
+def torch_a(tiny_clip, ref_checkpoint):
+    clip, info = tiny_clip
+    return build_model(clip, ref_checkpoint, preset="mvtec", backbone_info=info)
+
+
+@pytest.fixture(scope="module")
+def batch(torch_a):
+    model, _ = torch_a
+    return stack_views([load_views(Image.open(FIXTURES / name), model.cfg.preset) for name in IMAGES])
+
+
+@pytest.fixture(scope="module")
+def reference(torch_a, batch):
+    with torch.inference_mode():
+        return torch_a[0](*batch)
+
+
+def load(backend: str, export_dir: Path, precision="fp32", preset="mvtec", backbone=TINY_CLIP, prompts=REF_PROMPTS):
+    """Through the service's entry: weights named as DHR_BACKBONE / DHR_PROMPTS would name them."""
+    choice = find_weights(str(backbone), str(prompts), export_dir / "no-model-weights", "cpu")
+    return load_for_backend(backend, choice, export_dir=export_dir, preset=preset, precision=precision)
+
+
+def run(backend: str, export_dir: Path, batch, precision: str = "fp32"):
+    model, info = load(backend, export_dir, precision)
+    with torch.inference_mode():
+        return model(*batch), info
+
+
+def deviation(out, ref) -> tuple[float, float]:
+    return (
+        float((out.anomaly_map - ref.anomaly_map).abs().max()),
+        float((out.reference - ref.reference).abs().max()),
+    )
+
+
+def test_export_is_one_checked_graph_with_a_dynamic_batch(exported, torch_a):
+    import onnx
+
+    graph = onnx.load(str(exported / ONNX_GRAPH))
+    onnx.checker.check_model(graph, full_check=True)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert [i.name for i in graph.graph.input] == ["whole", "crops"]
+    assert [o.name for o in graph.graph.output] == ["whole_tokens", "whole_cls", "crop_tokens", "crop_cls"]
+    for value in graph.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        assert dims[0].dim_param and not dims[0].dim_value  # symbolic batch
+        assert [d.dim_value for d in dims[1:]] in ([3, 336, 336], [4, 3, 336, 336])
+    meta = json.loads((exported / SIDECAR).read_text())
+    model, info = torch_a
+    assert meta["preset"]["name"] == "mvtec" and meta["config"]["layer_features"] == "final"
+    assert meta["backbone"]["sha256"] == info.backbone_sha256 and meta["prompts"]["sha256"] == info.prompts_sha256
+    assert torch.equal(torch.tensor(meta["text_features"]), model.text_features)
+    assert meta["versions"]["torch"] == torch.__version__.split("+")[0]
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "tol", "score_tol"),
+    [("onnxruntime", "fp32", 1e-4, 1e-4), ("openvino", "fp32", 1e-3, 1e-3), ("openvino", "bf16", 1e-2, 3e-2)],
+)
+def test_backend_parity_with_torch_fp32(exported, batch, reference, backend, precision, tol, score_tol):
+    """Maps within the issue's bounds; the reference score (softmax of CLS cosines / 0.07) moves ~1.4e-2 in bf16."""
+    out, info = run(backend, exported, batch, precision)
+    maps, scores = deviation(out, reference)
+    assert maps <= tol and scores <= score_tol, (maps, scores)
+    assert out.anomaly_map.shape == (3, 672, 672) and info.backend == backend and info.precision == precision
+
+
+@pytest.mark.slow  # a second export (~20 s); bf16 is checked in CI through openvino
+def test_fp16_export_on_onnxruntime(tmp_path, batch, reference):
+    fp16 = export(tmp_path / "fp16", "--preset", "mvtec", "--precision", "fp16")
+    out, _ = run("onnxruntime", fp16, batch, "fp16")
+    maps, scores = deviation(out, reference)
+    assert maps <= 1e-2 and scores <= 3e-2, (maps, scores)
+    with pytest.raises(ExportError, match="exported as fp16, asked to run fp32"):
+        run("onnxruntime", fp16, batch, "fp32")
+
+
+def test_int8_export_calibrated_on_good_images(tmp_path, batch, reference):
+    good = REAL_DEFECTS / "magnetic_tile" / "train" / "good"
+    int8 = export(
+        tmp_path / "int8", "--format", "openvino-int8", "--calibration", str(good), "--calibration-limit", "2"
+    )
+    meta = json.loads((int8 / SIDECAR).read_text())
+    assert meta["quantization"]["calibration_images"] == 2 and meta["quantization"]["smooth_quant_alpha"] == 0.95
+    out, info = run("openvino", int8, batch)
+    maps, scores = deviation(out, reference)
+    assert info.quantization == "int8"
+    assert maps <= 0.1 and scores <= 0.1, (maps, scores)  # measured ~0.02 / ~0.04 with 15 images
+    assert float((out.anomaly_map - reference.anomaly_map).abs().mean()) <= 0.01
+    with pytest.raises(ExportError, match="onnxruntime runs .onnx graphs"):
+        run("onnxruntime", int8, batch)
+
+
+def test_corrupt_graph_is_refused(exported, tmp_path, batch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / SIDECAR).write_bytes((exported / SIDECAR).read_bytes())
+    data = bytearray((exported / ONNX_GRAPH).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / ONNX_GRAPH).write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"dhr_vision.onnx: sha256 differs from dhr_export.json"):
+        run("onnxruntime", bad, batch)
+    (bad / SIDECAR).write_text("{not json")
+    with pytest.raises(ExportError, match="unreadable sidecar"):
+        run("onnxruntime", bad, batch)
+
+
+def test_mismatched_export_is_refused(exported, batch):
+    with pytest.raises(ExportError, match="exported for preset mvtec, asked for visa"):
+        load("onnxruntime", exported, preset="visa")
+    with pytest.raises(ExportError, match="exported from another backbone"):
+        load("onnxruntime", exported, backbone=REF_PROMPTS)
+    with pytest.raises(ExportError, match="asked for the ensemble"):
+        load("openvino", exported, prompts="ensemble")
+    with pytest.raises(ExportError, match="onnxruntime runs on cpu, not on device cuda"):
+        load_exported("onnxruntime", exported, preset="mvtec", device="cuda")
+
+
+def test_cli_predict_on_a_backend_and_its_one_line_refusal(exported, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.open(FIXTURES / IMAGES[0]).save(img)
+    args = ["predict", str(img), "--out", str(tmp_path / "o"), "--backbone", str(TINY_CLIP), "--preset", "mvtec"]
+    assert main([*args, "--prompts", str(REF_PROMPTS), "--backend", "onnxruntime", "--export-dir", str(exported)]) == 0
+    record = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert record["model"]["backend"] == "onnxruntime" and record["model"]["preset"] == "mvtec"
+    capsys.readouterr()
+    assert main([*args[:-1], "visa", "--backend", "openvino", "--export-dir", str(exported)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exported for preset mvtec, asked for visa" in err
+
+
+def test_missing_backend_package_names_the_extra(monkeypatch):
+    real_import = __import__("importlib").import_module
+
+    def fake(name, *a):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *a)
+
+    monkeypatch.setattr("service.engine.backends.importlib.import_module", fake)
+    with pytest.raises(ExportError) as e:
+        require("openvino", "DHR_BACKEND")
+    assert str(e.value) == (
+        "DHR_BACKEND openvino: the openvino package is not installed (pip install dhrclip-service[openvino])"
+    )
+
+
+def test_service_serves_an_exported_model(exported, tmp_path):
+    from service.api import create_app
+
+    settings = make_settings(tmp_path / "data", preset="mvtec", backend="onnxruntime", export_dir=exported)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        health = client.get("/health").json()
+        assert health["model"]["backend"] == "onnxruntime" and health["preset"] == "mvtec"
+        r = client.post("/segment", files=[png_file("x.png", 3)])
+        assert r.status_code == 200, r.text
+        (res,) = r.json()["results"]
+        assert 0.0 <= res["score"] <= 1.0
+    bad = make_settings(tmp_path / "d2", preset="visa", backend="openvino", export_dir=exported)
+    with TestClient(create_app(bad)) as client:
+        deadline = time.monotonic() + 60
+        while (h := client.get("/health")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert h.status_code == 503 and "exported for preset mvtec, asked for visa" in h.json()["reason"]
+
+
+@pytest.mark.slow
+def test_vit_l_336_random_export_runs_on_onnxruntime(tmp_path):
+    """Full size: random ViT-L/14@336 exported on the CPU and run by ONNX Runtime, against torch fp32."""
+    from service.engine.export import export_model
+    from service.model import random_backbone
+
+    model, info = build_model(random_backbone("ViT-L-14-336-quickgelu"), "ensemble", preset="mvtec")
+    t0 = time.perf_counter()
+    export_model(model, info, tmp_path / "vit_l")
+    export_s = time.perf_counter() - t0
+    size_mib = (tmp_path / "vit_l" / ONNX_GRAPH).stat().st_size / 2**20
+    batch = stack_views([load_views(Image.open(FIXTURES / IMAGES[0]), model.cfg.preset)])
+    with torch.inference_mode():
+        ref = model(*batch)
+    model_b, _ = load_exported("onnxruntime", tmp_path / "vit_l", preset="mvtec")
+    with torch.inference_mode():
+        out = model_b(*batch)
+    maps, scores = deviation(out, ref)
+    print(
+        f"\nViT-L/14@336 export {export_s:.0f} s, graph {size_mib:.0f} MiB; ORT vs torch: maps {maps:.2e}, "
+        f"score {scores:.2e}"
+    )
+    assert size_mib > 1000 and maps <= 1e-4 and scores <= 1e-4
