@@ -46,7 +46,7 @@ def calibration_views(paths: list[Path], model: DHRCLIP) -> list[dict[str, np.nd
     out = []
     for path in paths:
         try:
-            views = views_for(decode_image(path.read_bytes(), str(path), 200_000_000), model.cfg.preset)
+            views = views_for(decode_image(path.read_bytes(), str(path)), model.cfg.preset)
         except (ImageError, OSError) as e:
             raise ExportError(f"{path}: cannot use it for calibration ({e})") from None
         whole, crops = stack_views([views])
