@@ -7,6 +7,8 @@ import pytest
 
 from .paths import FIXTURES, REF_PROMPTS, TINY_CLIP
 
+pytest_plugins = ["tests.databases", "tests.s3_server", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def expected() -> dict[str, np.ndarray]:

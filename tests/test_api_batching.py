@@ -54,7 +54,8 @@ def test_concurrent_requests_share_batches_and_keep_their_own_results(tmp_path):
 
 def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(tmp_path):
     hook = RunnerHook()
-    app = create_app(make_settings(tmp_path, max_batch_size=1, queue_size=1, max_wait_ms=0), load=hook.load)
+    settings = make_settings(tmp_path, max_batch_size=1, queue_size=1, max_wait_ms=0, replica_name="r1")
+    app = create_app(settings, load=hook.load)
 
     async def main():
         async with running(app) as client:
@@ -75,7 +76,8 @@ def test_full_queue_answers_503_with_retry_after_and_accepted_requests_finish(tm
     assert third.headers["content-type"] == "application/problem+json"
     assert third.headers["retry-after"] == "1"
     assert third.json()["title"] == "Inference queue full" and "DHR_QUEUE_SIZE=1" in third.json()["detail"]
-    assert "dhr_queue_rejections_total 1.0" in metrics and "dhr_queue_depth 1.0" in metrics
+    assert "dhr_queue_rejections_total 1.0" in metrics and 'dhr_queue_depth{replica="r1"} 1.0' in metrics
+    assert 'dhr_inflight_requests{replica="r1"} 2.0' in metrics  # first and second; /metrics itself not counted
     assert [first.status_code, second.status_code] == [200, 200]
     assert [first.json()["results"][0]["filename"], second.json()["results"][0]["filename"]] == [
         "first.png",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import numpy as np
 import pytest
@@ -15,15 +16,24 @@ from service.engine.runner import ModelRunner
 from service.model import load_model, load_views
 
 from .api_fixtures import PRESET, decode_png, encode, make_settings, png_file, synthetic_image, wait_ready
+from .databases import DATABASES, fresh_database_url
 from .paths import FIXTURES, REF_PROMPTS, TINY_CLIP
 
 PARITY_IMAGE = FIXTURES / "img1_rgb_640x480.png"
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
+@pytest.fixture(scope="module", params=DATABASES)
+def client(request, tmp_path_factory):
+    """The app on SQLite and on PostgreSQL (when DHR_TEST_POSTGRES_URL is set)."""
+    data_dir = tmp_path_factory.mktemp("segment-data")
+    database_url = fresh_database_url(request.param, data_dir, request.config)
     settings = make_settings(
-        tmp_path_factory.mktemp("segment-data"), max_upload_mb=1.0, max_pixels=1_000_000, max_batch_size=8
+        data_dir,
+        database_url=database_url,
+        max_upload_mb=1.0,
+        max_pixels=1_000_000,
+        max_batch_size=8,
+        replica_name="seg-1",
     )
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
@@ -243,7 +253,7 @@ def test_health_livez_readyz_and_metrics(client):
     from prometheus_client.parser import text_string_to_metric_families
 
     r = client.post("/segment", files=[png_file("m.png", 61)])
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.headers["x-dhr-replica"] == "seg-1"
     rid = r.json()["results"][0]["id"]
     assert client.get(f"/inspections/{rid}").status_code == 200
     assert client.get("/livez").json() == {"status": "alive"}
@@ -257,6 +267,7 @@ def test_health_livez_readyz_and_metrics(client):
     assert h["uptime_s"] > 0 and h["last_inference_at"] is not None and h["warmup_s"] is None
     counts = h["counts"]
     assert counts["total"] == counts["ok"] + counts["defect"] == counts["stored"] >= 1
+    assert h["replica"] == "seg-1" and h["pid"] == os.getpid()  # the TestClient runs the app in this process
 
     text = client.get("/metrics")
     assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
@@ -271,11 +282,12 @@ def test_health_livez_readyz_and_metrics(client):
         (("method", "GET"), ("route", "/inspections/{inspection_id}"), ("status", "200")),
     )
     assert samples[get_key] >= 1
-    assert samples[("dhr_images_total", (("verdict", "ok"),))] == counts["ok"]
-    assert samples[("dhr_images_total", (("verdict", "defect"),))] == counts["defect"]
+    assert samples[("dhr_images_total", (("replica", "seg-1"), ("verdict", "ok")))] == counts["ok"]
+    assert samples[("dhr_images_total", (("replica", "seg-1"), ("verdict", "defect")))] == counts["defect"]
+    assert samples[("dhr_inflight_requests", (("replica", "seg-1"),))] == 0  # /metrics itself is not counted
     assert samples[("dhr_batch_size_count", ())] == samples[("dhr_batches_total", ())] >= 1
     assert samples[("dhr_inference_seconds_count", ())] >= 1
-    assert samples[("dhr_queue_depth", ())] == 0 and samples[("dhr_model_ready", ())] == 1
+    assert samples[("dhr_queue_depth", (("replica", "seg-1"),))] == 0 and samples[("dhr_model_ready", ())] == 1
     info = [labels for (name, labels), _ in samples.items() if name == "dhr_model_info"]
     assert dict(info[0])["prompts_kind"] == "learned" and dict(info[0])["preset"] == PRESET
 
@@ -291,12 +303,13 @@ def test_request_id_and_one_access_log_line(client, caplog):
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "dhrclip.access"]
     mine = [x for x in lines if x["request_id"] == "line-7:part.42"]
     assert len(mine) == 1
-    assert {k: mine[0][k] for k in ("method", "path", "route", "status", "n_images")} == {
+    assert {k: mine[0][k] for k in ("method", "path", "route", "status", "n_images", "replica")} == {
         "method": "POST",
         "path": "/segment",
         "route": "/segment",
         "status": 200,
         "n_images": 2,
+        "replica": "seg-1",
     }
     assert mine[0]["duration_ms"] > 0
     generated = client.get("/livez").headers["x-request-id"]

@@ -188,8 +188,8 @@ def test_api_keys(tmp_path):
         assert client.get("/metrics", headers={"X-API-Key": "k1"}).status_code == 200
 
 
-def test_acknowledged_inspections_survive_a_restart(tmp_path):
-    settings = make_settings(tmp_path / "data")
+def test_acknowledged_inspections_survive_a_restart(tmp_path, database_url):
+    settings = make_settings(tmp_path / "data", database_url=database_url)
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         r = client.post(
@@ -215,9 +215,13 @@ def test_acknowledged_inspections_survive_a_restart(tmp_path):
         assert sorted(x["id"] for x in listed) == sorted(before)
 
 
-def test_retention_task_deletes_beyond_max_count(tmp_path):
+def test_retention_task_deletes_beyond_max_count(tmp_path, database_url):
     settings = make_settings(
-        tmp_path / "data", backbone=str(tmp_path / "none.pt"), retention_max_count=1, retention_interval_s=0.05
+        tmp_path / "data",
+        database_url=database_url,
+        backbone=str(tmp_path / "none.pt"),
+        retention_max_count=1,
+        retention_interval_s=0.05,
     )
     with TestClient(create_app(settings)) as client:
         store = client.app.state.ctx.store

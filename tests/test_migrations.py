@@ -3,26 +3,22 @@
 The first release made its tables with ``Base.metadata.create_all`` and had no ``alembic_version`` table. Its DDL
 is frozen below exactly as that release emitted it (SQLite and PostgreSQL), and its rows are written with raw SQL
 in that release's storage formats, so this test keeps checking the real upgrade path however ``models.py`` grows.
-PostgreSQL runs with ``DHR_TEST_POSTGRES_URL`` set (an empty throw-away database; every table in it is dropped).
+Every test taking ``db_url`` runs on SQLite and on PostgreSQL (``database_url`` of tests/databases.py).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import MetaData, create_engine, text
+from sqlalchemy import create_engine, text
 
 from service.storage import InspectionStore
 from service.storage.models import Base
 from service.storage.schema import BASELINE_REVISION, head_revision
-
-POSTGRES_URL = os.environ.get("DHR_TEST_POSTGRES_URL")
 
 FIRST_RELEASE_DDL = {
     "sqlite": """
@@ -111,18 +107,10 @@ def _sqlite_time(value: datetime) -> str:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'inspections.db'}"
-    if not POSTGRES_URL:
-        pytest.skip("DHR_TEST_POSTGRES_URL not set")
-    engine = create_engine(POSTGRES_URL)
-    existing = MetaData()
-    existing.reflect(engine)
-    existing.drop_all(engine)
-    engine.dispose()
-    return POSTGRES_URL
+@pytest.fixture
+def db_url(database_url: str) -> str:
+    """An empty database: SQLite, and PostgreSQL when DHR_TEST_POSTGRES_URL is set."""
+    return database_url
 
 
 def _schema_diff(url: str) -> list:

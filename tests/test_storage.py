@@ -1,12 +1,11 @@
 """InspectionStore: round trips, restart, filters, keyset pagination, profiles, retention, failed writes.
 
-Every test runs on SQLite; set ``DHR_TEST_POSTGRES_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1:5432/dhr``,
-an empty throw-away database) to run them on PostgreSQL as well.
+Every test runs on SQLite, and on PostgreSQL when ``DHR_TEST_POSTGRES_URL`` names an empty throw-away database
+(``.ci/run`` starts one; see tests/databases.py).
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.storage import InspectionRecord, InspectionStore, ProductProfile, new_inspection_id
+from service.storage.artefacts import ArtefactMissingError, ArtefactStore, LocalArtefactStore, S3ArtefactStore
 from service.storage.models import utcnow
 
 T0 = datetime(2024, 3, 10, 12, 0, 0, 123456, tzinfo=UTC)
@@ -46,30 +46,39 @@ def _record(created_at: datetime = T0, **overrides) -> InspectionRecord:
     return InspectionRecord(**fields)
 
 
-POSTGRES_URL = os.environ.get("DHR_TEST_POSTGRES_URL")
+@pytest.fixture
+def paths(request, database_url: str, tmp_path: Path) -> tuple[str, ArtefactStore]:
+    """(database URL, artefact store): SQLite with a local folder, PostgreSQL with an S3 bucket (moto).
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def paths(request, tmp_path: Path) -> tuple[str, Path]:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'db' / 'inspections.db'}", tmp_path / "artefacts"
-    if not POSTGRES_URL:
-        pytest.skip("DHR_TEST_POSTGRES_URL not set")
-    from sqlalchemy import MetaData, create_engine
-
-    engine = create_engine(POSTGRES_URL)
-    existing = MetaData()
-    existing.reflect(engine)
-    existing.drop_all(engine)  # a fresh schema for every test, alembic_version included
-    engine.dispose()
-    return POSTGRES_URL, tmp_path / "artefacts"
+    The two halves of the scale-out pairing; tests/test_artefacts.py checks each artefact backend on its own.
+    """
+    if database_url.startswith("sqlite"):
+        return database_url, LocalArtefactStore(tmp_path / "artefacts")
+    return database_url, S3ArtefactStore(request.getfixturevalue("s3_bucket"), "plant")
 
 
 @pytest.fixture
-def store(paths):
-    s = InspectionStore(*paths)
+def store(paths, tmp_path):
+    s = InspectionStore(*paths, data_dir=tmp_path / "knowledge")
     yield s
     s.close()
+
+
+class FailingPuts:
+    """An artefact store that fails the n-th put (1-based) with OSError("disk full"), else forwards."""
+
+    def __init__(self, inner: ArtefactStore, fail_at: int) -> None:
+        self.inner, self.fail_at, self.puts = inner, fail_at, 0
+        self.location = inner.location
+
+    def put(self, key: str, data: bytes) -> None:
+        self.puts += 1
+        if self.puts == self.fail_at:
+            raise OSError("disk full")
+        self.inner.put(key, data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def test_add_get_round_trip_and_artefacts(store, paths):
@@ -79,16 +88,26 @@ def test_add_get_round_trip_and_artefacts(store, paths):
     got = store.get(rec.id)
     assert got == stored  # dataclass equality: every field
     assert got.created_at.tzinfo == UTC and got.created_at == datetime(2024, 3, 10, 12, 0, 0, 5, tzinfo=UTC)
-    heat = store.artefact_path(rec.id, "heatmap")
-    assert heat == paths[1] / "2024" / "03" / "10" / rec.id / "heatmap.png"
-    assert heat.read_bytes() == PNG_A
-    assert store.artefact_path(rec.id, "mask").read_bytes() == PNG_B
-    assert store.artefact_path(rec.id, "overlay") is None
-    assert store.artefact_path(rec.id, "../../etc") is None
-    assert store.artefact_path("0" * 28, "heatmap") is None
+    assert store.artefact_key(rec.id, "heatmap") == f"2024/03/10/{rec.id}/heatmap.png"
+    assert paths[1].keys() == [f"2024/03/10/{rec.id}/heatmap.png", f"2024/03/10/{rec.id}/mask.png"]
+    assert store.read_artefact(rec.id, "heatmap") == PNG_A
+    assert store.read_artefact(rec.id, "mask") == PNG_B
+    assert store.read_artefact(rec.id, "overlay") is None
+    assert store.read_artefact(rec.id, "../../etc") is None
+    assert store.read_artefact("0" * 28, "heatmap") is None
     assert store.get("0" * 28) is None
-    assert not list(heat.parent.glob("*.tmp"))
     assert store.count() == 1
+    paths[1].delete(f"2024/03/10/{rec.id}/mask.png")  # a damaged store: the row lists what is gone
+    with pytest.raises(ArtefactMissingError, match=f"artefact 'mask' of inspection {rec.id} is missing"):
+        store.read_artefact(rec.id, "mask")
+
+
+def test_local_layout_is_the_data_dir_by_date(tmp_path):
+    with InspectionStore(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "data") as store:
+        rec = store.add(_record(), {"heatmap": PNG_A})
+        folder = tmp_path / "data" / "2024" / "03" / "10" / rec.id
+        assert [p.name for p in folder.iterdir()] == ["heatmap.png"]
+        assert (folder / "heatmap.png").read_bytes() == PNG_A
 
 
 def test_wal_mode_and_restart_sees_same_data(paths):
@@ -102,7 +121,7 @@ def test_wal_mode_and_restart_sees_same_data(paths):
 
     second = InspectionStore(*paths)
     assert second.get(rec.id) == rec
-    assert second.artefact_path(rec.id, "overlay").read_bytes() == PNG_A
+    assert second.read_artefact(rec.id, "overlay") == PNG_A
     assert second.get_product("bottle").image_threshold == 0.6
     assert second.count() == 1
     second.close()
@@ -191,54 +210,59 @@ def test_retention_by_age_and_count(store, paths):
     recs = [_record(now - timedelta(days=d)) for d in (10, 8, 6, 4, 2, 1)]  # oldest first
     for r in recs:
         store.add(r, {"heatmap": PNG_A})
-    dirs = {r.id: store.artefact_path(r.id, "heatmap").parent for r in recs}
+
+    def kept() -> list[str]:
+        return [k.split("/")[3] for k in paths[1].keys()]
 
     assert store.enforce_retention(max_age_days=7, max_count=None, now=now) == 2
     assert store.get(recs[0].id) is None and store.get(recs[1].id) is None
-    assert not dirs[recs[0].id].exists() and not dirs[recs[1].id].exists()
-    assert not (paths[1] / "2024" / "03" / "10").exists()  # empty date folder pruned
-    assert dirs[recs[2].id].exists()
+    assert kept() == [r.id for r in recs[2:]]
+    if isinstance(paths[1], LocalArtefactStore):
+        assert not (paths[1].root / "2024" / "03" / "10").exists()  # empty date folder pruned
 
     assert store.enforce_retention(max_age_days=None, max_count=3, now=now) == 1
-    assert store.get(recs[2].id) is None and not dirs[recs[2].id].exists()
+    assert store.get(recs[2].id) is None and kept() == [r.id for r in recs[3:]]
     assert [r.id for r in store.list()[0]] == [recs[5].id, recs[4].id, recs[3].id]
 
     assert store.enforce_retention(max_age_days=3, max_count=1, now=now) == 2  # age hits rec 3, count hits 3 and 4
     assert store.count() == 1 and store.get(recs[5].id) is not None
     assert store.enforce_retention(max_age_days=None, max_count=None, now=now) == 0
-    assert store.artefact_path(recs[5].id, "heatmap").read_bytes() == PNG_A
+    assert store.read_artefact(recs[5].id, "heatmap") == PNG_A
 
 
-def test_failed_artefact_write_leaves_no_row_and_no_files(store, paths, monkeypatch):
-    rec = _record()
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        store.add(rec, {"heatmap": PNG_A, "mask": PNG_B})
-    monkeypatch.undo()
-    assert store.get(rec.id) is None and store.count() == 0
-    assert [p for p in paths[1].rglob("*")] == []  # no temp files, no folders left behind
+def test_failed_artefact_write_leaves_no_row_and_no_artefacts(paths):
+    with InspectionStore(paths[0], FailingPuts(paths[1], fail_at=2)) as store:
+        rec = _record()
+        with pytest.raises(OSError, match="disk full"):
+            store.add(rec, {"heatmap": PNG_A, "mask": PNG_B})  # heatmap put, mask fails: heatmap removed
+        assert store.get(rec.id) is None and store.count() == 0
+    assert paths[1].keys() == []
+    if isinstance(paths[1], LocalArtefactStore):
+        assert list(paths[1].root.rglob("*")) == []  # no temp files, no folders left behind
 
 
-def test_failed_insert_removes_written_files(store, paths):
-    rec = store.add(_record(), {})
+def test_duplicate_id_is_refused_before_and_during_the_insert(store, paths, monkeypatch):
+    rec = store.add(_record(), {"mask": PNG_B})
     clash = _record(id=rec.id, created_at=T0 + timedelta(days=1))  # same id, other folder
     with pytest.raises(ValueError, match="already exists"):
         store.add(clash, {"heatmap": PNG_A})
+    monkeypatch.setattr(store, "get", lambda record_id: None)  # a concurrent insert won the race: the row clashes
+    with pytest.raises(ValueError, match="already exists"):
+        store.add(clash, {"heatmap": PNG_A})
     assert store.count() == 1
-    assert [p for p in paths[1].rglob("*")] == []
+    assert paths[1].keys() == [f"2024/03/10/{rec.id}/mask.png"]  # the clash's artefacts removed, the first kept
 
 
-def test_unwritable_data_dir_leaves_no_row(store, paths):
+def test_unwritable_data_dir_leaves_no_row(tmp_path):
+    paths = (f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "artefacts")
+    store = InspectionStore(*paths)
     rec = _record()
     (paths[1] / "2024").write_bytes(b"")  # a file where the year folder must go: mkdir fails, also as root
     with pytest.raises(OSError):
         store.add(rec, {"heatmap": PNG_A})
     assert store.get(rec.id) is None and store.count() == 0
     assert [p.name for p in paths[1].iterdir()] == ["2024"]
+    store.close()
 
 
 def test_concurrent_adds_from_a_thread_pool(store):
@@ -305,7 +329,7 @@ def test_references_are_all_or_nothing_and_memories_replace_each_other(store, pa
     with pytest.raises(ValueError, match="no profile for product 'nope'"):
         store.add_references([(ref("bottle"), b"img-1", b"feat-1"), (ref("nope"), b"img-2", b"feat-2")])
     assert store.list_references("bottle") == []
-    assert not (paths[1] / "references").exists() or not any((paths[1] / "references").iterdir())
+    assert not (store.data_dir / "references").exists() or not any((store.data_dir / "references").iterdir())
     stored = store.add_references([(ref("bottle"), b"img-1", b"feat-1"), (ref("bottle"), b"img-2", b"feat-2")])
     assert [r.id for r in store.list_references("bottle")] == [r.id for r in stored]
     assert store.read_reference_features(stored[1].id) == b"feat-2"
@@ -320,3 +344,20 @@ def test_references_are_all_or_nothing_and_memories_replace_each_other(store, pa
     assert store.delete_reference("bottle", stored[0].id) and not store.delete_reference("other", stored[1].id)
     assert not store.reference_dir(stored[0].id).exists()
     assert store.set_memory("bottle", None).memory_version is None and store.get_memory("b" * 16) is None
+
+
+def test_one_retention_pass_at_a_time_across_replicas(paths):
+    """Two stores on one database: while one holds the retention lock (PostgreSQL), the other's pass is skipped."""
+    first, second = InspectionStore(*paths), InspectionStore(*paths)
+    now = datetime(2024, 3, 20, tzinfo=UTC)
+    old = first.add(_record(now - timedelta(days=30)), {"mask": PNG_B})
+    with first.retention_lock() as acquired:
+        assert acquired
+        expected = 0 if first.is_postgres else 1  # SQLite: a single host, no lock to wait for
+        assert second.enforce_retention(max_age_days=7, max_count=None, now=now) == expected
+    if first.is_postgres:
+        assert second.get(old.id) is not None
+        assert second.enforce_retention(max_age_days=7, max_count=None, now=now) == 1  # released: now it runs
+    assert second.get(old.id) is None and paths[1].keys() == []
+    first.close()
+    second.close()

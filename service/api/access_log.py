@@ -9,7 +9,9 @@ One pure ASGI middleware (no response buffering) wraps the whole app:
    stopped with 413 as soon as they pass the limit.
 3. After the response: ``dhr_http_requests_total`` / ``dhr_http_request_duration_seconds`` by route template and
    status, and one line on the ``dhrclip.access`` logger whose message is a JSON object with ``method``, ``path``,
-   ``route``, ``status``, ``duration_ms``, ``request_id`` and ``n_images`` (set by /segment).
+   ``route``, ``status``, ``duration_ms``, ``request_id``, ``n_images`` (set by /segment) and ``replica``.
+   While a request other than an operations route (``OPS_PATHS``) runs, ``dhr_inflight_requests`` counts it.
+   Every response carries ``X-DHR-Replica``: which replica answered (one name per process).
 4. An exception no handler answered becomes a 500 problem+json (the traceback goes to the ``dhrclip.api`` log).
    A client that disconnects (while its body is read, or while its images are analysed) is not a server error:
    nothing is sent, the request is counted and logged with status 499.
@@ -34,6 +36,8 @@ from .problems import CLIENT_CLOSED_REQUEST, PROBLEM_MEDIA_TYPE, ClientDisconnec
 
 ACCESS_LOGGER = "dhrclip.access"
 REQUEST_ID_HEADER = "X-Request-ID"
+REPLICA_HEADER = "X-DHR-Replica"
+OPS_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 access_logger = logging.getLogger(ACCESS_LOGGER)
@@ -89,7 +93,9 @@ class RequestMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"], sent["started"] = message["status"], True
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                out = MutableHeaders(scope=message)
+                out[REQUEST_ID_HEADER] = request_id
+                out[REPLICA_HEADER] = self.metrics.replica
             await send(message)
 
         received = 0
@@ -103,6 +109,9 @@ class RequestMiddleware:
                     raise too_large(self.max_body_bytes, "the request body")
             return message
 
+        counted = scope.get("path") not in OPS_PATHS
+        if counted:
+            self.metrics.inflight.inc()
         try:
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -122,6 +131,8 @@ class RequestMiddleware:
             body = internal_error_body(scope.get("path", ""), request_id)
             await JSONResponse(body, status_code=500, media_type=PROBLEM_MEDIA_TYPE)(scope, receive, send_with_id)
         finally:
+            if counted:
+                self.metrics.inflight.dec()
             self._record(scope, state, request_id, sent["status"], time.perf_counter() - start)
 
     def _record(self, scope: Scope, state: dict, request_id: str, status: int, seconds: float) -> None:
@@ -136,5 +147,6 @@ class RequestMiddleware:
             "duration_ms": round(seconds * 1000.0, 3),
             "request_id": request_id,
             "n_images": int(state.get("n_images", 0)),
+            "replica": self.metrics.replica,
         }
         access_logger.info(json.dumps(fields, separators=(",", ":")), extra={"access": fields})

@@ -48,7 +48,8 @@ def create_app(settings: Settings | None = None, load: Loader = load_weights) ->
     """
     thread_policy = apply_thread_policy()  # the same policy as the CLI (service/runtime.py); applied once
     settings = settings if settings is not None else Settings()
-    ctx = ServiceContext(settings, metrics=Metrics(), load=load)  # status "loading" until the lifespan loads
+    metrics = Metrics(replica=settings.resolved_replica_name())
+    ctx = ServiceContext(settings, metrics=metrics, load=load)  # status "loading" until the lifespan loads
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

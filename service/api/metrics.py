@@ -1,19 +1,32 @@
 """Prometheus metrics of one app, in its own ``CollectorRegistry`` (several apps in one process never collide).
 
+The load metrics carry a ``replica`` label (``DHR_REPLICA_NAME``; under Ray Serve the replica id), so that series
+of several replicas behind one endpoint stay apart: queue depth and in-flight requests for autoscaling, and
+``rate(dhr_images_total[1m])`` summed by replica for per-replica throughput. Example rule for a KEDA
+``ScaledObject`` (Prometheus trigger) or an HPA on an external metric, for plain Kubernetes Deployments: scale out
+when the images waiting per replica exceed 8::
+
+    avg(avg_over_time(dhr_queue_depth[1m]))                  # threshold: "8"
+
+and, for the in-flight view, ``sum(dhr_inflight_requests) / count(dhr_inflight_requests)``.
+
 ===========================================  =========  ===============================================================
 name                                         type       labels / meaning
 ===========================================  =========  ===============================================================
 dhr_http_requests_total                      counter    method, route (template, e.g. /inspections/{inspection_id}),
                                                         status
 dhr_http_request_duration_seconds            histogram  method, route, status: request wall time
-dhr_queue_depth                              gauge      images waiting for a batch (read at scrape time)
+dhr_queue_depth                              gauge      replica: images waiting for a batch (read at scrape time)
+dhr_inflight_requests                        gauge      replica: HTTP requests being answered (operations routes
+                                                        /health, /livez, /readyz, /metrics not counted)
 dhr_batch_size                               histogram  images per model call
 dhr_batch_wait_seconds                       histogram  queue wait of the oldest image of each batch
 dhr_inference_seconds                        histogram  wall time of one model call (one batch)
 dhr_batches_total                            counter    model calls made by the batcher (read from the engine)
 dhr_failed_batches_total                     counter    model calls that raised (read from the engine)
 dhr_queue_rejections_total                   counter    requests refused with 503: queue full or wait too long
-dhr_images_total                             counter    verdict (ok | review | defect): images inspected and stored
+dhr_images_total                             counter    replica, verdict (ok | review | defect): images inspected and
+                                                        stored
 dhr_reviews_total                            counter    decision (confirm_defect | false_reject | escape): reviews
                                                         stored
 dhr_model_ready                              gauge      1 when the model serves, else 0
@@ -43,7 +56,8 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, replica: str = "") -> None:
+        self.replica = replica
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         labels = ["method", "route", "status"]
@@ -55,7 +69,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("dhr_queue_depth", "Images waiting for a model batch", registry=r)
+        self.queue_depth = Gauge("dhr_queue_depth", "Images waiting for a model batch", ["replica"], registry=r).labels(
+            replica=replica
+        )
+        self.inflight = Gauge(
+            "dhr_inflight_requests", "HTTP requests being answered (not operations routes)", ["replica"], registry=r
+        ).labels(replica=replica)
         self.batch_size = Histogram("dhr_batch_size", "Images per model call", buckets=BATCH_BUCKETS, registry=r)
         self.batch_wait = Histogram(
             "dhr_batch_wait_seconds", "Queue wait of the oldest image of a batch", buckets=LATENCY_BUCKETS, registry=r
@@ -68,9 +87,11 @@ class Metrics:
         )
         self._batcher: Callable[[], object | None] = lambda: None
         r.register(_BatcherCollector(lambda: self._batcher()))
-        self.images = Counter("dhr_images", "Images inspected and stored, by verdict", ["verdict"], registry=r)
+        self.images = Counter(
+            "dhr_images", "Images inspected and stored, by verdict", ["replica", "verdict"], registry=r
+        )
         for verdict in VERDICTS:
-            self.images.labels(verdict=verdict)  # export zeros from the start
+            self.images.labels(replica=replica, verdict=verdict)  # export zeros from the start
         self.reviews = Counter("dhr_reviews", "Reviews stored, by decision", ["decision"], registry=r)
         for decision in REVIEW_DECISIONS:
             self.reviews.labels(decision=decision)
@@ -94,6 +115,10 @@ class Metrics:
         key = {"method": method, "route": route, "status": str(status)}
         self.requests.labels(**key).inc()
         self.latency.labels(**key).observe(seconds)
+
+    def observe_image(self, verdict: str) -> None:
+        """One inspected and stored image of this replica."""
+        self.images.labels(replica=self.replica, verdict=verdict).inc()
 
     def observe_batch(self, stats: BatchStats) -> None:
         """The engine's ``on_batch`` callback (runs on the event loop after every model call)."""

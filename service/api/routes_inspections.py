@@ -23,16 +23,17 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from service.inspection import ARTEFACT_KINDS, Verdict
 from service.storage import InspectionStore, ProductProfile
+from service.storage.artefacts import ArtefactMissingError, ArtefactStoreError
 from service.storage.models import NAME_MAX, NAME_PATTERN, NAME_RULE, as_utc
 from service.storage.store import CURSOR_MAX, CURSOR_PATTERN
 
 from .deps import Store
-from .problems import Problem, problem_responses
+from .problems import Problem, problem_responses, service_unavailable
 from .schemas import InspectionOut, InspectionPage, ProductIn, ProductList, ProductOut, ReviewOut, product_out
 from .security import Caller, require_admin_key, require_api_key
 
@@ -132,30 +133,32 @@ async def get_inspection(request: Request, store: Store, inspection_id: Inspecti
 
 @router.get(
     "/inspections/{inspection_id}/{kind}.png",
-    response_class=FileResponse,
+    response_class=Response,
     tags=["inspection"],
-    responses={200: {"content": {"image/png": {}}, "description": "the PNG"}, **problem_responses(401, 404, 500)},
+    responses={200: {"content": {"image/png": {}}, "description": "the PNG"}, **problem_responses(401, 404, 500, 503)},
 )
 async def get_artefact(store: Store, kind: str, inspection_id: InspectionId):
     return await artefact_response(store, inspection_id, kind)
 
 
-async def artefact_response(store: InspectionStore, inspection_id: str, kind: str) -> FileResponse:
-    """The stored PNG of one kind: 404 unknown kind or id, 500 when the data directory lost the file."""
+async def artefact_response(store: InspectionStore, inspection_id: str, kind: str) -> Response:
+    """The stored PNG of one kind: 404 unknown kind or id, 500 when the artefact store lost it, 503 when the store
+    cannot be reached."""
     if kind not in ARTEFACT_KINDS:
         raise Problem(
             404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}", "not-found"
         )
     try:
-        path = await asyncio.to_thread(store.artefact_path, inspection_id, kind)
-    except FileNotFoundError as exc:
-        logger.error("damaged data directory: %s", exc)
+        data = await asyncio.to_thread(store.read_artefact, inspection_id, kind)
+    except ArtefactMissingError as exc:
+        logger.error("damaged artefact store: %s", exc)
         raise Problem(500, "Artefact missing", str(exc), "artefact-missing") from None
-    if path is None:
+    except ArtefactStoreError as exc:
+        raise service_unavailable(str(exc), 5, "artefact-store-unavailable", "Artefact store unavailable") from None
+    if data is None:
         raise Problem(404, "Artefact not found", f"no {kind}.png for inspection {inspection_id!r}", "not-found")
-    return FileResponse(
-        path, media_type="image/png", filename=f"{inspection_id}-{kind}.png", content_disposition_type="inline"
-    )
+    disposition = f'inline; filename="{inspection_id}-{kind}.png"'
+    return Response(data, media_type="image/png", headers={"Content-Disposition": disposition})
 
 
 @router.get("/products", response_model=ProductList, tags=["products"], responses=problem_responses(401))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from fastapi import APIRouter, Depends
@@ -64,6 +65,8 @@ async def health(ctx: Context):
         "last_inference_at": ctx.last_inference_iso(),
         "warmup_s": engine.warmup_s,
         "counts": {**ctx.counts.to_dict(), "stored": stored},
+        "replica": ctx.metrics.replica,
+        "pid": os.getpid(),
     }
 
 

@@ -169,9 +169,9 @@ def png_wanted(accept: str | None) -> bool:
 
 async def decide(ctx, fields: SegmentForm) -> Decision:
     """Thresholds, score variant and normal memory: the product's profile when it has one, else the settings; the
-    form's variant wins."""
+    form's variant wins. The profile is read through the store's shared-state copy (at most DHR_STATE_REFRESH_S old)."""
     settings, store = ctx.settings, ctx.require_store()
-    profile = await asyncio.to_thread(store.get_product, fields.product) if fields.product else None
+    profile = await asyncio.to_thread(store.current_product, fields.product) if fields.product else None
     image_score = fields.image_score or (profile or settings).image_score
     if profile is None:
         thresholds = Thresholds(image=settings.image_threshold, pixel=settings.pixel_threshold)
@@ -279,7 +279,7 @@ async def analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_s
     stored = await asyncio.to_thread(store_all, store, records, analysed, entry)
     for record, _, _ in stored:
         ctx.counts.add(record.verdict)
-        ctx.metrics.images.labels(verdict=record.verdict).inc()
+        ctx.metrics.observe_image(record.verdict)
     timings = [{"store": ms, "total": round((done - t_start) * 1000.0, 3)} for _, ms, done in stored]
     pngs = [{k: item.post.png(k) for k in ARTEFACT_KINDS} for item in analysed]
     return answer(request, [r for r, _, _ in stored], pngs, png_kind, fields.include, timings)

@@ -245,6 +245,8 @@ class HealthOut(BaseModel):
     last_inference_at: str | None
     warmup_s: float | None
     counts: dict[str, int]
+    replica: str = Field(description="which replica answered (DHR_REPLICA_NAME, the Ray replica id, host-pid)")
+    pid: int = Field(description="process id of that replica")
 
 
 class NotReadyOut(BaseModel):

@@ -10,7 +10,9 @@ table of variables, defaults and descriptions made from this model (:func:`setti
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, get_args
 
@@ -18,6 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine import BackendName, ImageScore, Precision, PresetName
+from service.storage.artefacts import parse_artefact_url
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _OPTIONAL = (
@@ -25,9 +28,12 @@ _OPTIONAL = (
     "prompts",
     "export_dir",
     "database_url",
+    "artefact_url",
+    "replica_name",
     "retention_days",
     "retention_max_count",
     "max_queue_wait_s",
+    "ray_gpus_per_replica",
 )
 
 
@@ -102,7 +108,18 @@ class Settings(BaseSettings):
     protect_ops: bool = Field(False, description="also require a key for /health, /livez, /readyz, /metrics")
 
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset: sqlite:///<data_dir>/inspections.db")
-    data_dir: Path = Field(Path("./data"), description="artefact PNGs and the default SQLite file")
+    data_dir: Path = Field(Path("./data"), description="artefacts (unless artefact_url) and the default SQLite file")
+    artefact_url: str | None = Field(
+        None,
+        description="where artefacts go: unset -> data_dir; file:///abs/path; s3://bucket/prefix (endpoint and "
+        "credentials from the AWS_* variables)",
+    )
+    state_refresh_s: float = Field(
+        5.0, ge=0, le=3600, description="longest use of a product profile changed through another replica"
+    )
+    replica_name: str | None = Field(
+        None, max_length=200, description="label of this replica in /metrics, /health, X-DHR-Replica; unset: host-pid"
+    )
     retention_days: float | None = Field(None, ge=0, description="delete inspections older than this; unset: keep")
     retention_max_count: int | None = Field(None, ge=0, description="keep at most this many inspections; unset: all")
     retention_interval_s: float = Field(3600.0, gt=0, description="seconds between retention passes")
@@ -113,6 +130,14 @@ class Settings(BaseSettings):
 
     memory_cache_size: int = Field(8, ge=1, description="products whose normal memory stays on the device (LRU)")
     memory_max_tokens: int = Field(40_000, ge=1, description="coreset cap of a normal memory per layer and view kind")
+
+    ray_min_replicas: int = Field(1, ge=0, description="Ray Serve: fewest replicas")
+    ray_max_replicas: int = Field(4, ge=1, description="Ray Serve: most replicas")
+    ray_target_ongoing: float = Field(8.0, gt=0, description="Ray Serve: ongoing requests per replica to aim at")
+    ray_gpus_per_replica: float | None = Field(
+        None, ge=0, description="Ray Serve: GPUs per replica; unset: 1 when the cluster has GPUs, else 0 (CPU)"
+    )
+    ray_cpus_per_replica: float = Field(1.0, gt=0, description="Ray Serve: CPUs reserved per replica")
 
     @field_validator(*_OPTIONAL, mode="before")
     @classmethod
@@ -151,6 +176,13 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {', '.join(choices)}")
         return value
 
+    @field_validator("artefact_url")
+    @classmethod
+    def _known_artefact_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_artefact_url(value)
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -170,6 +202,10 @@ class Settings(BaseSettings):
     @property
     def retention_enabled(self) -> bool:
         return self.retention_days is not None or self.retention_max_count is not None
+
+    def resolved_replica_name(self) -> str:
+        """``DHR_REPLICA_NAME``, or ``<hostname>-<pid>`` (unique among the replicas of one host)."""
+        return self.replica_name or f"{socket.gethostname()}-{os.getpid()}"
 
     def resolved_database_url(self) -> str:
         """``DHR_DATABASE_URL``, or a SQLite file inside the data directory."""

@@ -27,7 +27,8 @@ from service.engine.runner import Engine, EngineConfig
 from service.errors import UserError
 from service.inspection import VERDICTS
 from service.runtime import apply_thread_policy
-from service.storage import InspectionStore
+from service.storage import InspectionStore, StorageUnavailableError, open_artefact_store, open_store
+from service.storage.artefacts import ArtefactStoreError
 
 from .metrics import Metrics
 from .problems import service_unavailable
@@ -89,9 +90,17 @@ class ServiceContext:
     async def open(self) -> None:
         s = self.settings
         self.status, self.reason, self.started_at, self.counts = LOADING, "the model is loading", time.time(), Counts()
-        self.store = await asyncio.to_thread(InspectionStore, s.resolved_database_url(), s.data_dir)
         self.metrics.bind_engine(lambda: self.engine)
         self.metrics.set_model(None)
+        try:
+            artefacts = open_artefact_store(s.artefact_url, s.data_dir)
+            self.store = await asyncio.to_thread(
+                open_store, s.resolved_database_url(), artefacts, s.state_refresh_s, s.data_dir
+            )
+        except (StorageUnavailableError, ArtefactStoreError, OSError, ValueError) as exc:
+            self.status, self.reason = ERROR, f"storage unavailable: {exc}"
+            logger.error("%s", self.reason)  # one line; the service stays up to say why, never falls back
+            return
         self._load_task = asyncio.create_task(self._load(), name="dhr-model-load")
         if s.retention_enabled:
             self._retention_task = asyncio.create_task(self._retention_loop(), name="dhr-retention")
@@ -179,7 +188,9 @@ class ServiceContext:
         raise service_unavailable(why.reason, why.retry_after_s)
 
     def require_store(self) -> InspectionStore:
-        """The open store, or a 503 problem when the app's lifespan has not started (or has ended)."""
+        """The open store, or a 503 problem: storage unavailable (the reason), or the lifespan never ran."""
+        if self.store is None and self.status == ERROR:
+            raise service_unavailable(self.reason, None, "storage-unavailable", "Storage unavailable")
         if self.store is None:
             raise service_unavailable(
                 "the service has not started: run the app with its lifespan", None, "not-started", "Service not started"

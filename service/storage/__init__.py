@@ -1,4 +1,5 @@
-"""Inspection storage: records in SQL (SQLite WAL by default, PostgreSQL by URL) and PNG artefacts on disk.
+"""Inspection storage: records in SQL (SQLite WAL by default, PostgreSQL by URL); artefacts in a
+folder or an S3 bucket (``artefacts.py``).
 
 Schema changes go through Alembic migrations in ``service/storage/migrations/versions/``; the store upgrades the
 database in place when it opens (``schema.upgrade_database``). To add a migration:
@@ -14,7 +15,17 @@ database in place when it opens (``schema.upgrade_database``). To add a migratio
    PostgreSQL with ``DHR_TEST_POSTGRES_URL``) and that a first-release database upgrades with its records intact.
 """
 
+from service.storage.artefacts import ArtefactStore, open_artefact_store
 from service.storage.models import InspectionRecord, ProductProfile, new_inspection_id
-from service.storage.store import InspectionStore
+from service.storage.store import InspectionStore, StorageUnavailableError, open_store
 
-__all__ = ["InspectionRecord", "InspectionStore", "ProductProfile", "new_inspection_id"]
+__all__ = [
+    "ArtefactStore",
+    "InspectionRecord",
+    "InspectionStore",
+    "ProductProfile",
+    "StorageUnavailableError",
+    "new_inspection_id",
+    "open_artefact_store",
+    "open_store",
+]

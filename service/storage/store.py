@@ -1,13 +1,16 @@
-"""InspectionStore: inspection records in SQL (SQLite WAL by default, PostgreSQL by URL) plus PNG artefacts on disk.
+"""InspectionStore: inspection records in SQL (SQLite WAL by default, PostgreSQL by URL) plus their artefacts.
 
-Layout on disk: ``data_dir/<yyyy>/<mm>/<dd>/<id>/<kind>.png`` with the date of ``created_at`` in UTC, so the
-path of every artefact follows from the record alone.
+Artefacts go through an :class:`~service.storage.artefacts.ArtefactStore` (a local folder by default, or an S3
+bucket) under the key ``<yyyy>/<mm>/<dd>/<id>/<kind>.png`` with the date of ``created_at`` in UTC, so the key of
+every artefact follows from the record alone (with the local folder: today's layout ``data_dir/<yyyy>/...``).
 
-Write order in ``add``: every PNG is written atomically first (temp file in the same directory, flush, fsync,
-``os.replace``, fsync of the directory), then the row is inserted and committed. A failure at any step removes
-the files written so far, so a row never points at missing files. Deletion (``enforce_retention``) goes the other
-way: rows (with their reviews) are deleted and committed first, then the directories removed; a crash in between can
-only leave orphan files, never dangling rows.
+Write order in ``add``: every artefact is put durably first (see the artefact store's contract), then the row is
+inserted and committed. A failure at any step deletes the artefacts put so far, so a row never points at missing
+artefacts. Deletion (``enforce_retention``) goes the other way: rows (with their reviews) are deleted and committed
+first, then the record's artefacts (thumbnail included); a crash in between can only leave orphan artefacts, never
+dangling rows. On PostgreSQL one
+retention pass runs at a time across every replica sharing the database (a session advisory lock); a replica that
+finds the lock taken skips its pass.
 
 Thread use: the API calls the store from a thread pool. Every method opens its own short session; SQLite runs with
 ``check_same_thread=False``, WAL (readers do not block the writer) and a 30 s busy timeout. With
@@ -18,20 +21,21 @@ process crash and a power loss alike (the cost is one fsync of the WAL per inspe
 from __future__ import annotations
 
 import base64
-import shutil
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Self
 
-from sqlalchemy import and_, create_engine, delete, event, func, or_, select
+from sqlalchemy import and_, create_engine, delete, event, func, or_, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from service.storage.files import fsync_dir, write_atomic
+from service.storage.artefacts import ArtefactMissingError, ArtefactStore, ArtefactStoreError, LocalArtefactStore
 from service.storage.knowledge import ProductKnowledge
 from service.storage.models import (
     ID_RE,
@@ -53,11 +57,15 @@ from service.storage.models import (
 )
 from service.storage.reviews import ReviewMethods, delete_reviews_of, reviewed_clause
 from service.storage.schema import upgrade_database
+from service.storage.shared import ReadThroughCache
 from service.storage.summary import THUMB_NAME, SummaryMethods, render_thumbnail
+
+logger = logging.getLogger("dhrclip.storage")
 
 MAX_LIMIT = 500
 IDEMPOTENCY_FIELDS = ("key", "fingerprint", "inspection_ids", "created_at")
 _DELETE_CHUNK = 500
+RETENTION_LOCK_ID = 0x44_48_52_52  # "DHRR": the PostgreSQL advisory lock held by one retention pass at a time
 
 
 def _sqlite_pragmas(dbapi_connection, _connection_record) -> None:
@@ -94,13 +102,25 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
     """Durable inspection records and their PNG artefacts.
 
     database_url: SQLAlchemy URL, e.g. ``sqlite:////var/lib/dhrclip/inspections.db`` or
-    ``postgresql+psycopg://user@host/db``; data_dir: root folder of the artefact files (created if absent).
-    Opening the store migrates its database in place to the newest schema (``service.storage.schema``).
+    ``postgresql+psycopg://user@host/db``; artefacts: an artefact store, or a folder for a
+    :class:`LocalArtefactStore` (created if absent); refresh_s: longest age of a shared-state copy before its
+    version is checked (``DHR_STATE_REFRESH_S``); data_dir: folder of the product-knowledge files (default: the
+    local artefact folder). Opening the store migrates its database in place to the newest
+    schema (``service.storage.schema``).
     """
 
-    def __init__(self, database_url: str, data_dir: Path | str) -> None:
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self,
+        database_url: str,
+        artefacts: ArtefactStore | Path | str,
+        refresh_s: float = 5.0,
+        data_dir: Path | str | None = None,
+    ) -> None:
+        self.artefacts = artefacts if isinstance(artefacts, ArtefactStore) else LocalArtefactStore(artefacts)
+        # product knowledge files (references, memories): the local artefact folder, else ``data_dir``
+        local_root = getattr(self.artefacts, "root", None)
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(local_root or "./data")
+        self._shared = ReadThroughCache(refresh_s)
         url = make_url(database_url)
         kwargs: dict = {}
         is_sqlite = url.get_backend_name() == "sqlite"
@@ -110,6 +130,11 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
                 kwargs["poolclass"] = StaticPool  # one shared connection, else every connection sees an empty DB
             elif not url.database.startswith("file:"):
                 Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs["pool_pre_ping"] = True  # a replica outlives database restarts and idle-connection reapers
+            if url.get_backend_name() == "postgresql":
+                kwargs["connect_args"] = {"connect_timeout": 10}
+        self.is_postgres = url.get_backend_name() == "postgresql"
         self._engine = create_engine(url, **kwargs)
         if is_sqlite:
             event.listen(self._engine, "connect", _sqlite_pragmas)
@@ -128,10 +153,11 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
 
     # ----------------------------------------------------------------------------------------------- records
 
-    def record_dir(self, record_id: str, created_at: datetime) -> Path:
-        """Folder of a record's artefacts: ``data_dir/<yyyy>/<mm>/<dd>/<id>`` (UTC date)."""
+    @staticmethod
+    def record_prefix(record_id: str, created_at: datetime) -> str:
+        """Key prefix of a record's artefacts: ``<yyyy>/<mm>/<dd>/<id>/`` (UTC date)."""
         day = as_utc(created_at, "created_at")
-        return self.data_dir / f"{day.year:04d}" / f"{day.month:02d}" / f"{day.day:02d}" / record_id
+        return f"{day.year:04d}/{day.month:02d}/{day.day:02d}/{record_id}/"
 
     def add(
         self, record: InspectionRecord, artefacts: Mapping[str, bytes], idempotency: IdempotencyEntry | None = None
@@ -142,9 +168,9 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
         or neither; a key that exists already raises ValueError and stores nothing.
 
         ``record.artefacts`` may be empty (it is filled with the kinds given) or must name the same kinds.
-        Raises ValueError for an invalid record, kind or duplicate id, TypeError for non-bytes data; OSError
-        from the file system propagates after the partial files are removed.
-        Once ``add`` returns, row and files are committed to disk.
+        Raises ValueError for an invalid record, kind or duplicate id, TypeError for non-bytes data; errors of the
+        artefact store (OSError, ArtefactStoreError) propagate after the artefacts already put are deleted.
+        Once ``add`` returns, row and artefacts are committed durably.
         """
         validate_record(record)
         kinds = list(artefacts)
@@ -156,33 +182,33 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
         if record.artefacts and sorted(record.artefacts) != sorted(kinds):
             raise ValueError(f"record.artefacts {record.artefacts} differ from the kinds given {kinds}")
         stored = replace(record, created_at=as_utc(record.created_at), artefacts=kinds)
-        directory = self.record_dir(stored.id, stored.created_at)
-        if directory.exists():
-            raise ValueError(f"inspection {stored.id} already exists: {directory} is present")
-
-        created_dir = False
+        if self.get(stored.id) is not None:
+            raise ValueError(f"inspection id {stored.id} already exists")
+        prefix = self.record_prefix(stored.id, stored.created_at)
+        written: list[str] = []
         try:
-            if kinds:
-                new_dirs = [d for d in (directory, *directory.parents) if not d.exists()]
-                directory.mkdir(parents=True)
-                created_dir = True
-                for kind, data in artefacts.items():
-                    write_atomic(directory / f"{kind}.png", bytes(data))
-                for d in (directory, *(p.parent for p in new_dirs)):
-                    fsync_dir(d)
+            for kind, data in artefacts.items():
+                written.append(f"{prefix}{kind}.png")
+                self.artefacts.put(written[-1], bytes(data))
             with self._sessions() as session, session.begin():
                 session.add(record_to_row(stored))
                 if idempotency is not None:
                     session.add(IdempotencyRow(**{k: getattr(idempotency, k) for k in IDEMPOTENCY_FIELDS}))
         except IntegrityError as exc:
-            if created_dir:
-                self._remove_dir(directory)
+            self._remove_quietly(written)
             raise ValueError(f"inspection id {stored.id} or its idempotency key already exists") from exc
         except BaseException:
-            if created_dir:
-                self._remove_dir(directory)
+            self._remove_quietly(written)
             raise
         return stored
+
+    def _remove_quietly(self, keys: list[str]) -> None:
+        """Clean-up after a failed ``add``: the original error is the one to report, this one is only logged."""
+        for key in keys:
+            try:
+                self.artefacts.delete(key)
+            except Exception as exc:  # noqa: BLE001 - an orphan is harmless, a masked error is not
+                logger.warning("could not remove orphan artefact %s: %s", key, exc)
 
     def get(self, record_id: str) -> InspectionRecord | None:
         """The record with this id, or None."""
@@ -190,11 +216,8 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
             row = session.get(InspectionRow, record_id)
             return None if row is None else row_to_record(row)
 
-    def artefact_path(self, record_id: str, kind: str) -> Path | None:
-        """Path of a stored PNG, or None for an unknown id or a kind not stored with that record.
-
-        Raises FileNotFoundError when the record lists the kind but its file is gone (damaged data_dir).
-        """
+    def artefact_key(self, record_id: str, kind: str) -> str | None:
+        """Key of a stored PNG, or None for an unknown id or a kind not stored with that record."""
         if not KIND_RE.match(kind or ""):
             return None
         with self._sessions() as session:
@@ -203,21 +226,36 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
             ).first()
         if found is None or kind not in found.artefacts:
             return None
-        path = self.record_dir(record_id, found.created_at) / f"{kind}.png"
-        if not path.is_file():
-            raise FileNotFoundError(f"artefact {kind!r} of inspection {record_id} is missing: {path}")
-        return path
+        return f"{self.record_prefix(record_id, found.created_at)}{kind}.png"
+
+    def read_artefact(self, record_id: str, kind: str) -> bytes | None:
+        """The bytes of a stored PNG, or None (see :meth:`artefact_key`).
+
+        Raises ArtefactMissingError when the record lists the kind but the store has lost it (damaged store).
+        """
+        key = self.artefact_key(record_id, kind)
+        if key is None:
+            return None
+        try:
+            return self.artefacts.get(key)
+        except ArtefactMissingError:
+            raise ArtefactMissingError(
+                f"artefact {kind!r} of inspection {record_id} is missing from {self.artefacts.location}: {key}"
+            ) from None
 
     def thumbnail(self, record_id: str) -> bytes | None:
-        """The JPEG thumbnail of a record's overlay, rendered on first use and cached beside it; None without one."""
-        overlay = self.artefact_path(record_id, "overlay")
+        """The JPEG thumbnail of a record's overlay, rendered on first use and cached beside it in the artefact
+        store (``<prefix>thumb.jpg``, deleted with the record); None without an overlay."""
+        overlay = self.artefact_key(record_id, "overlay")
         if overlay is None:
             return None
-        cached = overlay.parent / THUMB_NAME
-        if cached.is_file():
-            return cached.read_bytes()
-        data = render_thumbnail(overlay.read_bytes())
-        write_atomic(cached, data)
+        cached = overlay.rsplit("/", 1)[0] + "/" + THUMB_NAME
+        try:
+            return self.artefacts.get(cached)
+        except ArtefactMissingError:
+            pass
+        data = render_thumbnail(self.read_artefact(record_id, "overlay"))
+        self.artefacts.put(cached, data)
         return data
 
     def list(
@@ -287,9 +325,24 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
     # ---------------------------------------------------------------------------------------------- products
 
     def get_product(self, name: str) -> ProductProfile | None:
+        """The stored profile, read now."""
         with self._sessions() as session:
             row = session.get(ProductRow, name)
             return None if row is None else row_to_profile(row)
+
+    def current_product(self, name: str) -> ProductProfile | None:
+        """The profile to judge an inspection with: a copy at most ``refresh_s`` old, then checked against the
+        stored ``updated_at`` (see :mod:`service.storage.shared`); a change through another replica is used within
+        ``refresh_s``, one through this store at once."""
+        return self._shared.get(("product", name), lambda: self._product_version(name), lambda: self._product(name))
+
+    def _product_version(self, name: str) -> datetime | None:
+        with self._sessions() as session:
+            return session.scalar(select(ProductRow.updated_at).where(ProductRow.name == name))
+
+    def _product(self, name: str) -> tuple[datetime | None, ProductProfile | None]:
+        profile = self.get_product(name)
+        return (None if profile is None else profile.updated_at), profile
 
     def put_product(self, profile: ProductProfile) -> ProductProfile:
         """Insert or replace a product profile; ``updated_at`` is set to now. Returns the stored profile."""
@@ -297,6 +350,7 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
         stored = replace(profile, updated_at=utcnow())
         with self._sessions() as session, session.begin():
             session.merge(ProductRow(**{k: getattr(stored, k) for k in stored.__dataclass_fields__}))
+        self._shared.invalidate(("product", profile.name))
         return stored
 
     def list_products(self) -> list[ProductProfile]:
@@ -309,14 +363,38 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
     def enforce_retention(self, max_age_days: float | None, max_count: int | None, now: datetime | None = None) -> int:
         """Delete records with ``created_at < now - max_age_days`` and those beyond the newest ``max_count``.
 
-        Either limit may be None (not applied). Rows go first (committed), then their artefact folders and any
-        date folders left empty. Returns the number of records deleted.
+        Either limit may be None (not applied). Rows go first (committed), then their artefacts. Returns the
+        number of records deleted; 0 without doing anything when another replica holds the retention lock.
         """
         if max_age_days is not None and not max_age_days >= 0:
             raise ValueError(f"max_age_days must be >= 0, got {max_age_days}")
         if max_count is not None and max_count < 0:
             raise ValueError(f"max_count must be >= 0, got {max_count}")
         now = utcnow() if now is None else as_utc(now, "now")
+        with self.retention_lock() as acquired:
+            if not acquired:
+                logger.info("retention: another replica is running a pass; skipped")
+                return 0
+            return self._delete_expired(max_age_days, max_count, now)
+
+    @contextmanager
+    def retention_lock(self) -> Iterator[bool]:
+        """Yields whether this process may run retention now: on PostgreSQL a session advisory lock shared by every
+        replica (``pg_try_advisory_lock``, released on exit or when the connection dies); elsewhere always True."""
+        if not self.is_postgres:
+            yield True
+            return
+        with self._engine.connect() as conn:
+            acquired = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": RETENTION_LOCK_ID}).scalar())
+            conn.commit()
+            try:
+                yield acquired
+            finally:
+                if acquired:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": RETENTION_LOCK_ID})
+                    conn.commit()
+
+    def _delete_expired(self, max_age_days: float | None, max_count: int | None, now: datetime) -> int:
         row = InspectionRow
         doomed: dict[str, datetime] = {}
         with self._sessions() as session:
@@ -337,27 +415,34 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
         failed = []
         for record_id in ids:
             try:
-                self._remove_dir(self.record_dir(record_id, doomed[record_id]), strict=True)
-            except OSError as exc:
+                self.artefacts.delete_prefix(self.record_prefix(record_id, doomed[record_id]))
+            except Exception as exc:  # noqa: BLE001 - collected; one error names them all
                 failed.append(f"{record_id}: {exc}")
         if failed:
-            raise OSError(f"{len(ids)} records deleted but {len(failed)} artefact folders not removed: {failed[:3]}")
+            raise OSError(f"{len(ids)} records deleted but the artefacts of {len(failed)} not removed: {failed[:3]}")
         return len(ids)
 
-    def _remove_dir(self, directory: Path, strict: bool = False) -> None:
-        """Remove a record folder and the date folders above it that became empty (never ``data_dir``).
 
-        strict=False is for clean-up after a failed ``add``, where the original error is the one to report.
-        """
-        if not strict:
-            shutil.rmtree(directory, ignore_errors=True)
-        elif directory.exists():  # a record stored without artefacts has no folder
-            shutil.rmtree(directory)
-        root = self.data_dir.resolve()
-        parent = directory.parent
-        while parent.resolve() != root and root in parent.resolve().parents:
-            try:
-                parent.rmdir()
-            except OSError:
-                break  # not empty (or already gone)
-            parent = parent.parent
+class StorageUnavailableError(RuntimeError):
+    """The database or the artefact store cannot be used; the message is one line naming which and why."""
+
+
+def open_store(
+    database_url: str, artefacts: ArtefactStore, refresh_s: float = 5.0, data_dir: Path | str | None = None
+) -> InspectionStore:
+    """An InspectionStore whose database answered and whose artefact store passed ``check()``.
+
+    Raises StorageUnavailableError (one line, password hidden) otherwise; nothing falls back to another store.
+    """
+    shown = make_url(database_url).render_as_string(hide_password=True)
+    try:
+        store = InspectionStore(database_url, artefacts, refresh_s, data_dir)
+    except (SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: a schema the migrations refuse
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StorageUnavailableError(f"database {shown} unavailable: {cause}") from None
+    try:
+        artefacts.check()
+    except ArtefactStoreError as exc:
+        store.close()
+        raise StorageUnavailableError(f"artefact store unavailable: {exc}") from None
+    return store
