@@ -180,7 +180,7 @@ def test_first_release_database_upgrades_with_records_intact(db_url, tmp_path):
             {"model": 40.25},
             ["heatmap"],
         )
-        assert store.artefact_path(ROWS[0]["id"], "heatmap").read_bytes() == b"\x89PNG old"
+        assert store.read_artefact(ROWS[0]["id"], "heatmap") == b"\x89PNG old"  # the old layout, read through
         second = store.get(ROWS[1]["id"])
         assert (second.created_at, second.product, second.regions, second.artefacts) == (T2, None, [], [])
         product = store.get_product("bottle")
