@@ -16,8 +16,15 @@ fi
 PG_BIN="$(_pg_bin)"
 [ -n "$PG_BIN" ] || { echo "postgres: no server binaries after installing postgresql" >&2; exit 1; }
 
-if [ "$(id -u)" = 0 ]; then PG_USER=postgres; _pg_as() { runuser -u postgres -- "$@"; }; else PG_USER="$(id -un)"; _pg_as() { "$@"; }; fi
 PG_DIR="$(mktemp -d /tmp/dhr-ci-pg.XXXXXX)"
+# run from the cluster folder: the postgres account may not be allowed into the clone's folder
+if [ "$(id -u)" = 0 ]; then
+    PG_USER=postgres
+    _pg_as() { (cd "$PG_DIR" && runuser -u postgres -- "$@"); }
+else
+    PG_USER="$(id -un)"
+    _pg_as() { "$@"; }
+fi
 chmod 755 "$PG_DIR"
 [ "$(id -u)" = 0 ] && chown "$PG_USER" "$PG_DIR"
 PG_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
