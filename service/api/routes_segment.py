@@ -255,7 +255,7 @@ async def segment(
 
 def stored_pngs(store: InspectionStore, records: list) -> list[dict[str, bytes]]:
     """Blocking: the stored PNGs of each record, ``{kind: bytes}``."""
-    return [{k: store.artefact_path(r.id, k).read_bytes() for k in ARTEFACT_KINDS} for r in records]
+    return [{k: store.read_artefact(r.id, k) for k in ARTEFACT_KINDS} for r in records]
 
 
 async def analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_start, key_fp):
