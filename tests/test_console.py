@@ -103,12 +103,12 @@ def test_thumbnails_are_rendered_once_and_go_with_their_record(tmp_path):
         old, new = _add(store, minutes_ago=10), _add(store, minutes_ago=1)
         r = client.get(f"/ui/thumbs/{old.id}.jpg")
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
-        cached = store.artefact_path(old.id, "overlay").parent / "thumb.jpg"
-        assert cached.read_bytes() == r.content
-        cached.write_bytes(b"\xff\xd8cached")  # a second request serves the cached file, not a new rendering
+        cached = store.artefact_key(old.id, "overlay").rsplit("/", 1)[0] + "/thumb.jpg"  # beside the overlay
+        assert store.artefacts.get(cached) == r.content
+        store.artefacts.put(cached, b"\xff\xd8cached")  # a second request serves the cached one, not a new rendering
         assert client.get(f"/ui/thumbs/{old.id}.jpg").content == b"\xff\xd8cached"
         assert store.enforce_retention(None, max_count=1) == 1
-        assert not cached.parent.exists() and store.artefact_path(new.id, "overlay").is_file()
+        assert not store.artefacts.exists(cached) and store.read_artefact(new.id, "overlay") is not None
         assert client.get(f"/ui/thumbs/{old.id}.jpg").status_code == 404
 
 
