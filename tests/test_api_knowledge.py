@@ -133,4 +133,5 @@ def test_review_zone_verdicts_are_counted_and_thresholds_must_be_ordered(tmp_pat
         res = client.post("/segment", data={"product": "p"}, files=_files("image", [5])).json()["results"][0]
         assert res["verdict"] == "review" and not math.isnan(res["score"])
         assert client.get("/health").json()["counts"]["review"] == 1
-        assert 'dhr_images_total{verdict="review"} 1.0' in client.get("/metrics").text
+        replica = client.get("/health").json()["replica"]
+        assert f'dhr_images_total{{replica="{replica}",verdict="review"}} 1.0' in client.get("/metrics").text

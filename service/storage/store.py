@@ -336,13 +336,26 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge):
         ``refresh_s``, one through this store at once."""
         return self._shared.get(("product", name), lambda: self._product_version(name), lambda: self._product(name))
 
-    def _product_version(self, name: str) -> datetime | None:
-        with self._sessions() as session:
-            return session.scalar(select(ProductRow.updated_at).where(ProductRow.name == name))
+    def _product_version(self, name: str) -> ProductProfile | None:
+        """The version token of a profile: the whole (small) row, so that every change counts, also those of
+        memories and calibrations that keep ``updated_at``."""
+        return self.get_product(name)
 
-    def _product(self, name: str) -> tuple[datetime | None, ProductProfile | None]:
+    def _product(self, name: str) -> tuple[ProductProfile | None, ProductProfile | None]:
         profile = self.get_product(name)
-        return (None if profile is None else profile.updated_at), profile
+        return profile, profile
+
+    def set_memory(self, product: str, *args, **kwargs) -> ProductProfile:
+        try:
+            return super().set_memory(product, *args, **kwargs)
+        finally:
+            self._shared.invalidate(("product", product))
+
+    def put_calibration(self, record, profile: ProductProfile) -> ProductProfile:
+        try:
+            return super().put_calibration(record, profile)
+        finally:
+            self._shared.invalidate(("product", profile.name))
 
     def put_product(self, profile: ProductProfile) -> ProductProfile:
         """Insert or replace a product profile; ``updated_at`` is set to now. Returns the stored profile."""
