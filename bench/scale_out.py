@@ -43,8 +43,8 @@ def wait_replicas(client: httpx.Client, want: int, timeout_s: float = 300.0) -> 
             time.sleep(0.3)
 
 
-def measure(env: dict[str, str], replicas: int, images: list[bytes], clients: int) -> dict:
-    """Images/s of ``replicas`` replicas for ``len(images)`` requests from ``clients`` threads."""
+def measure(env: dict[str, str], replicas: int, images: list[bytes], clients: int, count: int) -> dict:
+    """Images/s of ``replicas`` replicas for ``count`` requests (cycling over ``images``) from ``clients`` threads."""
     with RayServe(env, replicas=replicas) as ray, httpx.Client(base_url=ray.url, timeout=300) as client:
         wait_replicas(client, replicas)
 
@@ -57,12 +57,12 @@ def measure(env: dict[str, str], replicas: int, images: list[bytes], clients: in
         with ThreadPoolExecutor(max_workers=clients) as pool:
             list(pool.map(post, range(2 * clients)))  # warm-up: first batches, connections, caches
             t0 = time.perf_counter()
-            served = list(pool.map(post, range(len(images))))
+            served = list(pool.map(post, range(count)))
             seconds = time.perf_counter() - t0
         per_replica = {name: served.count(name) for name in sorted(set(served))}
         return {
             "replicas": replicas,
-            "images_per_s": len(images) / seconds,
+            "images_per_s": count / seconds,
             "seconds": seconds,
             "per_replica": list(per_replica.values()),
             "start_s": ray.start_s,
@@ -108,7 +108,7 @@ def main() -> int:
     storage = f"{env['DHR_DATABASE_URL'].split(':')[0]} + {'s3 (moto)' if args.s3 else 'folder'}"
     print(f"scale-out: preset {args.preset}, {args.images} images of {args.size}px, {args.clients} clients, {storage}")
     try:
-        results = [measure(env, n, images, args.clients) for n in (1, 2)]
+        results = [measure(env, n, images, args.clients, args.images) for n in (1, 2)]
     finally:
         if moto is not None:
             moto.terminate()
