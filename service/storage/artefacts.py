@@ -24,13 +24,14 @@ Backends, chosen by :func:`open_artefact_store` from ``DHR_ARTEFACT_URL``:
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlparse
+
+from service.storage.files import fsync_dir, write_atomic
 
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 _S3_DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
@@ -83,17 +84,6 @@ class ArtefactStore(Protocol):
     def check(self) -> None: ...
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalArtefactStore:
     """Artefacts as files under ``root`` (created if absent); key ``a/b/c.png`` is the file ``root/a/b/c.png``."""
 
@@ -110,19 +100,13 @@ class LocalArtefactStore:
         path = self.path(key)
         new_dirs = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(bytes(data))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, bytes(data))
         except BaseException:
-            tmp.unlink(missing_ok=True)
             self._prune(path.parent)
             raise
         for d in (path.parent, *(d.parent for d in new_dirs)):
-            _fsync_dir(d)
+            fsync_dir(d)
 
     def get(self, key: str) -> bytes:
         try:
