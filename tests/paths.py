@@ -11,3 +11,6 @@ FIXTURES = SHARED / "fixtures" / "reference_parity"
 TINY_CLIP = FIXTURES / "clip_tiny_openai_format.pt"
 REF_PROMPTS = FIXTURES / "prompt_learner_checkpoint.pth"
 REAL_DEFECTS = SHARED / "data" / "real_defects"
+
+# The tiny fixture CLIP with its reference prompts at preset fast, as command-line options of predict/evaluate
+TINY_MODEL_ARGS = ("--backbone", str(TINY_CLIP), "--prompts", str(REF_PROMPTS), "--preset", "fast")

@@ -12,7 +12,7 @@ from PIL import Image
 from service.cli import main
 from service.model import build_model, load_views
 
-from .paths import FIXTURES, REAL_DEFECTS, REF_PROMPTS, TINY_CLIP
+from .paths import FIXTURES, REAL_DEFECTS, REF_PROMPTS, TINY_MODEL_ARGS
 
 
 def _inputs(tmp_path):
@@ -38,12 +38,7 @@ def test_predict_writes_every_output_and_survives_a_bad_file(tmp_path, capsys, t
         [
             "predict",
             *map(str, inputs),
-            "--backbone",
-            str(TINY_CLIP),
-            "--prompts",
-            str(REF_PROMPTS),
-            "--preset",
-            "fast",
+            *TINY_MODEL_ARGS,
             "--out",
             str(out),
             "--save-maps",

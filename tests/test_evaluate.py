@@ -37,7 +37,7 @@ from service.evaluate.runner import (
 )
 from service.model import IMAGE_SCORES, get_preset, load_model, load_views
 
-from .paths import REAL_DEFECTS, REF_PROMPTS, TINY_CLIP
+from .paths import REAL_DEFECTS, REF_PROMPTS, TINY_CLIP, TINY_MODEL_ARGS
 
 FAST = get_preset("fast")  # 336 / 224 / 448: the four 224 crops tile the 448 square exactly
 
@@ -375,12 +375,7 @@ def _args(**over) -> argparse.Namespace:
     argv = [
         "--data",
         str(REAL_DEFECTS),
-        "--backbone",
-        str(TINY_CLIP),
-        "--prompts",
-        str(REF_PROMPTS),
-        "--preset",
-        "fast",
+        *TINY_MODEL_ARGS,
         "--classes",
         "steel_sd900",
         "--limit",
@@ -427,12 +422,7 @@ def test_cli_main_end_to_end(tmp_path, capsys):
         "evaluate",
         "--data",
         str(REAL_DEFECTS / "steel_sd900"),
-        "--backbone",
-        str(TINY_CLIP),
-        "--prompts",
-        str(REF_PROMPTS),
-        "--preset",
-        "fast",
+        *TINY_MODEL_ARGS,
         "--limit",
         "1",
         "--protocol",

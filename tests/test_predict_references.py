@@ -14,18 +14,13 @@ from service.cli import main
 from service.model import build_model, load_views
 from service.model.memory import memory_from_features
 
-from .paths import REAL_DEFECTS, REF_PROMPTS, TINY_CLIP
+from .paths import REAL_DEFECTS, TINY_MODEL_ARGS
 
 TILES = REAL_DEFECTS / "magnetic_tile"
 
 
 def _argv(refs, out, image) -> list[str]:
-    return ["predict", str(image), "--references", str(refs), "--out", str(out), "--preset", "fast"] + [
-        "--backbone",
-        str(TINY_CLIP),
-        "--prompts",
-        str(REF_PROMPTS),
-    ]
+    return ["predict", str(image), "--references", str(refs), "--out", str(out), *TINY_MODEL_ARGS]
 
 
 def _stack(images, preset):
