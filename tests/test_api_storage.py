@@ -31,8 +31,39 @@ def test_inspections_go_to_the_bucket_and_nothing_to_the_data_dir(tmp_path, s3_b
         assert decode_png(png.content).size == (48, 40)
         body = boto3.client("s3").get_object(Bucket=s3_bucket, Key=f"line-7/{day}/{res['id']}/overlay.png")["Body"]
         assert body.read() == png.content
+        _references_go_to_the_bucket(client, s3_bucket)
     found = sorted(p.name for p in (tmp_path / "data").rglob("*") if p.is_file())
     assert all(name.startswith("inspections.db") for name in found), found  # only a SQLite file, no PNG
+
+
+def _references_go_to_the_bucket(client: TestClient, bucket: str) -> None:
+    """Reference images, their features and the memory built from them are objects under the same prefix."""
+    s3 = boto3.client("s3")
+
+    def keys(under: str) -> list[str]:
+        return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=under).get("Contents", ()))
+
+    assert client.put("/products/cap", json={"image_threshold": 0.5, "pixel_threshold": 0.5}).status_code == 200
+    files = [png_file("good-1.png", 5, (48, 40)), png_file("good-2.png", 6, (48, 40))]
+    r = client.post("/products/cap/references", files=files)
+    assert r.status_code == 201, r.text
+    first, second = (item["id"] for item in r.json()["items"])
+    version = r.json()["memory"]["version"]
+    assert keys("line-7/references/") == [
+        f"line-7/references/{ref}/{name}" for ref in (first, second) for name in ("features.safetensors", "image.bin")
+    ]
+    assert keys("line-7/memories/") == [f"line-7/memories/{version}.safetensors"]
+    stored = s3.get_object(Bucket=bucket, Key=f"line-7/references/{first}/image.bin")["Body"].read()
+    assert stored == files[0][1][1]  # the uploaded bytes, exactly
+    seg = client.post("/segment", files=[png_file("b.png", 7, (48, 40))], data={"product": "cap"})
+    assert seg.status_code == 200 and seg.json()["results"][0]["memory_version"] == version
+
+    assert client.delete(f"/products/cap/references/{first}").status_code == 204
+    rebuilt = client.get("/products/cap/references").json()["memory"]["version"]
+    assert keys("line-7/references/") == [
+        f"line-7/references/{second}/{n}" for n in ("features.safetensors", "image.bin")
+    ]
+    assert keys("line-7/memories/") == [f"line-7/memories/{rebuilt}.safetensors"] and rebuilt != version
 
 
 def _assert_unready_with(client: TestClient, caplog, reason: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def paths(request, database_url: str, tmp_path: Path) -> tuple[str, ArtefactStor
 
 @pytest.fixture
 def store(paths, tmp_path):
-    s = InspectionStore(*paths, data_dir=tmp_path / "knowledge")
+    s = InspectionStore(*paths)
     yield s
     s.close()
 
@@ -317,33 +318,93 @@ def test_ids_are_unique_and_time_ordered():
     assert default.id > ids[-1] and default.created_at.tzinfo is UTC
 
 
-def test_references_are_all_or_nothing_and_memories_replace_each_other(store, paths):
-    from service.storage.models import MemoryInfo, ReferenceImage
+def _ref(product: str = "bottle"):
+    from service.storage.models import ReferenceImage
 
-    def ref(product: str) -> ReferenceImage:
-        return ReferenceImage(
-            product=product, filename="a.png", sha256="0" * 64, width=4, height=3, nbytes=5, model_key="k"
-        )
+    return ReferenceImage(
+        product=product, filename="a.png", sha256="0" * 64, width=4, height=3, nbytes=5, model_key="k"
+    )
 
+
+def _memory(version: str, tokens: int = 7):
+    from service.storage.models import MemoryInfo
+
+    return MemoryInfo(version=version, product="bottle", model_key="k", n_references=2, tokens=tokens, nbytes=9)
+
+
+def test_references_and_memories_live_in_the_artefact_store(store, paths):
+    """References all-or-nothing, memories replacing each other: every byte under its key in the artefact store
+    (a local folder with SQLite, an S3 bucket with PostgreSQL)."""
+    artefacts = paths[1]
     store.put_product(ProductProfile(name="bottle", image_threshold=0.5, pixel_threshold=0.5, image_score="max"))
     with pytest.raises(ValueError, match="no profile for product 'nope'"):
-        store.add_references([(ref("bottle"), b"img-1", b"feat-1"), (ref("nope"), b"img-2", b"feat-2")])
-    assert store.list_references("bottle") == []
-    assert not (store.data_dir / "references").exists() or not any((store.data_dir / "references").iterdir())
-    stored = store.add_references([(ref("bottle"), b"img-1", b"feat-1"), (ref("bottle"), b"img-2", b"feat-2")])
+        store.add_references([(_ref(), b"img-1", b"feat-1"), (_ref("nope"), b"img-2", b"feat-2")])
+    assert store.list_references("bottle") == [] and artefacts.keys() == []
+    stored = store.add_references([(_ref(), b"img-1", b"feat-1"), (_ref(), b"img-2", b"feat-2")])
     assert [r.id for r in store.list_references("bottle")] == [r.id for r in stored]
-    assert store.read_reference_features(stored[1].id) == b"feat-2"
-    assert store.reference_image_path(stored[0].id).read_bytes() == b"img-1"
+    a, b = (r.id for r in stored)
+    assert artefacts.keys() == [f"references/{a}/features.safetensors", f"references/{a}/image.bin"] + [
+        f"references/{b}/features.safetensors",
+        f"references/{b}/image.bin",
+    ]
+    assert store.read_reference_features(b) == b"feat-2" and store.read_reference_image(a) == b"img-1"
+    with pytest.raises(ValueError, match=f"reference {a} already exists"):
+        store.add_references([(replace(stored[0], filename="again.png"), b"x", b"y")])
+    assert store.read_reference_image(a) == b"img-1"
 
-    info = MemoryInfo(version="a" * 16, product="bottle", model_key="k", n_references=2, tokens=7, nbytes=9)
-    assert store.set_memory("bottle", info, b"mem-a").memory_version == "a" * 16
-    info_b = MemoryInfo(version="b" * 16, product="bottle", model_key="k", n_references=1, tokens=3, nbytes=4)
-    store.set_memory("bottle", info_b, b"mem-b")
-    assert store.get_memory("a" * 16) is None and not store.memory_path("a" * 16).exists()
-    assert store.memory_path("b" * 16).read_bytes() == b"mem-b" and store.get_memory("b" * 16).tokens == 3
-    assert store.delete_reference("bottle", stored[0].id) and not store.delete_reference("other", stored[1].id)
-    assert not store.reference_dir(stored[0].id).exists()
+    assert store.set_memory("bottle", _memory("a" * 16), b"mem-a").memory_version == "a" * 16
+    store.set_memory("bottle", _memory("b" * 16, tokens=3), b"mem-b")
+    assert store.get_memory("a" * 16) is None and not artefacts.exists("memories/" + "a" * 16 + ".safetensors")
+    assert store.read_memory("b" * 16) == b"mem-b" and store.get_memory("b" * 16).tokens == 3
+    assert store.delete_reference("bottle", a) and not store.delete_reference("other", b)
+    assert artefacts.keys("references/") == [f"references/{b}/features.safetensors", f"references/{b}/image.bin"]
+    with pytest.raises(ArtefactMissingError, match=a):
+        store.read_reference_image(a)
     assert store.set_memory("bottle", None).memory_version is None and store.get_memory("b" * 16) is None
+    assert artefacts.keys("memories/") == []
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_a_failed_reference_put_leaves_no_object_and_no_row(paths, fail_at):
+    failing = FailingPuts(paths[1], fail_at=fail_at)
+    with InspectionStore(paths[0], failing) as store:
+        store.put_product(ProductProfile(name="bottle", image_threshold=0.5, pixel_threshold=0.5, image_score="max"))
+        with pytest.raises(OSError, match="disk full"):
+            store.add_references([(_ref(), b"img-1", b"feat-1"), (_ref(), b"img-2", b"feat-2")])
+        assert store.list_references("bottle") == [] and paths[1].keys() == []
+
+
+def test_a_failed_memory_commit_removes_its_object(store, paths):
+    with pytest.raises(ValueError, match="no profile for product 'bottle'"):
+        store.set_memory("bottle", _memory("c" * 16), b"mem-c")
+    assert paths[1].keys() == [] and store.get_memory("c" * 16) is None
+
+
+def test_knowledge_files_of_an_earlier_version_stay_readable(tmp_path, paths):
+    """Before the artefact store held them, references and memories were files under the data directory: with the
+    default local store (root = data dir) they are read where they are; with another store they move into it."""
+    from service.storage.artefacts import LocalArtefactStore
+    from service.storage.store import open_store
+
+    old = tmp_path / "data"
+    ref_id = new_inspection_id()
+    (old / "references" / ref_id).mkdir(parents=True)
+    (old / "references" / ref_id / "image.bin").write_bytes(b"old-image")
+    (old / "references" / ref_id / "features.safetensors").write_bytes(b"old-features")
+    (old / "memories").mkdir()
+    (old / "memories" / ("d" * 16 + ".safetensors")).write_bytes(b"old-memory")
+    files = sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file())
+
+    with open_store(paths[0], LocalArtefactStore(old), data_dir=old) as same:  # the default: nothing moves
+        assert same.read_reference_image(ref_id) == b"old-image" and same.read_memory("d" * 16) == b"old-memory"
+    assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file()) == files
+
+    with open_store(paths[0], paths[1], data_dir=old) as moved:  # DHR_ARTEFACT_URL elsewhere: adopted on open
+        assert paths[1].keys() == files
+        assert moved.read_reference_features(ref_id) == b"old-features" and moved.read_memory("d" * 16) == b"old-memory"
+    assert sorted(p.name for p in old.iterdir()) == []  # nothing left behind to be confused with the store's copy
+    with open_store(paths[0], paths[1], data_dir=old) as again:  # a second open has nothing to move
+        assert again.read_reference_image(ref_id) == b"old-image"
 
 
 def test_one_retention_pass_at_a_time_across_replicas(paths):

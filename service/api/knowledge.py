@@ -33,7 +33,7 @@ def product_memory(engine: Engine, store: InspectionStore, profile: ProductProfi
     version = profile.memory_version
     if version is None:
         return None
-    return engine.memories.get(version, lambda: memory_from_bytes(store.memory_path(version).read_bytes()))
+    return engine.memories.get(version, lambda: memory_from_bytes(store.read_memory(version)))
 
 
 def reference_features(engine: Engine, store: InspectionStore, product: str) -> tuple[list[str], list]:

@@ -1,25 +1,32 @@
 """Product knowledge in the store: reference images, normal memories and calibrations (mixed into InspectionStore).
 
-Layout under ``data_dir``::
+The bytes go through the artefact store (a local folder or an S3 bucket, like the inspections' PNGs) under::
 
     references/<id>/image.bin             the uploaded bytes, exactly as received
     references/<id>/features.safetensors  the model features of that image (bytes made by the engine)
     memories/<version>.safetensors        a product's built normal memory (bytes made by the engine)
 
-Write order as for inspections: files first (atomic, fsynced), then the rows in one transaction; a failure removes
-the files written. ``add_references`` is all-or-nothing for the whole list. The product row holds the versions in
-use (``memory_version``, ``calibration_version``), so a replica can compare them with what it has cached.
+With the default local store (its root is ``DHR_DATA_DIR``) these keys are the files the first release of product
+knowledge wrote under the data directory, so an existing data directory is read as it is. When the artefacts live
+elsewhere (``DHR_ARTEFACT_URL``), files left under ``<data_dir>/references`` and ``<data_dir>/memories`` by an
+earlier version are moved into the artefact store when the store opens (:meth:`ProductKnowledge.adopt_local_knowledge`).
+
+Write order as for inspections: the objects first (each put durable), then the rows in one transaction; a failure
+removes the objects written. ``add_references`` is all-or-nothing for the whole list. The product row holds the
+versions in use (``memory_version``, ``calibration_version``) and is what replicas compare with their copy
+(``current_product``); a memory's key is its content version, so its bytes never change under a cached copy.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import delete, select
 
-from service.storage.files import fsync_dir, write_atomic
+from service.storage.artefacts import ArtefactStore, LocalArtefactStore
 from service.storage.models import (
     ID_RE,
     CalibrationRecord,
@@ -37,49 +44,54 @@ from service.storage.models import (
     utcnow,
 )
 
+logger = logging.getLogger("dhrclip.storage")
+
 IMAGE_FILE = "image.bin"
 FEATURES_FILE = "features.safetensors"
+KNOWLEDGE_FOLDERS = ("references", "memories")
+
+
+def reference_prefix(ref_id: str) -> str:
+    """Key prefix of a reference's objects, ``references/<id>/``; ValueError for a malformed id."""
+    if not ID_RE.match(ref_id or ""):
+        raise ValueError(f"reference id must be 28 lowercase hex digits, got {ref_id!r}")
+    return f"references/{ref_id}/"
+
+
+def memory_key(version: str) -> str:
+    return f"memories/{version}.safetensors"
 
 
 class ProductKnowledge:
     """Methods of :class:`~service.storage.InspectionStore` for references, memories and calibrations."""
 
-    data_dir: Path
+    artefacts: ArtefactStore
 
     # -------------------------------------------------------------------------------------------- references
-
-    def reference_dir(self, ref_id: str) -> Path:
-        if not ID_RE.match(ref_id or ""):
-            raise ValueError(f"reference id must be 28 lowercase hex digits, got {ref_id!r}")
-        return self.data_dir / "references" / ref_id
 
     def add_references(self, items: list[tuple[ReferenceImage, bytes, bytes]]) -> list[ReferenceImage]:
         """Store ``(reference, image bytes, feature bytes)`` for every item, or nothing (all-or-nothing).
 
         Raises ValueError for an unknown product or a reference id already present.
         """
-        written: list[Path] = []
+        written: list[str] = []
         stored = [replace(ref, created_at=as_utc(ref.created_at)) for ref, _, _ in items]
         try:
             for ref, (_, image, features) in zip(stored, items, strict=True):
-                directory = self.reference_dir(ref.id)
-                if directory.exists():
-                    raise ValueError(f"reference {ref.id} already exists: {directory} is present")
-                directory.mkdir(parents=True)
-                written.append(directory)
-                write_atomic(directory / IMAGE_FILE, bytes(image))
-                write_atomic(directory / FEATURES_FILE, bytes(features))
-                fsync_dir(directory)
-            if written:
-                fsync_dir(written[0].parent)
+                prefix = reference_prefix(ref.id)
+                if self.artefacts.keys(prefix):
+                    raise ValueError(f"reference {ref.id} already exists: {self.artefacts.location}/{prefix}")
+                for name, data in ((IMAGE_FILE, image), (FEATURES_FILE, features)):
+                    self.artefacts.put(prefix + name, bytes(data))
+                    written.append(prefix + name)
             with self._sessions() as session, session.begin():
                 for product in {ref.product for ref in stored}:
                     if session.get(ProductRow, product) is None:
                         raise ValueError(f"no profile for product {product!r}")
                 session.add_all([to_row(ReferenceRow, ref) for ref in stored])
         except BaseException:
-            for directory in written:
-                shutil.rmtree(directory, ignore_errors=True)
+            for key in written:
+                self.artefacts.delete(key)
             raise
         return stored
 
@@ -92,11 +104,12 @@ class ProductKnowledge:
             return [from_row(ReferenceImage, r) for r in rows]
 
     def read_reference_features(self, ref_id: str) -> bytes:
-        """The feature bytes stored with a reference (FileNotFoundError when the data_dir lost them)."""
-        return (self.reference_dir(ref_id) / FEATURES_FILE).read_bytes()
+        """The feature bytes stored with a reference (ArtefactMissingError when the store lost them)."""
+        return self.artefacts.get(reference_prefix(ref_id) + FEATURES_FILE)
 
-    def reference_image_path(self, ref_id: str) -> Path:
-        return self.reference_dir(ref_id) / IMAGE_FILE
+    def read_reference_image(self, ref_id: str) -> bytes:
+        """The image bytes of a reference, exactly as uploaded (ArtefactMissingError when the store lost them)."""
+        return self.artefacts.get(reference_prefix(ref_id) + IMAGE_FILE)
 
     def delete_reference(self, product: str, ref_id: str) -> bool:
         """Remove a reference of ``product`` (row first, then its files). False when there is no such reference."""
@@ -107,24 +120,64 @@ class ProductKnowledge:
             if row is None or row.product != product:
                 return False
             session.delete(row)
-        shutil.rmtree(self.reference_dir(ref_id), ignore_errors=True)
+        self.artefacts.delete_prefix(reference_prefix(ref_id))
         return True
+
+    def adopt_local_knowledge(self, data_dir: Path | str) -> int:
+        """Move reference and memory files an earlier version kept under ``data_dir`` into the artefact store.
+
+        Nothing to do when the store is the local folder ``data_dir`` itself (the keys are those files). Else each
+        file is put under its key (the same relative path) unless the key is present, then removed locally; a
+        crash in between leaves a local copy that the next open removes. Returns the number of files moved.
+        """
+        root = Path(data_dir)
+        if isinstance(self.artefacts, LocalArtefactStore) and self.artefacts.root.resolve() == root.resolve():
+            return 0
+        files = sorted(
+            p for folder in KNOWLEDGE_FOLDERS if (root / folder).is_dir() for p in (root / folder).rglob("*")
+        )
+        moved = 0
+        for path in (p for p in files if p.is_file() and not p.name.startswith(".")):
+            key = path.relative_to(root).as_posix()
+            if not self.artefacts.exists(key):
+                self.artefacts.put(key, path.read_bytes())
+                moved += 1
+            path.unlink()
+        for folder in [*sorted((p for p in files if p.is_dir()), reverse=True), *(root / f for f in KNOWLEDGE_FOLDERS)]:
+            with contextlib.suppress(OSError):  # not empty (a file it could not move), or absent
+                folder.rmdir()
+        if moved:
+            logger.info("moved %d product-knowledge files from %s to %s", moved, root, self.artefacts.location)
+        return moved
 
     # ---------------------------------------------------------------------------------------------- memories
 
-    def memory_path(self, version: str) -> Path:
-        return self.data_dir / "memories" / f"{version}.safetensors"
+    def read_memory(self, version: str) -> bytes:
+        """The tensors of a stored memory (ArtefactMissingError when the store lost them)."""
+        return self.artefacts.get(memory_key(version))
 
     def set_memory(self, product: str, info: MemoryInfo | None, data: bytes | None = None) -> ProductProfile:
         """Make ``info`` (its tensors in ``data``) the product's memory, or clear it with None; returns the profile.
 
-        Memories the product used before are removed (rows, then files).
+        The memory's object is put before the rows commit (and deleted again when they fail, unless it was there
+        already); memories the product used before are removed (rows, then objects).
         """
-        if info is not None:
-            directory = self.memory_path(info.version).parent
-            directory.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.memory_path(info.version), bytes(data))
-            fsync_dir(directory)
+        new_key = None
+        if info is not None and not self.artefacts.exists(memory_key(info.version)):
+            new_key = memory_key(info.version)
+            self.artefacts.put(new_key, bytes(data))
+        try:
+            profile, old = self._commit_memory(product, info)
+        except BaseException:
+            if new_key is not None:
+                self.artefacts.delete(new_key)
+            raise
+        for version in old:
+            self.artefacts.delete(memory_key(version))
+        return profile
+
+    def _commit_memory(self, product: str, info: MemoryInfo | None) -> tuple[ProductProfile, list[str]]:
+        """The rows of :meth:`set_memory` in one transaction; returns the profile and the versions dropped."""
         with self._sessions() as session, session.begin():
             row = session.get(ProductRow, product)
             if row is None:
@@ -138,10 +191,7 @@ class ProductKnowledge:
                 session.add(to_row(MemoryRow, info))
             row.memory_version = keep
             row.updated_at = utcnow()
-            profile = row_to_profile(row)
-        for version in old:
-            self.memory_path(version).unlink(missing_ok=True)
-        return profile
+            return row_to_profile(row), list(old)
 
     def get_memory(self, version: str) -> MemoryInfo | None:
         with self._sessions() as session:

@@ -102,8 +102,7 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
     database_url: SQLAlchemy URL, e.g. ``sqlite:////var/lib/dhrclip/inspections.db`` or
     ``postgresql+psycopg://user@host/db``; artefacts: an artefact store, or a folder for a
     :class:`LocalArtefactStore` (created if absent); refresh_s: longest age of a shared-state copy before its
-    version is checked (``DHR_STATE_REFRESH_S``); data_dir: folder of the product-knowledge files (default: the
-    local artefact folder). Opening the store migrates its database in place to the newest
+    version is checked (``DHR_STATE_REFRESH_S``). Opening the store migrates its database in place to the newest
     schema (``service.storage.schema``).
     """
 
@@ -112,12 +111,8 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
         database_url: str,
         artefacts: ArtefactStore | Path | str,
         refresh_s: float = 5.0,
-        data_dir: Path | str | None = None,
     ) -> None:
         self.artefacts = artefacts if isinstance(artefacts, ArtefactStore) else LocalArtefactStore(artefacts)
-        # product knowledge files (references, memories): the local artefact folder, else ``data_dir``
-        local_root = getattr(self.artefacts, "root", None)
-        self.data_dir = Path(data_dir) if data_dir is not None else Path(local_root or "./data")
         self._shared = ReadThroughCache(refresh_s)
         url = make_url(database_url)
         kwargs: dict = {}
@@ -377,19 +372,25 @@ class StorageUnavailableError(RuntimeError):
 def open_store(
     database_url: str, artefacts: ArtefactStore, refresh_s: float = 5.0, data_dir: Path | str | None = None
 ) -> InspectionStore:
-    """An InspectionStore whose database answered and whose artefact store passed ``check()``.
+    """An InspectionStore whose database answered and whose artefact store passed ``check()``; product-knowledge
+    files an earlier version left under ``data_dir`` are then moved into the artefact store.
 
     Raises StorageUnavailableError (one line, password hidden) otherwise; nothing falls back to another store.
     """
     shown = make_url(database_url).render_as_string(hide_password=True)
     try:
-        store = InspectionStore(database_url, artefacts, refresh_s, data_dir)
+        store = InspectionStore(database_url, artefacts, refresh_s)
     except (SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: a schema the migrations refuse
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StorageUnavailableError(f"database {shown} unavailable: {cause}") from None
     try:
         artefacts.check()
+        if data_dir is not None:
+            store.adopt_local_knowledge(data_dir)
     except ArtefactStoreError as exc:
         store.close()
         raise StorageUnavailableError(f"artefact store unavailable: {exc}") from None
+    except BaseException:
+        store.close()
+        raise
     return store
