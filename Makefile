@@ -21,10 +21,13 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/dhrclip serve --host $(HOST) --port $(PORT)
 
-# Ray Serve on this machine (a local Ray cluster is started when none runs): the same app, DHR_RAY_* replicas.
-# Shared storage for several replicas: DHR_DATABASE_URL=postgresql+psycopg://... and DHR_ARTEFACT_URL=s3://...
+# Ray Serve on this machine: a Ray cluster that lives as long as the command (Ctrl-C stops both), its HTTP proxy on
+# HOST:PORT, the same DHR_* settings as `make serve`, one replica unless DHR_RAY_MAX_REPLICAS says more (several
+# replicas share storage: DHR_DATABASE_URL=postgresql+psycopg://... and DHR_ARTEFACT_URL=s3://...).
+# Onto a running cluster instead: serve deploy deploy/ray/serve_config.yaml
 serve-ray: $(STAMP)
-	$(VENV)/bin/serve run deploy/ray/serve_config.yaml
+	DHR_RAY_MAX_REPLICAS=$${DHR_RAY_MAX_REPLICAS:-1} $(PY) -m service.deploy.ray_serve --address local \
+		--host $(HOST) --port $(PORT) --block
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import json
 
 import pytest
 import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .api_fixtures import make_settings
 from .paths import ROOT
 
 pytest.importorskip("ray.serve")
+from ray.exceptions import ActorDiedError  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
+from starlette.requests import Request as StarletteRequest  # noqa: E402
 
-from service.deploy.ray_serve import DEPLOYMENT, deployment_options  # noqa: E402
+from service.deploy.ray_serve import DEPLOYMENT, Gateway, call_asgi, deployment_options  # noqa: E402
 
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve_config.yaml"
 RAYSERVICE = ROOT / "deploy" / "ray" / "rayservice.yaml"
@@ -65,3 +71,97 @@ def test_serve_config_and_rayservice_are_valid():
         kubernetes_validate.validate(pod, "1.30.0", strict=True)  # raises on an unknown or mistyped field
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
     assert worker["limits"]["nvidia.com/gpu"] == "1"
+
+
+def _echo_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/echo/{name}")
+    async def echo(name: str, request: Request):
+        body = await request.body()
+        text = f"{name} {request.query_params['q']} {request.headers['x-test']} {request.client.host} {body.decode()}"
+        return PlainTextResponse(text, status_code=201, headers={"x-out": "1"})
+
+    @app.get("/stream")
+    async def stream():
+        return StreamingResponse(iter([b"a,b\n", b"1,2\n"]), media_type="text/csv")
+
+    return app
+
+
+def test_a_forwarded_request_runs_through_the_app_whole():
+    app = _echo_app()
+    request = ("POST", "/echo/cap", b"q=7", [(b"x-test", b"yes")], b"body bytes", ("10.0.0.9", 5000))
+    status, headers, body = asyncio.run(call_asgi(app, request))
+    assert (status, body) == (201, b"cap 7 yes 10.0.0.9 body bytes") and (b"x-out", b"1") in headers
+    assert asyncio.run(call_asgi(app, ("GET", "/stream", b"", [], b"", None)))[::2] == (200, b"a,b\n1,2\n")
+    assert asyncio.run(call_asgi(app, ("GET", "/nowhere", b"", [], b"", None)))[0] == 404
+
+
+class _Replicas:
+    """A stand-in for the deployment handle: ``forward.remote`` fails with ActorDiedError ``deaths`` times."""
+
+    def __init__(self, deaths: int) -> None:
+        self.deaths, self.calls = deaths, []
+        self.forward = self
+
+    def remote(self, request):
+        self.calls.append(request)
+
+        async def answer():
+            if len(self.calls) <= self.deaths:
+                raise ActorDiedError()
+            return (
+                200,
+                [(b"content-type", b"text/plain"), (b"x-dhr-replica", b"r2"), (b"x-request-id", b"req-1")],
+                b"ok",
+            )
+
+        return answer()
+
+
+def _call_gateway(replicas: _Replicas, method: str, headers: list | None = None):
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": "/inspections/x",
+        "query_string": b"a=1",
+        "headers": headers or [],
+        "client": ("127.0.0.1", 1234),
+    }
+
+    async def receive():
+        return {"type": "http.request", "body": b"payload", "more_body": False}
+
+    return asyncio.run(Gateway(replicas)(StarletteRequest(scope, receive)))
+
+
+def test_the_gateway_retries_a_get_once_when_its_replica_dies():
+    replicas = _Replicas(deaths=1)
+    response = _call_gateway(replicas, "GET", [(b"x-request-id", b"req-1")])
+    assert (response.status_code, response.body, response.headers["x-dhr-replica"]) == (200, b"ok", "r2")
+    assert "x-request-id" not in response.headers  # Ray's proxy sets it once
+    assert len(replicas.calls) == 2 and replicas.calls[0] == replicas.calls[1]
+    method, path, query, headers, body, client = replicas.calls[0]
+    assert (method, path, query, body, client) == ("GET", "/inspections/x", b"a=1", b"payload", ("127.0.0.1", 1234))
+    assert headers == [(b"x-request-id", b"req-1")]
+
+
+@pytest.mark.parametrize(("method", "deaths"), [("POST", 1), ("GET", 2)])
+def test_a_replica_lost_mid_request_is_503_with_retry_after_never_500(method, deaths):
+    replicas = _Replicas(deaths=deaths)
+    response = _call_gateway(replicas, method)
+    assert len(replicas.calls) == deaths
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    body = json.loads(response.body)
+    request_id = dict(replicas.calls[0][3])[b"x-request-id"].decode()  # the id the replica was given
+    assert body == {
+        "type": "urn:dhrclip:problem:replica-lost",
+        "title": "Replica lost",
+        "status": 503,
+        "detail": body["detail"],
+        "instance": "/inspections/x",
+        "request_id": request_id,
+    }
+    assert "Idempotency-Key" in body["detail"] and len(request_id) == 32
