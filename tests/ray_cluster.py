@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,13 @@ class RayServe:
             "DHR_RAY_CPUS_PER_REPLICA": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_DEDUP_LOGS": "0",
+            # a token of this cluster for the cluster and the deploy command alike: without it `ray start` turns
+            # token auth on whenever ~/.ray/auth_token exists (any earlier `ray.init()` writes one) and the deploy
+            # command, which does not, is refused
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
         }
+        self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         self.replicas, self.num_cpus, self.timeout_s = replicas, num_cpus, timeout_s
         self.temp_dir = Path(tempfile.mkdtemp(prefix="dhr-ray-", dir="/tmp"))  # short: Ray's socket paths
         self.proc: subprocess.Popen | None = None
