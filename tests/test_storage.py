@@ -7,6 +7,7 @@ Every test runs on SQLite, and on PostgreSQL when ``DHR_TEST_POSTGRES_URL`` name
 from __future__ import annotations
 
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -405,6 +406,26 @@ def test_knowledge_files_of_an_earlier_version_stay_readable(tmp_path, paths):
     assert sorted(p.name for p in old.iterdir()) == []  # nothing left behind to be confused with the store's copy
     with open_store(paths[0], paths[1], data_dir=old) as again:  # a second open has nothing to move
         assert again.read_reference_image(ref_id) == b"old-image"
+
+
+def test_a_memory_built_on_one_replica_is_used_by_the_other_within_the_bound(paths):
+    """Two stores on one database and one artefact store, as two replicas: the memory version in the product row
+    reaches the other within ``refresh_s`` and its bytes come from the shared artefact store."""
+    bound = 0.5
+    a, b = InspectionStore(*paths, refresh_s=bound), InspectionStore(*paths, refresh_s=bound)
+    a.put_product(ProductProfile(name="bottle", image_threshold=0.5, pixel_threshold=0.5, image_score="max"))
+    assert b.current_product("bottle").memory_version is None
+    for version, data in (("e" * 16, b"mem-e"), ("f" * 16, b"mem-f")):
+        changed_at = time.monotonic()
+        assert a.set_memory("bottle", _memory(version), data).memory_version == version
+        assert a.current_product("bottle").memory_version == version  # the writing replica: at once
+        while (seen := b.current_product("bottle").memory_version) != version:
+            assert time.monotonic() - changed_at < bound + 0.25, f"the other replica kept memory {seen} too long"
+            time.sleep(0.02)
+        assert b.read_memory(version) == data
+    assert paths[1].keys("memories/") == ["memories/" + "f" * 16 + ".safetensors"]
+    a.close()
+    b.close()
 
 
 def test_one_retention_pass_at_a_time_across_replicas(paths):
