@@ -1,22 +1,30 @@
-"""Console without a browser: open mode, sign-in redirects, CSRF on form posts, thumbnails, the calibration plot.
+"""Console without a browser: open mode, sign-in redirects, CSRF on form posts, thumbnails, the calibration plot,
+the reference gallery's forms.
 
-The apps have no weights (nothing loads); records are written straight into the store.
+The apps have no weights (nothing loads; records are written straight into the store), except the gallery's, which
+analyses references with the tiny CLIP.
 """
 
 from __future__ import annotations
 
+import io
 import re
+from dataclasses import replace
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.api import create_app
-from service.api.console.charts import calibration_plot, histogram
-from service.storage.models import utcnow
+from service.api.console.charts import binned_rate_at_or_above, calibration_plot, histogram
+from service.engine.calibration import calibrate
+from service.storage import ProductProfile
+from service.storage.models import CalibrationRecord, utcnow
 from service.storage.reviews import Review
 
-from .api_fixtures import encode, make_record, make_settings, synthetic_image
+from .api_fixtures import encode, make_record, make_settings, png_file, synthetic_image, wait_ready
 
 
 def _app(tmp_path, **kw):
@@ -119,3 +127,93 @@ def test_calibration_plot_counts_and_rates():
     assert plot.svg.count("<rect") == 1 + 4 + 2 and "threshold 0.500" in plot.svg
     empty = calibration_plot({"good": [], "defect": []}, {"threshold": 0.5})
     assert empty.false_reject_rate is None and empty.escape_rate is None
+
+
+def test_binned_rates_spread_each_bin_evenly():
+    edges, counts = [0.0, 0.25, 0.5, 0.75, 1.0], [2, 1, 1, 0]
+    assert binned_rate_at_or_above(edges, counts, 0.5) == pytest.approx(0.25)
+    assert binned_rate_at_or_above(edges, counts, 0.375) == pytest.approx((0.5 + 1) / 4)
+    assert binned_rate_at_or_above(edges, counts, -1.0) == 1.0 and binned_rate_at_or_above(edges, counts, 2.0) == 0
+    assert binned_rate_at_or_above(edges, [0, 0, 0, 0], 0.5) is None
+
+
+def _text(html: str, element_id: str) -> str:
+    return re.search(rf'id="{element_id}"[^>]*>([^<]*)<', html).group(1)
+
+
+def test_product_page_plots_the_stored_calibration(tmp_path):
+    """No calibration: said so, reviewed scores shown instead. Calibrated: its histograms, its measured rates;
+    thresholds set by hand since: rates estimated from its bins at the new threshold."""
+    with _app(tmp_path) as client:
+        store = client.app.state.ctx.store
+        profile = ProductProfile(name="w", image_threshold=0.5, pixel_threshold=0.5, image_score="reference")
+        store.put_product(profile)
+        html = client.get("/ui/products/w").text
+        assert "No calibration for this product" in html and "Reviewed inspections (not a calibration)" in html
+
+        # 100 good scores 0, 0.005, ..., 0.495 (5 in each of the first 20 of 40 bins over [0, 1]); 4 defects
+        good, defects = [i / 200 for i in range(100)], [0.3, 0.6, 0.8, 0.9]
+        cal = calibrate(good, [0.1 + 0.0 * np.arange(16)] * 100, "reference", defect_scores=defects, target_frr=0.01)
+        assert cal.reject_threshold == pytest.approx(0.49) and cal.good_frr == 0.01 and cal.escape_rate == 0.25
+        record = CalibrationRecord(version=cal.version, product="w", memory_version=None, content=cal.to_dict())
+        store.put_calibration(record, replace(profile, image_threshold=cal.reject_threshold))
+        html = client.get("/ui/products/w").text
+        assert "No calibration" not in html and cal.version in html and "100 good and 4 defect images" in html
+        assert _text(html, "frr") == "1.0 %" and _text(html, "escape") == "25.0 %"
+        assert "as measured on the 100 good calibration images" in html and "set by hand" not in html
+        assert html.count("<rect") == 1 + 20 + 4  # frame, good bins, defect bins
+
+        store.put_product(replace(profile, image_threshold=0.4))  # by hand: the calibration is no longer in force
+        html = client.get("/ui/products/w").text
+        assert cal.version in html and 'id="hand-set"' in html and "calibrated reject 0.490" in html
+        assert _text(html, "frr") == "20.0 %" and _text(html, "escape") == "25.0 %"
+        assert "from the histogram bins of the calibration" in html
+
+
+def _thumb_size(data: bytes) -> tuple[int, int]:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "JPEG"
+    return img.size
+
+
+def test_reference_gallery_forms_need_csrf_and_an_admin_key(tmp_path):
+    with TestClient(create_app(make_settings(tmp_path / "data", api_keys="op", admin_keys="ad"))) as client:
+        wait_ready(client)
+        admin = {"X-API-Key": "ad"}
+        assert client.put(
+            "/products/w", json={"image_threshold": 0.5, "pixel_threshold": 0.5}, headers=admin
+        ).is_success
+        client.cookies.set("dhr_key", "op")
+        page = client.get("/ui/products/w").text
+        token = _csrf(page)
+        assert "Only an admin key can add or remove references." in page and 'id="ref-count" data-count="0"' in page
+        url, files = "/ui/products/w/references", [png_file("a.png", 1, (120, 90)), png_file("b.png", 2, (60, 80))]
+        r = client.post(url, data={"csrf": token}, files=files)
+        assert r.status_code == 403 and r.json()["title"] == "Admin key required"
+        client.cookies.set("dhr_key", "ad")
+        assert client.post(url, files=files).json()["title"] == "CSRF check failed"
+        bad = [("image", ("c.png", b"not an image", "image/png"))]
+        assert client.post(url, data={"csrf": token}, files=files + bad).status_code == 415  # all or nothing
+        assert client.get(url[3:], headers=admin).json()["items"] == []
+
+        r = client.post(url, data={"csrf": token}, files=files, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/products/w#references"
+        refs = client.get(url[3:], headers=admin).json()
+        assert [i["filename"] for i in refs["items"]] == ["a.png", "b.png"] and refs["memory"]["n_references"] == 2
+        page = client.get("/ui/products/w").text
+        assert 'id="ref-count" data-count="2"' in page and page.count('<li data-id="') == 2
+        first, second = (i["id"] for i in refs["items"])
+        thumb = client.get(f"/ui/products/w/references/{first}.jpg")
+        assert thumb.status_code == 200 and _thumb_size(thumb.content) == (120, 90)
+        assert client.get(f"/ui/products/other/references/{first}.jpg").status_code == 404
+
+        delete = f"/ui/products/w/references/{first}/delete"
+        client.cookies.set("dhr_key", "op")
+        assert client.post(delete, data={"csrf": token}).status_code == 403
+        client.cookies.set("dhr_key", "ad")
+        assert client.post(delete, data={}).status_code == 403
+        r = client.post(delete, data={"csrf": token}, follow_redirects=False)
+        assert r.status_code == 303
+        assert client.post(delete, data={"csrf": token}).status_code == 404
+        refs = client.get(url[3:], headers=admin).json()
+        assert [i["id"] for i in refs["items"]] == [second] and refs["memory"]["n_references"] == 1

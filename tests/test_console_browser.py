@@ -195,6 +195,45 @@ def test_review_from_the_inspection_page_and_the_queue_shrinks(browser, server, 
     context.close()
 
 
+def test_reference_gallery_and_calibration_plot(browser, server, api, shots):
+    """Gadget: references added and removed in the gallery, then calibrated on them (leave-one-out): the plot is the
+    calibration's, with its measured false-reject rate."""
+    context, page = _signed_in(browser, server, ADMIN)
+    page.goto("/ui/products/gadget")
+    assert (
+        page.locator("#no-calibration").count() == 1 and page.locator("#ref-count").get_attribute("data-count") == "0"
+    )
+    files = [
+        {"name": name, "mimeType": "image/png", "buffer": data}
+        for name, data, _ in (png_file(f"good-{s}.png", s, (160, 120))[1] for s in range(10, 15))
+    ]
+    page.set_input_files("#ref-image", files)
+    with page.expect_navigation():
+        page.click("form.add-ref button[type=submit]")
+    gallery = page.locator(".gallery li")
+    assert gallery.count() == 5 and page.locator("#ref-count").get_attribute("data-count") == "5"
+    page.wait_for_function("Array.from(document.querySelectorAll('.gallery img')).every(i => i.naturalWidth > 0)")
+    removed = gallery.first.get_attribute("data-id")
+    page.once("dialog", lambda dialog: dialog.accept())
+    with page.expect_navigation():
+        gallery.first.locator("button.remove").click()
+    assert gallery.count() == 4 and removed not in [li.get_attribute("data-id") for li in gallery.all()]
+    refs = api.get("/products/gadget/references").json()
+    assert len(refs["items"]) == 4 and refs["memory"]["n_references"] == 4
+
+    r = api.post("/products/gadget/calibrate", data={"use_references": "true", "target_frr": "0.25"})
+    assert r.status_code == 200, r.text
+    cal = r.json()["calibration"]
+    page.reload()
+    assert page.locator("#no-calibration").count() == 0 and cal["version"] in page.locator("h2").all_inner_texts()[1]
+    assert page.locator("#frr").inner_text() == f"{cal['good_frr'] * 100:.1f} %"
+    assert page.locator("#image_threshold").input_value() == str(cal["reject_threshold"])
+    page.wait_for_function("Array.from(document.querySelectorAll('.gallery img')).every(i => i.complete)")
+    page.screenshot(path=shots / "product.png")
+    _fits(page)
+    context.close()
+
+
 def test_operator_cannot_change_thresholds_and_admin_can(browser, server, api, shots):
     context, page = _signed_in(browser, server, OPERATOR)
     page.goto("/ui/products/widget")
@@ -214,7 +253,6 @@ def test_operator_cannot_change_thresholds_and_admin_can(browser, server, api, s
     assert page.locator("#image_threshold").input_value() == "0.42"
     assert api.get("/products/widget").json()["image_threshold"] == 0.42
     assert page.locator("svg.chart").count() == 1
-    page.screenshot(path=shots / "product.png")
     _fits(page)
     r = page.request.post("/ui/products/widget/thresholds", form={**form, "csrf": "0" * 32}, max_redirects=0)
     assert r.status == 403 and r.json()["title"] == "CSRF check failed"
@@ -234,6 +272,7 @@ def test_pages_pass_the_w3c_html_checker(server, api, tmp_path):
         "queue": "/ui/queue",
         "products": "/ui/products",
         "product": "/ui/products/widget",
+        "product-calibrated": "/ui/products/gadget",
     }
     with httpx.Client(base_url=server, cookies={"dhr_key": ADMIN}) as client:
         for name, path in pages.items():

@@ -31,7 +31,7 @@ from service.storage import ProductProfile
 from service.storage.models import CalibrationRecord, ReferenceImage
 
 from .knowledge import leave_one_out, product_memory, rebuild_memory
-from .pipeline import admit, analyse_all
+from .pipeline import Upload, admit, analyse_all
 from .problems import Problem, problem_responses
 from .routes_inspections import ProductName
 from .routes_segment import read_uploads
@@ -67,18 +67,12 @@ async def _reference_list(ctx: ServiceContext, name: str, only: set[str] | None 
     }
 
 
-@router.post(
-    "/products/{name}/references",
-    status_code=201,
-    response_model=ReferenceList,
-    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
-)
-async def add_references(request: Request, name: ProductName, _: Caller = Depends(require_admin_key)):
-    ctx: ServiceContext = request.app.state.ctx
+async def store_references(ctx: ServiceContext, name: str, uploads: list[Upload]) -> list[ReferenceImage]:
+    """Analyse ``uploads`` (engine and batcher, as /segment) and store them as good references of ``name``, then
+    rebuild its memory: all or nothing. 404 without a profile; the analysis' 4xx/503/504 leave nothing written.
+    The one path of the API route below, the console's gallery and its "false reject, add as reference"."""
     engine, store = ctx.require_engine(), ctx.require_store()
     await _profile(ctx, name)
-    async with request.form(max_files=ctx.settings.queue_size + 1) as form:
-        uploads = await read_uploads(form, ctx.settings)
     analysed = await analyse_all(
         admit(engine, len(uploads)),
         uploads,
@@ -106,6 +100,31 @@ async def add_references(request: Request, name: ProductName, _: Caller = Depend
     async with _lock(ctx, name):
         stored = await asyncio.to_thread(store.add_references, items)
         await asyncio.to_thread(rebuild_memory, engine, store, name)
+    return stored
+
+
+async def remove_reference(ctx: ServiceContext, name: str, ref_id: str) -> None:
+    """Delete one reference of ``name`` and rebuild its memory; 404 for an unknown product or reference."""
+    engine, store = ctx.require_engine(), ctx.require_store()
+    await _profile(ctx, name)
+    async with _lock(ctx, name):
+        if not await asyncio.to_thread(store.delete_reference, name, ref_id):
+            raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
+        await asyncio.to_thread(rebuild_memory, engine, store, name)
+
+
+@router.post(
+    "/products/{name}/references",
+    status_code=201,
+    response_model=ReferenceList,
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
+)
+async def add_references(request: Request, name: ProductName, _: Caller = Depends(require_admin_key)):
+    ctx: ServiceContext = request.app.state.ctx
+    await _profile(ctx, name)
+    async with request.form(max_files=ctx.settings.queue_size + 1) as form:
+        uploads = await read_uploads(form, ctx.settings)
+    stored = await store_references(ctx, name, uploads)
     return await _reference_list(ctx, name, {r.id for r in stored})
 
 
@@ -120,13 +139,7 @@ async def list_references(request: Request, name: ProductName):
 async def delete_reference(
     request: Request, name: ProductName, ref_id: ReferenceId, _: Caller = Depends(require_admin_key)
 ):
-    ctx: ServiceContext = request.app.state.ctx
-    engine, store = ctx.require_engine(), ctx.require_store()
-    await _profile(ctx, name)
-    async with _lock(ctx, name):
-        if not await asyncio.to_thread(store.delete_reference, name, ref_id):
-            raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
-        await asyncio.to_thread(rebuild_memory, engine, store, name)
+    await remove_reference(request.app.state.ctx, name, ref_id)
     return Response(status_code=204)
 
 

@@ -215,3 +215,15 @@ class ProductKnowledge:
         with self._sessions() as session:
             row = session.get(CalibrationRow, version)
             return None if row is None else from_row(CalibrationRecord, row)
+
+    def latest_calibration(self, product: str) -> CalibrationRecord | None:
+        """The product's newest calibration, whether its thresholds are still in force or were set by hand since."""
+        query = (
+            select(CalibrationRow)
+            .where(CalibrationRow.product == product)
+            .order_by(CalibrationRow.created_at.desc(), CalibrationRow.version)
+            .limit(1)
+        )
+        with self._sessions() as session:
+            row = session.scalars(query).first()
+            return None if row is None else from_row(CalibrationRecord, row)

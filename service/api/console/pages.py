@@ -1,25 +1,32 @@
 """The console's pages under ``/ui`` (``/`` redirects there): server-rendered Jinja2, vendored CSS and JS.
 
-=====================================  ==============================================================================
-route                                  page
-=====================================  ==============================================================================
-GET  /ui                               line view: verdict tiles of the latest parts, counts of the last hour, recent
-                                       rejects as thumbnails; filters product, line; live (polls /ui/live, 1.5 s)
-GET  /ui/live                          the live part of the line view (HTML fragment)
-GET  /ui/inspections/{id}              one inspection: image layers, regions, score bar, versions, timings, reviews
-POST /ui/inspections/{id}/review       form: decision, note, reviewer (+ csrf) -> 303 back (or to ``next``)
-GET  /ui/queue                         unreviewed review/defect inspections, oldest first, keyboard triage
-GET  /ui/products, /ui/products/{n}    product list; product: thresholds, calibration plot, references
-POST /ui/products/{name}/thresholds    admin only: new thresholds
-GET  /ui/login, POST /ui/login         ask for a key once (when keys are configured); POST /ui/logout forgets it
-GET  /ui/inspections/{id}/{kind}.png   artefacts and ``/ui/thumbs/{id}.jpg`` thumbnails, with the key cookie
-=====================================  ==============================================================================
+=============================================  =====================================================================
+route                                          page
+=============================================  =====================================================================
+GET  /ui                                       line view: verdict tiles of the latest parts, counts of the last hour,
+                                               recent rejects as thumbnails; filters product, line; live (polls
+                                               /ui/live, 1.5 s)
+GET  /ui/live                                  the live part of the line view (HTML fragment)
+GET  /ui/inspections/{id}                      one inspection: image layers, regions, score bar, versions, timings,
+                                               reviews
+POST /ui/inspections/{id}/review               form: decision, note, reviewer (+ csrf) -> 303 back (or to ``next``)
+GET  /ui/queue                                 unreviewed review/defect inspections, oldest first, keyboard triage
+GET  /ui/products, /ui/products/{n}            product list; product: thresholds, calibration plot, references
+POST /ui/products/{n}/thresholds               admin only: new thresholds
+POST /ui/products/{n}/references               admin only: add references (multipart ``image``), the API's path
+POST /ui/products/{n}/references/{r}/delete    admin only: remove a reference
+GET  /ui/products/{n}/references/{r}.jpg       a reference as a gallery thumbnail
+GET  /ui/login, POST /ui/login                 ask for a key once (when keys are configured); POST /ui/logout
+                                               forgets it
+GET  /ui/inspections/{id}/{kind}.png           artefacts and ``/ui/thumbs/{id}.jpg`` thumbnails, with the key cookie
+=============================================  =====================================================================
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -28,10 +35,14 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
 
+from service.storage.artefacts import ArtefactMissingError
+
 from ..deps import AppSettings, Context, Store
 from ..problems import Problem
 from ..routes_inspections import InspectionId, ProductName, artefact_response, save_product
+from ..routes_knowledge import ReferenceId, remove_reference, store_references
 from ..routes_reviews import submit_review
+from ..routes_segment import read_uploads
 from ..schemas import ProductIn, ReviewIn
 from ..security import Caller, forbid_unless_admin
 from . import auth, views
@@ -56,13 +67,20 @@ def render(request: Request, template: str, caller: Caller | None, status_code: 
     return auth.set_cookies(response, request)
 
 
-async def posted(request: Request, model: type[BaseModel], authorise: Callable[[], None] | None = None):
-    """A console form post: CSRF check (403), then ``authorise()`` (403), then the fields of ``model`` validated
-    (422 problem naming them). Returns ``(model instance, the form's "next" field or None)``."""
-    async with request.form() as form:
+@asynccontextmanager
+async def checked_form(request: Request, authorise: Callable[[], None] | None = None, **limits):
+    """The form of a console post after the CSRF check (403) and ``authorise()`` (403), in that order."""
+    async with request.form(**limits) as form:
         auth.check_csrf(request, form)
         if authorise is not None:
             authorise()
+        yield form
+
+
+async def posted(request: Request, model: type[BaseModel], authorise: Callable[[], None] | None = None):
+    """A console form post: ``checked_form``, then the fields of ``model`` validated (422 problem naming them).
+    Returns ``(model instance, the form's "next" field or None)``."""
+    async with checked_form(request, authorise) as form:
         fields = {k: form.get(k) for k in model.model_fields if isinstance(form.get(k), str)}
         next_url = form.get("next")
     try:
@@ -131,6 +149,38 @@ async def thresholds_form(request: Request, caller: ConsoleCaller, store: Store,
     body, _ = await posted(request, ProductIn, lambda: forbid_unless_admin(caller, "change thresholds"))
     await save_product(store, name, body)
     return RedirectResponse(f"/ui/products/{name}", status_code=303)
+
+
+@router.post("/products/{name}/references")
+async def add_references_form(request: Request, caller: ConsoleCaller, ctx: Context, name: ProductName):
+    """Admin only: the files of the multipart field ``image`` become references (the API's path, all or nothing)."""
+    limits = {"max_files": ctx.settings.queue_size + 1}
+    async with checked_form(request, lambda: forbid_unless_admin(caller, "add references"), **limits) as form:
+        uploads = await read_uploads(form, ctx.settings)
+    await store_references(ctx, name, uploads)
+    return RedirectResponse(f"/ui/products/{name}#references", status_code=303)
+
+
+@router.post("/products/{name}/references/{ref_id}/delete")
+async def delete_reference_form(
+    request: Request, caller: ConsoleCaller, ctx: Context, name: ProductName, ref_id: ReferenceId
+):
+    async with checked_form(request, lambda: forbid_unless_admin(caller, "remove references")):
+        pass
+    await remove_reference(ctx, name, ref_id)
+    return RedirectResponse(f"/ui/products/{name}#references", status_code=303)
+
+
+@router.get("/products/{name}/references/{ref_id}.jpg")
+async def reference_thumbnail(_: ConsoleCaller, ctx: Context, name: ProductName, ref_id: ReferenceId):
+    """A reference image as a JPEG of at most GALLERY_SIZE pixels (rendered per request; the browser keeps it)."""
+    try:
+        data = await asyncio.to_thread(views.reference_preview, ctx, name, ref_id)
+    except ArtefactMissingError as exc:
+        raise Problem(404, "Reference image missing", f"the store has lost it: {exc}", "not-found") from None
+    if data is None:
+        raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400, immutable"})
 
 
 @router.get("/inspections/{inspection_id}/{kind}.png")

@@ -16,7 +16,9 @@ from service.inspection import DECISION_VERDICTS, REJECTED, VERDICTS
 from service.storage import InspectionStore
 from service.storage.models import utcnow
 
-from .charts import calibration_plot
+from ..schemas import product_out
+from .charts import calibration_plot, stored_calibration_plot
+from .previews import GALLERY_SIZE, jpeg_preview
 
 TILES = 24
 STRIP = 10
@@ -74,7 +76,9 @@ def review_queue(store: InspectionStore) -> dict:
 
 
 def product_detail(ctx, name: str) -> dict:
-    """Profile (or the service defaults in force), calibration plot from reviewed scores, facts for the page."""
+    """Profile (or the service defaults in force), references, the calibration plot: the histograms of the product's
+    calibration in force (or of its newest one when the thresholds were set by hand since) with the current
+    thresholds, else the reviewed inspections' scores."""
     store, s = ctx.require_store(), ctx.settings
     profile = store.get_product(name)
     thresholds = {
@@ -82,15 +86,38 @@ def product_detail(ctx, name: str) -> dict:
         "pixel_threshold": profile.pixel_threshold if profile else s.pixel_threshold,
         "image_score": profile.image_score if profile else s.image_score,
     }
-    scores = store.scores_by_truth(name)
-    plot = calibration_plot(
-        {k: v for k, v in scores.items() if k != "unreviewed"}, {"threshold": thresholds["image_threshold"]}
-    )
+    lines = {"reject": thresholds["image_threshold"]}
+    if profile and profile.review_threshold is not None and profile.review_threshold != profile.image_threshold:
+        lines["review"] = profile.review_threshold
+    record = None
+    if profile:  # the calibration in force, else the newest one (thresholds set by hand since)
+        in_force = profile.calibration_version and store.get_calibration(profile.calibration_version)
+        record = in_force or store.latest_calibration(name)
+    calibration = product_out(profile, None, record)["calibration"] if record else None
+    if calibration is not None:
+        calibration["in_force"] = record.version == profile.calibration_version
+        if calibration["reject_threshold"] != lines["reject"]:
+            lines["calibrated reject"] = calibration["reject_threshold"]
+        plot, scores = stored_calibration_plot(calibration, lines), None
+    else:
+        scores = store.scores_by_truth(name)
+        plot = calibration_plot({k: v for k, v in scores.items() if k != "unreviewed"}, lines)
     return {
         "name": name,
         "profile": profile,
         "thresholds": thresholds,
+        "calibration": calibration,
         "plot": plot,
         "scores": scores,
+        "references": store.list_references(name) if profile else [],
         "image_scores": get_args(ImageScore),
     }
+
+
+def reference_preview(ctx, name: str, ref_id: str) -> bytes | None:
+    """The gallery thumbnail of one reference of ``name`` (None: no such reference), from its stored bytes."""
+    store = ctx.require_store()
+    ref = next((r for r in store.list_references(name) if r.id == ref_id), None)
+    if ref is None:
+        return None
+    return jpeg_preview(store.read_reference_image(ref_id), ref.filename, ctx.settings, GALLERY_SIZE)

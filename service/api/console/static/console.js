@@ -1,4 +1,4 @@
-// DHR-CLIP operator console: live line view, image layer toggles, review-queue keyboard shortcuts.
+// DHR-CLIP operator console: live line view, image layer toggles, review-queue keyboard shortcuts, confirmations.
 // Hand-written, no dependencies; every page works without it except for the live refresh and the shortcuts.
 "use strict";
 
@@ -69,7 +69,14 @@ function queueKeys(table) {
   });
 }
 
+function confirmForms() {
+  document.querySelectorAll("form[data-confirm]").forEach((form) => {
+    form.addEventListener("submit", (e) => { if (!window.confirm(form.dataset.confirm)) e.preventDefault(); });
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  confirmForms();
   const live = document.getElementById("live");
   if (live) liveView(live);
   if (document.querySelector(".layer-toggle")) layerControls();
