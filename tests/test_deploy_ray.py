@@ -120,7 +120,7 @@ class _Replicas:
         return answer()
 
 
-def _call_gateway(replicas: _Replicas, method: str, headers: list | None = None):
+def _call_gateway(replicas: _Replicas, method: str, headers: list | None = None, body: bytes = b"payload"):
     scope = {
         "type": "http",
         "method": method,
@@ -131,9 +131,9 @@ def _call_gateway(replicas: _Replicas, method: str, headers: list | None = None)
     }
 
     async def receive():
-        return {"type": "http.request", "body": b"payload", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
-    return asyncio.run(Gateway(replicas)(StarletteRequest(scope, receive)))
+    return asyncio.run(Gateway(replicas, max_body_bytes=10)(StarletteRequest(scope, receive)))
 
 
 def test_the_gateway_retries_a_get_once_when_its_replica_dies():
@@ -165,3 +165,10 @@ def test_a_replica_lost_mid_request_is_503_with_retry_after_never_500(method, de
         "request_id": request_id,
     }
     assert "Idempotency-Key" in body["detail"] and len(request_id) == 32
+
+
+def test_the_gateway_refuses_a_body_over_the_upload_limit_before_forwarding():
+    replicas = _Replicas(deaths=0)
+    response = _call_gateway(replicas, "POST", body=b"x" * 11)
+    assert replicas.calls == [] and response.status_code == 413
+    assert json.loads(response.body)["type"] == "urn:dhrclip:problem:upload-too-large"

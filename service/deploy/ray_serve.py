@@ -48,7 +48,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.api.access_log import REQUEST_ID_HEADER
+from service.api.access_log import REQUEST_ID_HEADER, too_large
 from service.api.app import create_app
 from service.api.problems import service_unavailable
 from service.api.settings import Settings
@@ -128,8 +128,8 @@ class Gateway:
     """The HTTP ingress: each request to a replica through ``inspector``; a replica lost mid-request is a retry
     (GET/HEAD) or a 503 with ``Retry-After``, never Ray's 500."""
 
-    def __init__(self, inspector: DeploymentHandle) -> None:
-        self.inspector = inspector
+    def __init__(self, inspector: DeploymentHandle, max_body_bytes: int) -> None:
+        self.inspector, self.max_body_bytes = inspector, int(max_body_bytes)
 
     async def __call__(self, request: Request) -> Response:
         request_id_key = REQUEST_ID_HEADER.lower().encode()
@@ -139,7 +139,12 @@ class Gateway:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         headers.append((request_id_key, request_id.encode("latin-1")))
         client = tuple(request.client) if request.client else None
-        forwarded = (request.method, request.url.path, request.scope["query_string"], headers, await request.body())
+        body = bytearray()
+        async for chunk in request.stream():  # the replica's upload limit, before a byte is held here
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                return too_large(self.max_body_bytes, "the request body").response(request.url.path, request_id)
+        forwarded = (request.method, request.url.path, request.scope["query_string"], headers, bytes(body))
         attempts = 2 if request.method in RETRIED_METHODS else 1
         for attempt in range(1, attempts + 1):
             try:
@@ -214,7 +219,7 @@ def app(args: dict | None = None) -> Application:
     settings = Settings()
     gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
     inspector = serve.deployment(Inspector, **deployment_options(settings, gpus)).bind()
-    return serve.deployment(Gateway, **gateway_options(settings)).bind(inspector)
+    return serve.deployment(Gateway, **gateway_options(settings)).bind(inspector, settings.max_upload_bytes)
 
 
 def deploy(address: str, host: str, port: int, timeout_s: float, logs: bool = False) -> dict:
