@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .api_fixtures import make_settings
 from .paths import ROOT
@@ -19,7 +20,8 @@ from ray.exceptions import ActorDiedError  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from starlette.requests import Request as StarletteRequest  # noqa: E402
 
-from service.deploy.ray_serve import DEPLOYMENT, Gateway, call_asgi, deployment_options  # noqa: E402
+from service.deploy import ray_serve  # noqa: E402
+from service.deploy.ray_serve import DEPLOYMENT, Gateway, Inspector, call_asgi, deployment_options  # noqa: E402
 
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve_config.yaml"
 RAYSERVICE = ROOT / "deploy" / "ray" / "rayservice.yaml"
@@ -172,3 +174,18 @@ def test_the_gateway_refuses_a_body_over_the_upload_limit_before_forwarding():
     response = _call_gateway(replicas, "POST", body=b"x" * 11)
     assert replicas.calls == [] and response.status_code == 413
     assert json.loads(response.body)["type"] == "urn:dhrclip:problem:upload-too-large"
+
+
+@pytest.mark.parametrize(("answers", "polls"), [(["loading", "loading", "ready"], 3), (["loading", "error"], 2)])
+def test_a_new_replica_is_healthy_once_its_model_loaded_or_failed(monkeypatch, answers, polls):
+    """Ray sends a replica requests only after its first health check: that check waits while /readyz is loading."""
+    monkeypatch.setattr(ray_serve, "READY_POLL_S", 0.001)
+    app, seen = FastAPI(), []
+
+    @app.get("/readyz")
+    async def readyz():
+        seen.append(answers[len(seen)])
+        return JSONResponse({"status": seen[-1]}, status_code=200 if seen[-1] == "ready" else 503)
+
+    asyncio.run(Inspector.check_health(SimpleNamespace(app=app)))
+    assert seen == answers[:polls]

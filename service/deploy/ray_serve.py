@@ -11,13 +11,14 @@ replicas; ``DHR_RAY_GPUS_PER_REPLICA`` / ``DHR_RAY_CPUS_PER_REPLICA`` override. 
 ongoing-request count: between ``DHR_RAY_MIN_REPLICAS`` and ``DHR_RAY_MAX_REPLICAS`` replicas, aiming at
 ``DHR_RAY_TARGET_ONGOING`` requests in flight per replica.
 
-Requests reach the replicas through a thin :class:`Gateway` deployment (the application's HTTP ingress, no CPU
-reserved): it hands each request to a replica through a deployment handle, so Ray still routes by queue length
-and autoscales on the replicas' ongoing requests. What it adds is the answer when a replica dies while it holds a
-request (``RayActorError``): Ray's own proxy would answer 500; the gateway retries a GET/HEAD once on another
-replica and answers anything else 503 with ``Retry-After`` (the inspection may or may not have been stored: the
-client retries with its ``Idempotency-Key``). Each response is buffered whole in the gateway (inspection answers,
-PNGs and CSV exports are small).
+A new replica takes requests once its model is loaded (its health check waits for ``/readyz``), not as soon as its
+constructor returns. Requests reach the replicas through a thin :class:`Gateway` deployment (the application's HTTP
+ingress, no CPU reserved): it hands each request to a replica through a deployment handle, so Ray still routes by
+queue length and autoscales on the replicas' ongoing requests. What it adds is the answer when a replica dies while
+it holds a request (``RayActorError``): Ray's own proxy would answer 500; the gateway retries a GET/HEAD once on
+another replica and answers anything else 503 with ``Retry-After`` (the inspection may or may not have been stored:
+the client retries with its ``Idempotency-Key``). Each response is buffered whole in the gateway (inspection
+answers, PNGs and CSV exports are small).
 
 Entry points:
 
@@ -60,6 +61,7 @@ GATEWAY = "gateway"
 APP_NAME = "dhrclip"
 RETRIED_METHODS = ("GET", "HEAD")  # safe to run twice: retried once on another replica when one dies
 RETRY_AFTER_S = 1  # another replica is usually up; Ray replaces the lost one meanwhile
+READY_POLL_S = 1.0  # /readyz polls of a starting replica (each is one access-log line)
 
 # one forwarded request: method, path, query string, headers, body, client (host, port) or None
 Forwarded = tuple[str, str, bytes, list[tuple[bytes, bytes]], bytes, tuple[str, int] | None]
@@ -122,6 +124,16 @@ class Inspector:
     async def forward(self, request: Forwarded) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """One request from the :class:`Gateway`, run through this replica's app."""
         return await call_asgi(self.app, request)
+
+    async def check_health(self) -> None:
+        """Ray's health check, which also runs once before a new replica gets any request: it waits while the
+        model loads (``/readyz`` says ``loading``), so that requests only go to replicas that can serve them. A
+        replica whose start failed stays up and answers 503 with the reason, like the plain service."""
+        while True:
+            status, _, body = await call_asgi(self.app, ("GET", "/readyz", b"", [], b"", None))
+            if status == 200 or json.loads(body).get("status") != "loading":
+                return
+            await asyncio.sleep(READY_POLL_S)
 
 
 class Gateway:
