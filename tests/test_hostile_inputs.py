@@ -172,6 +172,30 @@ def test_admission_refuses_by_expected_wait_with_retry_after_from_the_drain_rate
     assert big.value.allowed == 40 and adm.images_per_request == 40
 
 
+def test_the_default_wait_bound_is_one_single_image_call_at_least_a_quarter_second():
+    adm = Admission(queue_size=64, max_batch_size=4, max_wait_s=None, deadline_s=10.0)
+    assert adm.wait_bound_s == 0.25  # nothing measured: the floor
+    adm.observe_batch(1, 0.4)
+    assert adm.wait_bound_s == pytest.approx(0.4)
+    first, second = adm.admit(1), adm.admit(1)  # waits of 0 s and 0.4 s
+    with pytest.raises(OverloadedError, match="0.80 s exceeds 0.40 s"):
+        adm.admit(1)  # two single-image calls ahead
+    second.release()
+    adm.resize(first, 3)  # the request's own place is given back, then 3 images are checked: 0 s ahead
+    assert (first.held, adm.outstanding) == (3, 3)
+    with pytest.raises(OverloadedError, match="1.20 s exceeds"):
+        adm.admit(1)  # 3 images ahead
+    with pytest.raises(TooManyImagesError):
+        adm.resize(first, 65)
+    assert (first.held, adm.outstanding) == (0, 0)  # a refused resize holds nothing
+    fast = Admission(queue_size=64, max_batch_size=8, max_wait_s=None, deadline_s=10.0)
+    fast.observe_batch(1, 0.01)
+    fast.observe_batch(8, 0.02)
+    assert fast.wait_bound_s == 0.25
+    tickets = [fast.admit(1) for _ in range(64)]  # 0.02 s per batch of 8: the 64th waits 0.16 s
+    assert fast.outstanding == 64 and all(t.held == 1 for t in tickets)
+
+
 def test_batches_are_filled_round_robin_between_requests():
     async def main():
         seen: list[list[str]] = []

@@ -1,14 +1,17 @@
-"""``Idempotency-Key`` for POST /segment: a client that retries (after a timeout or a crash) gets one inspection.
+"""``Idempotency-Key`` for POST /segment: a client that retries (after a timeout or a crash) gets one answer.
 
 - The key: 1-200 printable ASCII characters, chosen by the client (a UUID is typical).
 - The fingerprint of a request: SHA-256 over its text fields, the PNG it asks for, and each image's file name and
   SHA-256 (the multipart boundary and the order of form fields do not count).
-- Same key, same fingerprint: the stored inspections are answered again (same ids, ``Idempotent-Replayed: true``),
-  nothing is analysed or stored. Same key, another fingerprint: 409. Same key while the first request still runs:
-  409 with ``Retry-After: 1``.
-- The key is committed in the same transaction as the request's last inspection (``InspectionStore.add``), so after
-  a crash either the answer and its key are stored or neither; keys are deleted with the inspections they answer
-  for (``DHR_RETENTION_DAYS``).
+- Same key, same fingerprint: the stored inspections, all of them, are answered again (same ids,
+  ``Idempotent-Replayed: true``); nothing is analysed or stored. Same key, another fingerprint: 409. Same key while
+  the first request still runs, on this replica or another one sharing the database: 409 with ``Retry-After: 1``.
+- The key is claimed in the database before any work (a pending row, ``service.storage.idempotency``) and turned
+  done in the one transaction that stores every inspection of the request, so after a crash or an error either
+  the whole answer and its key are stored or nothing is. A request that fails frees its key at once; one whose
+  process died holds it for ``claim_stale_s`` (twice the request timeout plus a minute: longer than any live
+  request), after which a retry claims it again. Keys are deleted with the inspections they answer for
+  (``DHR_RETENTION_DAYS``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import hashlib
 import json
 
 from service.storage import InspectionRecord, InspectionStore
+from service.storage.idempotency import ClaimLostError
 from service.storage.models import IdempotencyEntry
 
 from .pipeline import Upload
 from .problems import Problem
-from .state import ServiceContext
+from .settings import Settings
 
 HEADER = "Idempotency-Key"
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
@@ -38,11 +42,35 @@ def fingerprint(fields: dict, uploads: list[Upload], png_kind: str | None) -> st
     return digest.hexdigest()
 
 
-async def stored_answer(store: InspectionStore, key: str, fp: str) -> list[InspectionRecord] | None:
-    """The records stored under ``key``, None for a new key; 409 when the key was used for another request."""
-    entry = await asyncio.to_thread(store.get_idempotency, key)
-    if entry is None:
-        return None
+def claim_stale_s(settings: Settings) -> float:
+    """Age at which a pending key counts as abandoned by a dead process."""
+    return 2 * settings.request_timeout_s + 60.0
+
+
+@contextlib.asynccontextmanager
+async def claimed(store: InspectionStore, key: str | None, fp: str | None, stale_s: float):
+    """Hold ``key`` in the database while the block runs; yields ``(claim, None)`` for a new request (the claim
+    to store the inspections with; None without a key) or ``(None, records)`` to answer again. Raises 409 for a
+    key used with another request or still pending. A block that fails frees the key."""
+    if key is None:
+        yield None, None
+        return
+    entry, mine = await asyncio.to_thread(store.claim_idempotency, key, fp, stale_s)
+    if not mine:
+        yield None, await _stored(store, entry, fp)
+        return
+    try:
+        yield entry, None
+    except BaseException as exc:  # freeing is a no-op when the inspections were stored before the failure
+        await asyncio.shield(asyncio.to_thread(store.release_idempotency, entry))
+        if isinstance(exc, ClaimLostError):
+            raise Problem(409, "Request superseded", f"{exc}; nothing was stored", "idempotency-key-in-flight") from exc
+        raise
+
+
+async def _stored(store: InspectionStore, entry: IdempotencyEntry, fp: str) -> list[InspectionRecord]:
+    """The records of a key used before; 409 when it was used for another request, still runs or expired."""
+    key = entry.key
     if entry.fingerprint != fp:
         raise Problem(
             409,
@@ -50,19 +78,7 @@ async def stored_answer(store: InspectionStore, key: str, fp: str) -> list[Inspe
             f"{HEADER} {key!r} was used for a request with other images or fields; use a new key",
             "idempotency-key-reused",
         )
-    records = [await asyncio.to_thread(store.get, rid) for rid in entry.inspection_ids]
-    if any(r is None for r in records):
-        raise Problem(409, "Idempotency key expired", f"the inspections of {HEADER} {key!r} were deleted", "gone")
-    return records
-
-
-@contextlib.contextmanager
-def claimed(ctx: ServiceContext, key: str | None):
-    """Hold ``key`` for the duration of one request; a concurrent request with the same key gets 409."""
-    if key is None:
-        yield
-        return
-    if key in ctx.idempotency_in_flight:
+    if entry.state != "done":
         raise Problem(
             409,
             "Request in progress",
@@ -70,12 +86,7 @@ def claimed(ctx: ServiceContext, key: str | None):
             "idempotency-key-in-flight",
             headers={"Retry-After": "1"},
         )
-    ctx.idempotency_in_flight.add(key)
-    try:
-        yield
-    finally:
-        ctx.idempotency_in_flight.discard(key)
-
-
-def entry_for(key: str, fp: str, records: list[InspectionRecord]) -> IdempotencyEntry:
-    return IdempotencyEntry(key=key, fingerprint=fp, inspection_ids=[r.id for r in records])
+    records = [await asyncio.to_thread(store.get, rid) for rid in entry.inspection_ids]
+    if any(r is None for r in records):
+        raise Problem(409, "Idempotency key expired", f"the inspections of {HEADER} {key!r} were deleted", "gone")
+    return records

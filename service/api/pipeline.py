@@ -1,12 +1,15 @@
 """The work of /segment for a list of uploads: decode -> batched inference -> postprocess -> decide -> store.
 
-Admission comes first: ``engine.admit(n)`` refuses the whole request (503 + Retry-After when busy, 413 when it holds
-more images than the deadline allows) before a single byte is decoded. All images of a request then run
+Admission comes first: a request takes a place for one image when it arrives, before its body is read
+(``admit(engine, 1)``), and resizes it to its image count once the body is parsed (``resize(job, n)``); either step
+refuses the whole request (503 + Retry-After when busy, 413 when it holds more images than the deadline allows)
+before a single byte is decoded. All images of a request then run
 concurrently, so they (and those of concurrent requests) share model batches. The
 request is all-or-nothing up to storage: if any image fails (bad data, full queue, timeout, model error), the
 others are cancelled (an image not yet in a running batch leaves the queue), the failure of the first failing
 image in upload order is answered, and nothing is stored. Only when every image is analysed are the records
-written (PNG files, then rows; one thread call, in upload order) and only then is the answer sent.
+written as one unit (every PNG, then every row with the request's idempotency key in one transaction; one thread
+call) and only then is the answer sent.
 
 Decision rule for one image: ``score = getattr(result.scores, image_score)``, ``verdict(score, thresholds)``
 (``service.inspection``). ``thresholds`` and ``image_score`` come from the product profile when the request names a
@@ -16,6 +19,7 @@ product that has one, else from the settings; a request's ``image_score`` overri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -127,16 +131,25 @@ def failure_problem(exc: BaseException, upload: Upload, timeout_s: float) -> Pro
     return Problem(500, "Inference failed", f"{upload.filename}: {type(exc).__name__}: {exc}", "inference-failed")
 
 
-def admit(engine: Engine, n: int, reserve: bool = True) -> Job | None:
-    """Reserve ``n`` images in the engine or raise the 503 / 413 problem (nothing is decoded yet);
-    ``reserve=False`` only checks."""
+@contextlib.contextmanager
+def _refusals(engine: Engine):
+    """Admission refusals become the 503 / 413 problem."""
     try:
-        if not reserve:
-            engine.admission.check(n)
-            return None
-        return engine.admit(n)
+        yield
     except (OverloadedError, TooManyImagesError) as exc:
         raise failure_problem(exc, Upload(0, "request", b""), engine.cfg.request_timeout_s) from None
+
+
+def admit(engine: Engine, n: int) -> Job:
+    """Reserve ``n`` images in the engine or raise the 503 / 413 problem (nothing is decoded yet)."""
+    with _refusals(engine):
+        return engine.admit(n)
+
+
+def resize(job: Job, n: int) -> None:
+    """Make the job's reservation ``n`` images (the request's count, once its body is read) or raise 503 / 413."""
+    with _refusals(job.engine):
+        job.resize(n)
 
 
 async def analyse_all(
@@ -209,14 +222,12 @@ def store_all(
     analysed: list[Analysed],
     idempotency: IdempotencyEntry | None = None,
 ) -> list[tuple[InspectionRecord, float, float]]:
-    """Blocking: write every record with its PNGs, in order; ``idempotency`` goes with the last record.
+    """Blocking: write every record with its PNGs and ``idempotency`` as one unit (``InspectionStore.add_many``).
 
-    Returns ``(stored record, store ms, perf_counter() when committed)`` per record.
+    Returns ``(stored record, store ms, perf_counter() when committed)`` per record (the whole write's ms: the
+    records are committed together).
     """
-    out = []
-    for i, (record, item) in enumerate(zip(records, analysed, strict=True)):
-        t0 = time.perf_counter()
-        stored = store.add(record, artefacts_of(item.post), idempotency if i == len(records) - 1 else None)
-        t1 = time.perf_counter()
-        out.append((stored, _ms(t1 - t0), t1))
-    return out
+    t0 = time.perf_counter()
+    stored = store.add_many([(r, artefacts_of(a.post)) for r, a in zip(records, analysed, strict=True)], idempotency)
+    t1 = time.perf_counter()
+    return [(record, _ms(t1 - t0), t1) for record in stored]

@@ -7,8 +7,8 @@ With one image and ``?output=overlay|heatmap|mask`` or an ``Accept`` header that
 itself is answered with ``X-Inspection-Id``, ``X-Score``, ``X-Verdict``, ``X-Threshold`` and ``X-Image-Score``
 headers. Errors: see ``problems`` and ``pipeline``.
 
-Overload is refused before the body is parsed when the engine is already full (503 + Retry-After), and a
-request's image count is checked against the engine's admission before anything is decoded.
+Overload is refused before the body is parsed when the engine is already full (503 + Retry-After): the request
+takes its place for one image at the door, and resizes it to its image count before anything is decoded.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -31,9 +32,9 @@ from service.storage.models import NAME_MAX, NAME_PATTERN
 
 from .access_log import too_large
 from .deps import Context, ServingEngine
-from .idempotency import HEADER, KEY_PATTERN, REPLAYED_HEADER, claimed, entry_for, fingerprint, stored_answer
+from .idempotency import HEADER, KEY_PATTERN, REPLAYED_HEADER, claim_stale_s, claimed, fingerprint
 from .knowledge import product_memory, profile_thresholds
-from .pipeline import Decision, Upload, admit, analyse_all, build_record, store_all
+from .pipeline import Decision, Upload, admit, analyse_all, build_record, resize, store_all
 from .problems import Problem, problem_responses
 from .schemas import SegmentResponse, SegmentResult, links_for
 from .security import require_api_key
@@ -218,8 +219,16 @@ async def segment(
     ),
 ):
     t_start = time.perf_counter()
+    job = admit(engine, 1)  # a place before the body is read: a busy service refuses at the door
+    try:
+        return await segment_admitted(request, ctx, engine, response, job, output, key, t_start)
+    finally:
+        job.close()
+
+
+async def segment_admitted(request, ctx, engine, response, job, output, key, t_start):
+    """/segment once the request holds its place in the engine (``job``, closed by the caller)."""
     settings = ctx.settings
-    admit(engine, 1, reserve=False)  # busy already: refuse before the body is parsed
     async with request.form(max_files=settings.queue_size + 1) as form:
         fields = parse_fields(form)
         uploads = await read_uploads(form, settings)
@@ -241,16 +250,15 @@ async def segment(
             "png-needs-one-image",
         )
 
-    key_fp = None if key is None else (key, fingerprint(fields.model_dump(mode="json"), uploads, png_kind))
-    with claimed(ctx, key):
-        if key_fp is not None:
-            previous = await stored_answer(ctx.require_store(), *key_fp)
-            if previous is not None:
-                pngs = await asyncio.to_thread(stored_pngs, ctx.require_store(), previous)
-                replayed = answer(request, previous, pngs, png_kind, fields.include, [None] * len(previous))
-                (replayed if isinstance(replayed, Response) else response).headers[REPLAYED_HEADER] = "true"
-                return replayed
-        return await analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_start, key_fp)
+    store = ctx.require_store()
+    fp = None if key is None else fingerprint(fields.model_dump(mode="json"), uploads, png_kind)
+    async with claimed(store, key, fp, claim_stale_s(settings)) as (claim, previous):
+        if previous is not None:
+            pngs = await asyncio.to_thread(stored_pngs, store, previous)
+            replayed = answer(request, previous, pngs, png_kind, fields.include, [None] * len(previous))
+            (replayed if isinstance(replayed, Response) else response).headers[REPLAYED_HEADER] = "true"
+            return replayed
+        return await analyse_and_store(request, ctx, engine, job, fields, uploads, png_kind, t_start, claim)
 
 
 def stored_pngs(store: InspectionStore, records: list) -> list[dict[str, bytes]]:
@@ -258,11 +266,11 @@ def stored_pngs(store: InspectionStore, records: list) -> list[dict[str, bytes]]
     return [{k: store.read_artefact(r.id, k) for k in ARTEFACT_KINDS} for r in records]
 
 
-async def analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_start, key_fp):
-    """Admission, analysis and storage of a new request (with its Idempotency-Key, if any); the answer."""
+async def analyse_and_store(request, ctx, engine, job, fields, uploads, png_kind, t_start, claim):
+    """Admission, analysis and storage of a new request (with its claimed Idempotency-Key, if any); the answer."""
     store, settings = ctx.require_store(), ctx.settings
     decision = await decide(ctx, fields)
-    job = admit(engine, len(uploads))
+    resize(job, len(uploads))
     analysed = await analyse_all(
         job,
         uploads,
@@ -275,7 +283,7 @@ async def analyse_and_store(request, ctx, engine, fields, uploads, png_kind, t_s
     )
     model = engine.info.to_dict()
     records = [build_record(item, decision, model) for item in analysed]
-    entry = entry_for(*key_fp, records) if key_fp else None
+    entry = None if claim is None else replace(claim, inspection_ids=[r.id for r in records])
     stored = await asyncio.to_thread(store_all, store, records, analysed, entry)
     for record, _, _ in stored:
         ctx.counts.add(record.verdict)

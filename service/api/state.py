@@ -81,7 +81,6 @@ class ServiceContext:
     reason: str = "the model is loading"
     started_at: float = field(default_factory=time.time)
     counts: Counts = field(default_factory=Counts)
-    idempotency_in_flight: set[str] = field(default_factory=set)  # Idempotency-Keys being processed
     product_locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # reference / calibration changes
     _load_task: asyncio.Task | None = None
     _retention_task: asyncio.Task | None = None

@@ -5,7 +5,7 @@ the running batch); it is *waiting* unless it is inside the running batch. A req
 when both hold::
 
     waiting + n <= queue_size
-    drain_s(outstanding) <= max_wait_s          (the wait before the new images start; 0 when idle)
+    drain_s(outstanding) <= wait_bound_s        (the wait before the new images start; 0 when idle)
 
 ``drain_s(q)`` is the time the model needs for ``q`` images in batches of ``max_batch_size``, from the measured
 wall time of recent batches: ``T(b)`` is the mean run time of the first batches of ``b`` images, then an
@@ -14,10 +14,25 @@ measured one, which over-estimates large batches (refusing early is the safe sid
 
     drain_s(q) = floor(q / B) * T(B) + T(q mod B)
 
+The wait bound is ``max_wait_s`` when it is set (``DHR_MAX_QUEUE_WAIT_S``), else derived from the measurements::
+
+    wait_bound_s = min(deadline, max(MIN_WAIT_S, WAIT_FACTOR * T(1)))
+
+An accepted image then waits about one single-image model call at most, so its latency (wait + its own batch)
+stays near twice the unloaded one (the target of ``bench/overload.py``) on a CPU, where batching buys little, and
+on an accelerator, where ``T(1)`` is close to ``T(B)`` and several images still share each batch. The floor
+``MIN_WAIT_S`` (a quarter second, below what an operator notices) keeps a fast model from refusing a burst it
+would answer at once; before anything is measured the bound is that floor and ``drain_s`` is 0 (nothing is
+refused by time).
+
 Refusals raise :class:`OverloadedError` carrying ``retry_after_s = ceil(drain_s(outstanding))`` (at least 1):
 when the backlog in front of a retry will have drained. A request that could not finish within the deadline even
 on an idle model (``drain_s(n) > deadline_fraction * deadline``) raises :class:`TooManyImagesError` instead, with
 the number of images that would fit: it must be split, waiting does not help.
+
+A ticket can be taken for one image when a request arrives (before its body is read) and resized to the request's
+image count once it is known (:meth:`Admission.resize`): concurrent arrivals then see each other, so a burst is
+refused at the door instead of after every body has been parsed.
 """
 
 from __future__ import annotations
@@ -29,6 +44,8 @@ from .batcher import QueueFullError
 
 EWMA_WEIGHT = 0.2
 DEADLINE_FRACTION = 0.5  # share of the deadline one request's images may take on an idle model
+WAIT_FACTOR = 1.0  # derived wait bound: this many single-image model calls (see the module docstring)
+MIN_WAIT_S = 0.25  # ... but never below this
 
 
 class OverloadedError(QueueFullError):
@@ -54,14 +71,14 @@ class Admission:
         self,
         queue_size: int,
         max_batch_size: int,
-        max_wait_s: float,
+        max_wait_s: float | None,
         deadline_s: float,
         in_flight: Callable[[], int] = lambda: 0,
     ) -> None:
         self._in_flight = in_flight
         self.queue_size = int(queue_size)
         self.max_batch_size = int(max_batch_size)
-        self.max_wait_s = float(max_wait_s)
+        self.max_wait_s = None if max_wait_s is None else float(max_wait_s)
         self.deadline_s = float(deadline_s)
         self.outstanding = 0
         self.refused_total = 0
@@ -92,6 +109,13 @@ class Admission:
         full, rest = divmod(max(0, int(items)), self.max_batch_size)
         return full * self.batch_s(self.max_batch_size) + self.batch_s(rest)
 
+    @property
+    def wait_bound_s(self) -> float:
+        """Longest expected wait at which new images are admitted: ``max_wait_s``, else derived (module docstring)."""
+        if self.max_wait_s is not None:
+            return self.max_wait_s
+        return min(self.deadline_s, max(MIN_WAIT_S, WAIT_FACTOR * self.batch_s(1)))
+
     def retry_after_s(self) -> int:
         return max(1, math.ceil(self.drain_s(self.outstanding)))
 
@@ -107,6 +131,17 @@ class Admission:
     # ------------------------------------------------------------------------------------------------ checks
     def check(self, n: int) -> None:
         """Raise unless ``n`` more images could be admitted now (nothing is reserved)."""
+        self._check_size(n)
+        waiting = self.outstanding - self._in_flight()
+        if waiting + n > self.queue_size:
+            self._refuse(f"inference queue is full ({waiting} images waiting, DHR_QUEUE_SIZE={self.queue_size})")
+        wait, bound = self.drain_s(self.outstanding), self.wait_bound_s  # idle: never refused by time
+        if wait > bound:
+            how = "DHR_MAX_QUEUE_WAIT_S" if self.max_wait_s is not None else "about one single-image model call"
+            self._refuse(f"the expected wait of {wait:.2f} s exceeds {bound:.2f} s ({how})")
+
+    def _check_size(self, n: int) -> None:
+        """TooManyImagesError when ``n`` images could not fit the queue or the deadline even on an idle model."""
         if n > self.queue_size or (n > 1 and self.drain_s(n) > DEADLINE_FRACTION * self.deadline_s):
             allowed = self.images_per_request
             raise TooManyImagesError(
@@ -114,18 +149,22 @@ class Admission:
                 f"(DHR_REQUEST_TIMEOUT_S) and the queue of {self.queue_size} (DHR_QUEUE_SIZE); split the request",
                 allowed,
             )
-        waiting = self.outstanding - self._in_flight()
-        if waiting + n > self.queue_size:
-            self._refuse(f"inference queue is full ({waiting} images waiting, DHR_QUEUE_SIZE={self.queue_size})")
-        wait = self.drain_s(self.outstanding)  # an idle service never refuses by time: no estimate can lock it
-        if wait > self.max_wait_s:
-            self._refuse(f"the expected wait of {wait:.2f} s exceeds {self.max_wait_s:g} s (DHR_MAX_QUEUE_WAIT_S)")
 
     def admit(self, n: int) -> Ticket:
         """Reserve ``n`` images or raise (OverloadedError: retry later; TooManyImagesError: split the request)."""
         self.check(n)
         self.outstanding += n
         return Ticket(self, n)
+
+    def resize(self, ticket: Ticket, n: int) -> None:
+        """Make ``ticket`` hold ``n`` images: unchanged when it holds that many already, else its images are given
+        back and ``n`` are checked as a new request (raises like :meth:`admit`, leaving the ticket empty)."""
+        if n == ticket.held:
+            return
+        ticket.release()
+        self.check(n)
+        self.outstanding += n
+        ticket.held = n
 
     def _refuse(self, why: str) -> None:
         self.refused_total += 1
@@ -136,13 +175,13 @@ class Ticket:
     """The reservation of one request; ``done()`` once per image whose model output is back (or that failed)."""
 
     def __init__(self, admission: Admission, n: int) -> None:
-        self._admission, self._left = admission, n
+        self._admission, self.held = admission, n
 
     def done(self, n: int = 1) -> None:
-        n = min(n, self._left)
-        self._left -= n
+        n = min(n, self.held)
+        self.held -= n
         self._admission.outstanding -= n
 
     def release(self) -> None:
         """Give back whatever is still reserved (idempotent)."""
-        self.done(self._left)
+        self.done(self.held)

@@ -39,7 +39,7 @@ class EngineConfig:
     accept_truncated: bool = False
     warmup: bool = True
     request_timeout_s: float = 30.0  # one request's images must be analysed within this (the deadline)
-    max_queue_wait_s: float | None = None  # expected model wait beyond which work is refused (None: the deadline)
+    max_queue_wait_s: float | None = None  # expected model wait beyond which work is refused (None: derived, admission)
     memory_cache_size: int = 8  # products whose normal memory stays on the device (least recently used evicted)
     memory_max_tokens: int = DEFAULT_MAX_TOKENS  # coreset cap per layer and view kind
 
@@ -161,9 +161,13 @@ class Engine:
             queue_size=cfg.queue_size,
             on_batch=self._on_batch,
         )
-        deadline = cfg.request_timeout_s
-        wait = deadline if cfg.max_queue_wait_s is None else cfg.max_queue_wait_s
-        self.admission = Admission(cfg.queue_size, cfg.max_batch_size, wait, deadline, lambda: self.batcher.in_flight)
+        self.admission = Admission(
+            cfg.queue_size,
+            cfg.max_batch_size,
+            cfg.max_queue_wait_s,
+            cfg.request_timeout_s,
+            lambda: self.batcher.in_flight,
+        )
         self._user_on_batch = on_batch
         self.ready = False
         self.warmup_s: float | None = None
@@ -230,6 +234,10 @@ class Job:
         self.key = object()
         self._cpu = asyncio.Semaphore(engine.cfg.workers)
         self._abandoned = threading.Event()
+
+    def resize(self, n: int) -> None:
+        """Hold ``n`` images instead of the number admitted (raises like ``Engine.admit``, see admission)."""
+        self.engine.admission.resize(self.ticket, n)
 
     def checkpoint(self) -> None:
         """Called by thread-pool work between steps; raises once the request is gone."""

@@ -267,8 +267,15 @@ class CalibrationRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
+IDEMPOTENCY_STATES = ("pending", "done")
+
+
 class IdempotencyRow(Base):
-    """One ``Idempotency-Key`` of /segment: the SHA-256 of what was sent and the inspections it created."""
+    """One ``Idempotency-Key`` of /segment: the SHA-256 of what was sent and the inspections it created.
+
+    ``state`` pending: a request holds the key (``claim`` is its random token, ``created_at`` when it took it);
+    done: ``inspection_ids`` were committed with it (``claim`` is null). See ``service.storage.idempotency``.
+    """
 
     __tablename__ = "idempotency_keys"
 
@@ -276,6 +283,8 @@ class IdempotencyRow(Base):
     fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
     inspection_ids: Mapped[list] = mapped_column(JSON, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
+    state: Mapped[str] = mapped_column(String(8), nullable=False, server_default="done")
+    claim: Mapped[str | None] = mapped_column(String(32))
 
 
 @dataclass(frozen=True)
@@ -284,6 +293,8 @@ class IdempotencyEntry:
     fingerprint: str  # 64 hex digits
     inspection_ids: list[str]
     created_at: datetime = field(default_factory=utcnow)
+    state: str = "done"  # one of IDEMPOTENCY_STATES
+    claim: str | None = None  # the token of the request holding a pending key
 
 
 RECORD_FIELDS = tuple(InspectionRecord.__dataclass_fields__)

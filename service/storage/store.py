@@ -4,13 +4,13 @@ Artefacts go through an :class:`~service.storage.artefacts.ArtefactStore` (a loc
 bucket) under the key ``<yyyy>/<mm>/<dd>/<id>/<kind>.png`` with the date of ``created_at`` in UTC, so the key of
 every artefact follows from the record alone (with the local folder: today's layout ``data_dir/<yyyy>/...``).
 
-Write order in ``add``: every artefact is put durably first (see the artefact store's contract), then the row is
-inserted and committed. A failure at any step deletes the artefacts put so far, so a row never points at missing
-artefacts. Deletion (``enforce_retention``) goes the other way: rows (with their reviews) are deleted and committed
-first, then the record's artefacts (thumbnail included); a crash in between can only leave orphan artefacts, never
-dangling rows. On PostgreSQL one
-retention pass runs at a time across every replica sharing the database (a session advisory lock); a replica that
-finds the lock taken skips its pass.
+Write order in ``add_many`` (the records of one request, ``add`` for one): every artefact is put durably first
+(see the artefact store's contract), then the rows and the request's idempotency key are committed in one
+transaction. A failure at any step deletes the artefacts put so far, so a row never points at missing artefacts.
+Deletion (``enforce_retention``) goes the other way: rows (with their reviews) are deleted and committed first,
+then the record's artefacts (thumbnail included); a crash in between can only leave orphan artefacts, never
+dangling rows. On PostgreSQL one retention pass runs at a time across every replica sharing the database (a
+session advisory lock); a replica that finds the lock taken skips its pass.
 
 Thread use: the API calls the store from a thread pool. Every method opens its own short session; SQLite runs with
 ``check_same_thread=False``, WAL (readers do not block the writer) and a 30 s busy timeout. With
@@ -35,13 +35,13 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from service.storage.artefacts import ArtefactMissingError, ArtefactStore, ArtefactStoreError, LocalArtefactStore
+from service.storage.idempotency import IdempotencyMethods
 from service.storage.knowledge import ProductKnowledge
 from service.storage.models import (
     ID_RE,
     KIND_RE,
     VERDICTS,
     IdempotencyEntry,
-    IdempotencyRow,
     InspectionRecord,
     InspectionRow,
     ProductProfile,
@@ -63,7 +63,6 @@ from service.storage.summary import THUMB_NAME, SummaryMethods, render_thumbnail
 logger = logging.getLogger("dhrclip.storage")
 
 MAX_LIMIT = 500
-IDEMPOTENCY_FIELDS = ("key", "fingerprint", "inspection_ids", "created_at")
 
 
 def _sqlite_pragmas(dbapi_connection, _connection_record) -> None:
@@ -96,7 +95,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, record_id
 
 
-class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, RetentionMethods):
+class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, RetentionMethods, IdempotencyMethods):
     """Durable inspection records and their PNG artefacts.
 
     database_url: SQLAlchemy URL, e.g. ``sqlite:////var/lib/dhrclip/inspections.db`` or
@@ -155,16 +154,47 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
     def add(
         self, record: InspectionRecord, artefacts: Mapping[str, bytes], idempotency: IdempotencyEntry | None = None
     ) -> InspectionRecord:
-        """Store the PNGs (``{kind: bytes}``) then the record; returns the record as stored.
+        """Store the PNGs (``{kind: bytes}``) then the record; returns the record as stored (see :meth:`add_many`)."""
+        return self.add_many([(record, artefacts)], idempotency)[0]
 
-        ``idempotency`` (optional) is committed in the same transaction as the row, so a crash leaves either both
-        or neither; a key that exists already raises ValueError and stores nothing.
+    def add_many(
+        self,
+        items: Sequence[tuple[InspectionRecord, Mapping[str, bytes]]],
+        idempotency: IdempotencyEntry | None = None,
+    ) -> list[InspectionRecord]:
+        """Store records with their PNGs as one unit: every PNG first, then every row in one transaction together
+        with ``idempotency`` (a claimed key becomes done, see ``storage.idempotency``), so a crash or an error
+        leaves all of them or none. Returns the records as stored.
 
         ``record.artefacts`` may be empty (it is filled with the kinds given) or must name the same kinds.
-        Raises ValueError for an invalid record, kind or duplicate id, TypeError for non-bytes data; errors of the
-        artefact store (OSError, ArtefactStoreError) propagate after the artefacts already put are deleted.
-        Once ``add`` returns, row and artefacts are committed durably.
+        Raises ValueError for an invalid record, kind or duplicate id (or idempotency key), TypeError for non-bytes
+        data, ClaimLostError for a claim taken over; errors of the artefact store (OSError, ArtefactStoreError)
+        propagate. In every failure the artefacts already put are deleted first.
         """
+        stored = [self._prepared(record, artefacts) for record, artefacts in items]
+        written: list[str] = []
+        try:
+            for record, (_, artefacts) in zip(stored, items, strict=True):
+                prefix = self.record_prefix(record.id, record.created_at)
+                for kind, data in artefacts.items():
+                    written.append(f"{prefix}{kind}.png")
+                    self.artefacts.put(written[-1], bytes(data))
+            with self._sessions() as session, session.begin():
+                session.add_all([record_to_row(record) for record in stored])
+                if idempotency is not None:
+                    self._commit_key(session, idempotency)
+        except IntegrityError as exc:
+            self._remove_quietly(written)
+            raise ValueError(
+                f"an inspection id of {[r.id for r in stored]} or the idempotency key already exists"
+            ) from exc
+        except BaseException:
+            self._remove_quietly(written)
+            raise
+        return stored
+
+    def _prepared(self, record: InspectionRecord, artefacts: Mapping[str, bytes]) -> InspectionRecord:
+        """The record as it will be stored (UTC time, artefact kinds), after checking it and its artefacts."""
         validate_record(record)
         kinds = list(artefacts)
         for kind, data in artefacts.items():
@@ -174,26 +204,9 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
                 raise TypeError(f"artefact {kind!r} must be bytes, got {type(data).__name__}")
         if record.artefacts and sorted(record.artefacts) != sorted(kinds):
             raise ValueError(f"record.artefacts {record.artefacts} differ from the kinds given {kinds}")
-        stored = replace(record, created_at=as_utc(record.created_at), artefacts=kinds)
-        if self.get(stored.id) is not None:
-            raise ValueError(f"inspection id {stored.id} already exists")
-        prefix = self.record_prefix(stored.id, stored.created_at)
-        written: list[str] = []
-        try:
-            for kind, data in artefacts.items():
-                written.append(f"{prefix}{kind}.png")
-                self.artefacts.put(written[-1], bytes(data))
-            with self._sessions() as session, session.begin():
-                session.add(record_to_row(stored))
-                if idempotency is not None:
-                    session.add(IdempotencyRow(**{k: getattr(idempotency, k) for k in IDEMPOTENCY_FIELDS}))
-        except IntegrityError as exc:
-            self._remove_quietly(written)
-            raise ValueError(f"inspection id {stored.id} or its idempotency key already exists") from exc
-        except BaseException:
-            self._remove_quietly(written)
-            raise
-        return stored
+        if self.get(record.id) is not None:
+            raise ValueError(f"inspection id {record.id} already exists")
+        return replace(record, created_at=as_utc(record.created_at), artefacts=kinds)
 
     def _remove_quietly(self, keys: list[str]) -> None:
         """Clean-up after a failed ``add``: the original error is the one to report, this one is only logged."""
@@ -303,12 +316,6 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
         records = [row_to_record(r) for r in rows[:limit]]
         next_cursor = encode_cursor(records[-1].created_at, records[-1].id) if len(rows) > limit else None
         return records, next_cursor
-
-    def get_idempotency(self, key: str) -> IdempotencyEntry | None:
-        """The stored ``Idempotency-Key`` entry, or None."""
-        with self._sessions() as session:
-            row = session.get(IdempotencyRow, key)
-            return None if row is None else IdempotencyEntry(**{k: getattr(row, k) for k in IDEMPOTENCY_FIELDS})
 
     def count(self) -> int:
         """Number of stored inspection records."""
