@@ -167,6 +167,20 @@ async def overload(client, image, rate: float, seconds: float, seed: int) -> dic
     }
 
 
+def refusals(log: Path) -> dict:
+    """503s of /segment in the server's access log: refused at the door (before the body was read) or after it."""
+    door = after = 0
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("route") == "/segment" and entry.get("status") == 503:
+            after += bool(entry.get("n_images"))
+            door += not entry.get("n_images")
+    return {"at_the_door": door, "after_the_body": after}
+
+
 async def main_async(args, url: str) -> dict:
     image = test_image()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
@@ -221,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+        report["refused_503_whole_run"] = refusals(Path(tmp) / "server.log")
     print(json.dumps(report, indent=1))
     return 0
 
