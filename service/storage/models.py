@@ -329,6 +329,19 @@ def from_row(item_type: type, row: Base):
     return item_type(**{name: getattr(row, name) for name in item_type.__dataclass_fields__})
 
 
+def validate_artefacts(record: InspectionRecord, artefacts) -> list[str]:
+    """The kinds of ``{kind: PNG bytes}`` to store with ``record``; ValueError / TypeError for what cannot be."""
+    kinds = list(artefacts)
+    for kind, data in artefacts.items():
+        if not isinstance(kind, str) or not KIND_RE.match(kind):
+            raise ValueError(f"artefact kind must match {KIND_RE.pattern}, got {kind!r}")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"artefact {kind!r} must be bytes, got {type(data).__name__}")
+    if record.artefacts and sorted(record.artefacts) != sorted(kinds):
+        raise ValueError(f"record.artefacts {record.artefacts} differ from the kinds given {kinds}")
+    return kinds
+
+
 def validate_record(record: InspectionRecord) -> None:
     """Raise ValueError naming the first field that cannot be stored."""
     for name in ("product", "line", "part_id"):

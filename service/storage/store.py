@@ -51,6 +51,7 @@ from service.storage.models import (
     row_to_profile,
     row_to_record,
     utcnow,
+    validate_artefacts,
     validate_profile,
     validate_record,
 )
@@ -196,14 +197,7 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
     def _prepared(self, record: InspectionRecord, artefacts: Mapping[str, bytes]) -> InspectionRecord:
         """The record as it will be stored (UTC time, artefact kinds), after checking it and its artefacts."""
         validate_record(record)
-        kinds = list(artefacts)
-        for kind, data in artefacts.items():
-            if not isinstance(kind, str) or not KIND_RE.match(kind):
-                raise ValueError(f"artefact kind must match {KIND_RE.pattern}, got {kind!r}")
-            if not isinstance(data, bytes | bytearray | memoryview):
-                raise TypeError(f"artefact {kind!r} must be bytes, got {type(data).__name__}")
-        if record.artefacts and sorted(record.artefacts) != sorted(kinds):
-            raise ValueError(f"record.artefacts {record.artefacts} differ from the kinds given {kinds}")
+        kinds = validate_artefacts(record, artefacts)
         if self.get(record.id) is not None:
             raise ValueError(f"inspection id {record.id} already exists")
         return replace(record, created_at=as_utc(record.created_at), artefacts=kinds)
