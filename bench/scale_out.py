@@ -94,6 +94,7 @@ def main() -> int:
         "DHR_DATA_DIR": str(work / "data"),
         "DHR_DATABASE_URL": args.database_url or f"sqlite:///{work / 'inspections.db'}",
         "OMP_NUM_THREADS": "1",  # one intra-op thread per replica: replicas, not threads, use the cores
+        "DHR_MAX_QUEUE_WAIT_S": "120",  # capacity is measured: the default admission bound refuses a saturating load
     }
     moto = None
     if args.s3:

@@ -45,6 +45,9 @@ def replica_env(database_url: str, artefact_url: str, data_dir) -> dict[str, str
         "DHR_DATABASE_URL": database_url,
         "DHR_ARTEFACT_URL": artefact_url,
         "DHR_STATE_REFRESH_S": str(REFRESH_S),
+        # scale-out, not overload, is tested here: the derived admission bound (about one model call of waiting,
+        # tests/test_hostile_inputs.py, bench/overload.py) would refuse part of 8 concurrent clients on 2 busy cores
+        "DHR_MAX_QUEUE_WAIT_S": "60",
         "OMP_NUM_THREADS": "1",
     }
 
