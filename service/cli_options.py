@@ -10,16 +10,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from service.model.config import BACKENDS, PRECISIONS, PRESETS
+from service.model.config import BACKENDS, PRECISION_CHOICES, PRECISIONS, PRESETS
 
 DEFAULT_DEVICE = "auto"
 
 
 def add_model_arguments(
-    parser: argparse.ArgumentParser, prompts: bool = True, precision_help: str = "", backend: bool = False
+    parser: argparse.ArgumentParser,
+    prompts: bool = True,
+    precision_help: str = "",
+    backend: bool = False,
+    precision_default: str = "auto",
 ) -> None:
     """The ``model`` option group: --backbone, --prompts (unless ``prompts=False``), --model-weights-dir, --preset,
-    --device, --precision, --allow-download; with ``backend``: --backend and --export-dir (inference commands)."""
+    --device, --precision, --allow-download; with ``backend``: --backend and --export-dir (inference commands).
+
+    ``precision_default`` "auto" (inference) offers ``auto`` as well; a concrete default (training, export) does not.
+    """
     from service.model.weights import DEFAULT_WEIGHTS_DIR
 
     group = parser.add_argument_group("model")
@@ -47,9 +54,10 @@ def add_model_arguments(
     )
     group.add_argument(
         "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help=precision_help or "vision tower precision (default fp32)",
+        choices=PRECISION_CHOICES if precision_default == "auto" else PRECISIONS,
+        default=precision_default,
+        help=precision_help
+        or "vision tower precision (default auto: bf16 on CUDA, fp32 elsewhere, the reference-parity path)",
     )
     group.add_argument("--allow-download", action="store_true", help="let open_clip download the 'openai' weights")
     if backend:

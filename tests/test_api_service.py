@@ -43,7 +43,7 @@ def test_settings_from_environment_and_env_file(tmp_path, monkeypatch):
     assert s.max_pixels == 40_000_000 and s.retention_days is None and not s.retention_enabled
     assert (s.queue_size, s.preset, s.image_score) == (7, "fast", "map_max")
     assert (s.max_batch_size, s.max_wait_ms, s.max_upload_mb, s.request_timeout_s) == (8, 10.0, 20.0, 30.0)
-    assert (s.image_threshold, s.pixel_threshold, s.precision, s.device) == (0.5, 0.5, "fp32", "auto")
+    assert (s.image_threshold, s.pixel_threshold, s.precision, s.device) == (0.5, 0.5, "auto", "auto")
     assert s.resolved_database_url() == f"sqlite:///{(tmp_path / 'd' / 'inspections.db').resolve()}"
     assert s.max_upload_bytes == 20 * 1024 * 1024
 

@@ -19,7 +19,7 @@ from typing import Annotated, get_args
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine import BackendName, ImageScore, Precision, PresetName
+from service.engine import BackendName, ImageScore, PrecisionChoice, PresetName
 from service.storage.artefacts import parse_artefact_url
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     )
     preset: PresetName = Field("mvtec", description="DHR geometry")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)")
-    precision: Precision = Field("fp32", description="vision tower precision")
+    precision: PrecisionChoice = Field(
+        "auto", description="vision tower precision; auto: bf16 on CUDA, fp32 elsewhere (the reference-parity path)"
+    )
     backend: BackendName = Field(
         "torch", description="what runs the vision path; all but torch run a model written by `dhrclip export`"
     )

@@ -7,7 +7,7 @@ torch on first use (``service/lazy.py``).
 
 from service.lazy import lazy_exports
 from service.model import IMAGE_SCORES, PRECISIONS, PRESETS, ImageScore, ImageScores, Precision, PresetName
-from service.model.config import BACKENDS, BackendName
+from service.model.config import BACKENDS, PRECISION_CHOICES, BackendName, PrecisionChoice
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
@@ -25,12 +25,14 @@ __all__ = [
     "DHRCLIP",
     "IMAGE_SCORES",
     "PRECISIONS",
+    "PRECISION_CHOICES",
     "PRESETS",
     "BackendName",
     "ImageScore",
     "ImageScores",
     "ModelInfo",
     "Precision",
+    "PrecisionChoice",
     "PresetName",
     "WeightsChoice",
     "WeightsError",

@@ -190,20 +190,22 @@ def load_exported(
     export_dir: str | Path,
     *,
     preset: str,
-    precision: str = "fp32",
+    precision: str = "auto",
     device: str = "auto",
     backbone: str | None = None,
     prompts: str | None = None,
     label: str = "--backend",
 ) -> tuple[DHRCLIP, ModelInfo]:
-    """A DHRCLIP whose vision path runs in ``backend`` from a checked export directory."""
+    """A DHRCLIP whose vision path runs in ``backend`` from a checked export directory; ``precision`` "auto" is the
+    precision the graph was exported with."""
     spec = SPECS[backend]
-    if precision not in spec.precisions:
+    if precision != "auto" and precision not in spec.precisions:
         raise ExportError(f"{label} {backend} runs precision {' or '.join(spec.precisions)}, not {precision}")
     if device not in (None, "auto") and device.split(":")[0] != spec.device:
         raise ExportError(f"{label} {backend} runs on {spec.device}, not on device {device}")
     dev = resolve_device(spec.device if device in (None, "auto") else device)
     exp = read_export(export_dir, preset)
+    precision = exp.precision if precision == "auto" else precision
     check_identity(exp, backbone, prompts)
     encoder = ENCODERS[backend](exp, precision, label)
     model = DHRCLIP(None, exp.text_features, exp.cfg, precision, encoder=encoder).to(dev).eval()
@@ -231,7 +233,7 @@ def load_for_backend(
     device: str | None = "auto",
     export_dir: str | Path | None = None,
     preset: str = "mvtec",
-    precision: str = "fp32",
+    precision: str = "auto",
     allow_download: bool = False,
     label: str = "--backend",
 ) -> tuple[DHRCLIP, ModelInfo]:

@@ -126,7 +126,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     n = sum(len(s) for s in by_class.values())
     print(
         f"evaluating {n} images of {len(by_class)} class(es) ({', '.join(by_class)}); protocol {args.protocol}, "
-        f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {info.device} {args.precision}",
+        f"preset {args.preset}, backbone {info.backbone}, prompts {info.prompts}, {info.device} {info.precision}",
         file=sys.stderr,
     )
     run = {

@@ -22,7 +22,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (graph + dhr_export.json)")
     parser.add_argument("--calibration", default=None, help="folder of good images (openvino-int8 calibration)")
     parser.add_argument("--calibration-limit", type=int, default=64, help="at most this many calibration images")
-    add_model_arguments(parser, precision_help="graph precision: fp32 or fp16 (default fp32)")
+    add_model_arguments(parser, precision_help="graph precision: fp32 or fp16 (default fp32)", precision_default="fp32")
 
 
 def run_export(args: argparse.Namespace) -> int:

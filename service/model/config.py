@@ -12,10 +12,16 @@ from service.errors import UserError
 LAYER_FEATURES = ("final", "per_layer")
 DEFAULT_FUSION_WEIGHT = 0.5  # w of w * zero-shot + (1 - w) * few-shot (normal memory), per product
 LayerFeatures = Literal[LAYER_FEATURES]
-# precision name -> torch dtype name (the vision tower's compute dtype; LayerNorm always runs in fp32)
+# precision name -> torch dtype name: the vision tower's matmul dtype (LayerNorms, the residual streams and the
+# output projection always run in fp32, see service.model.vision)
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PRECISIONS = tuple(PRECISION_DTYPES)
 Precision = Literal[PRECISIONS]
+# "auto" (the default of the service and the inference commands): chosen by the device type, from this table;
+# any device type not listed runs fp32, so the CPU stays the reference-parity path
+AUTO_PRECISION = {"cuda": "bf16"}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+PrecisionChoice = Literal[PRECISION_CHOICES]
 
 T = TypeVar("T")
 
@@ -76,6 +82,14 @@ PresetName = Literal[tuple(PRESETS)]
 # what runs the vision path: torch here, or an exported graph (service.engine.backends holds each one's needs)
 BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 BackendName = Literal[BACKENDS]
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """A concrete precision: ``auto`` -> :data:`AUTO_PRECISION` of the device type (``cuda:1`` -> ``cuda``), else
+    fp32; any other name is returned as it is."""
+    if precision != "auto":
+        return precision
+    return AUTO_PRECISION.get(str(device).split(":")[0], "fp32")
 
 
 def get_preset(name: str) -> Preset:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .backbone import BackboneInfo, load_backbone
 from .checkpoint import PromptCheckpoint, load_checkpoint
-from .config import DHRConfig, get_preset
+from .config import DHRConfig, get_preset, resolve_precision
 from .devices import resolve_device
 from .dhrclip import DHRCLIP
 from .prompts import encode_ensemble, encode_learned
@@ -69,10 +69,12 @@ def build_model(
 ) -> tuple[DHRCLIP, ModelInfo]:
     """A DHRCLIP on ``device`` holding ``clip.visual`` and the cached text features; the text tower stays behind.
 
-    ``layer_features`` comes from the checkpoint's metadata (a checkpoint is served the way it was trained).
+    ``layer_features`` comes from the checkpoint's metadata (a checkpoint is served the way it was trained);
+    ``precision`` "auto" is resolved for the device (:func:`~service.model.config.resolve_precision`).
     """
     learned = not isinstance(prompts, str)
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     cfg = DHRConfig(preset=get_preset(preset), **overrides)
     if learned and "layer_features" not in overrides:
         cfg = cfg.with_(layer_features=prompts.layer_features)
@@ -98,7 +100,7 @@ def load_model(
     *,
     preset: str = "mvtec",
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     allow_download: bool = False,
     **overrides,
 ) -> tuple[DHRCLIP, ModelInfo]:

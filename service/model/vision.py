@@ -9,6 +9,11 @@ Both attentions go through one ``scaled_dot_product_attention`` call (queries [q
 Outputs: patch features ``ln_post(y^l) @ proj`` for the requested layers and the image embedding
 ``x^24[:, 0] @ proj`` without ``ln_post`` (reference quirk Q3). The module reads each block's own weights; no
 open_clip class is patched.
+
+Mixed precision: the matmuls (patch embedding, attention, MLP) run in the weights' dtype; the LayerNorms, the two
+residual streams x and y and the output projection run in fp32. Accumulating 24 residual additions in bf16 put the
+min-max eval map 1.0e-2 off the fp32 one (tiny fixture CLIP, CPU); in fp32 it is 4.2e-3 (tests/test_model.py).
+At fp32 every cast is a no-op: the numbers are the reference-parity ones.
 """
 
 from __future__ import annotations
@@ -72,12 +77,12 @@ class DHRVisionTower(nn.Module):
         return super()._apply(fn, recurse)
 
     @staticmethod
-    def _ln(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        """LayerNorm in fp32 whatever the compute dtype."""
-        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
+    def _ln(ln: nn.LayerNorm, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """LayerNorm computed in fp32 whatever the input dtype, returned in ``dtype``."""
+        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(dtype)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, s, s) normalised images -> (N, 1 + g^2, W) tokens after ln_pre."""
+        """(N, 3, s, s) normalised images -> (N, 1 + g^2, W) fp32 tokens after ln_pre (the residual stream)."""
         vis = self.visual
         x = F.conv2d(images.to(self.dtype), vis.conv1.weight, stride=self.patch)  # (N, W, g, g)
         n, w, g, _ = x.shape
@@ -91,7 +96,7 @@ class DHRVisionTower(nn.Module):
         attn = blk.attn
         n, length, w = x.shape
         heads = attn.num_heads
-        h = self._ln(blk.ln_1, x)
+        h = self._ln(blk.ln_1, x, self.dtype)
         qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3W) packed q|k|v
         q, k, v = qkv.view(n, length, 3, heads, w // heads).permute(2, 0, 3, 1, 4)  # each (N, H, L, d)
         if dual:
@@ -115,18 +120,18 @@ class DHRVisionTower(nn.Module):
             if dual:
                 y = (x if y is None else y) + vv
             x = x + ori
-            x = x + blk.mlp(self._ln(blk.ln_2, x))
+            x = x + blk.mlp(self._ln(blk.ln_2, x, self.dtype))
             if (i + 1) in wanted:
                 taken[i + 1] = x if y is None else y
         vis = self.visual
-        proj = vis.proj
+        proj = vis.proj.float()
         if cfg.layer_features == "per_layer":
             states = torch.stack([taken[layer] for layer in cfg.features_list], dim=1)  # (N, n_layers, L, W)
         else:
             states = (x if y is None else y).unsqueeze(1)  # (N, 1, L, W): every layer aliases y^24 (quirk Q2)
         tokens = self._ln(vis.ln_post, states) @ proj  # (N, n_layers, L, D)
         cls = x[:, 0] @ proj  # (N, D), no ln_post (quirk Q3)
-        return VisionFeatures(tokens.float(), cls.float())
+        return VisionFeatures(tokens, cls)
 
 
 class ViewEncoder(nn.Module):

@@ -46,7 +46,7 @@ class WeightsChoice:
             f"({self.prompts_source}), device={self.device}"
         )
 
-    def load(self, *, preset: str = "mvtec", precision: str = "fp32", allow_download: bool = False):
+    def load(self, *, preset: str = "mvtec", precision: str = "auto", allow_download: bool = False):
         """Blocking: ``(DHRCLIP, ModelInfo)`` of these weights on this device (:func:`~service.model.load_model`)."""
         from .loader import load_model
 

@@ -40,7 +40,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--resume", action="store_true", help="continue from the newest epoch checkpoint in --out")
     add_model_arguments(
-        parser, prompts=False, precision_help="frozen vision tower precision for feature extraction (text: fp32)"
+        parser,
+        prompts=False,
+        precision_help="frozen vision tower precision for feature extraction (text: fp32; default fp32)",
+        precision_default="fp32",
     )
     model = parser.add_argument_group("prompts")
     model.add_argument(
