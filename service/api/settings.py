@@ -20,6 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine import BackendName, ImageScore, PrecisionChoice, PresetName
+from service.engine.options import PREPROCESS, PreprocessMode
 from service.storage.artefacts import parse_artefact_url
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
         "requests then stay near twice the unloaded latency)",
     )
     workers: int = Field(2, ge=1, le=64, description="threads for decode / postprocess")
+    preprocess: PreprocessMode = Field(
+        "auto", description="where uploads become views: " + "; ".join(f"{k}: {v}" for k, v in PREPROCESS.items())
+    )
     warmup: bool = Field(True, description="run one dummy batch before reporting ready")
 
     max_upload_mb: float = Field(20.0, gt=0, description="largest request body in MiB, all files of a request together")
@@ -170,7 +174,7 @@ class Settings(BaseSettings):
             value = int(value)
         return value
 
-    @field_validator("preset", "precision", "backend", mode="before")
+    @field_validator("preset", "precision", "backend", "preprocess", mode="before")
     @classmethod
     def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """One line naming the choices (the Literal's own message would list them less readably)."""

@@ -6,6 +6,11 @@ Order of checks (each refuses with an :class:`ImageError` before the next, more 
           -> width * height <= max_pixels -> container integrity (PNG chunk CRCs, JPEG entropy data complete)
           -> pixel decode -> finite pixel values (float images)
 
+With ``defer_jpeg`` (the device decoder of ``service.engine.device_views``) a JPEG that passed every check up to
+the pixel decode and needs no conversion (RGB or grey, no EXIF rotation, not cut) is not decoded here: its bytes go
+to the device; Pillow decodes it only if ``DecodedImage.image`` is asked for. Every other upload decodes as above,
+and so does every JPEG under ``accept_truncated`` (its lenient decode is Pillow's).
+
 Every full-resolution buffer made later (decode, postprocess) is therefore bounded by ``max_pixels`` and its rows
 by ``max_side``. No process-wide state is changed per call: Pillow's own decompression-bomb check is switched off
 once, at import, because the limits above replace it (its warning would need a process-wide, thread-unsafe filter
@@ -18,6 +23,7 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import simplejpeg
@@ -76,6 +82,9 @@ class DecodeLimits:
             )
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     name: str
@@ -83,7 +92,23 @@ class DecodedImage:
     height: int
     format: str  # e.g. "JPEG", "PNG", "BMP"
     mode: str  # the file's own Pillow mode
-    image: Image.Image  # L or RGB after prepare_image (EXIF applied, 16-bit scaled, alpha composited)
+    prepared: Image.Image | None  # L or RGB after prepare_image; None: a checked JPEG whose pixels are ``data``
+    data: bytes | None = None  # the JPEG bytes left for the device decoder (``decode_image(defer_jpeg=True)``)
+
+    @cached_property
+    def image(self) -> Image.Image:
+        """L or RGB after prepare_image (EXIF applied, 16-bit scaled, alpha composited); a deferred JPEG is decoded
+        by Pillow here, on first use."""
+        if self.prepared is not None:
+            return self.prepared
+        try:
+            img = Image.open(io.BytesIO(self.data))
+            img.load()
+        except Exception as e:  # noqa: BLE001 - checked already; a decoder that still fails means corrupt data
+            raise ImageError(
+                "corrupt", f"{self.name}: JPEG data could not be decoded ({type(e).__name__}: {e})"
+            ) from None
+        return prepare_image(img)
 
     def rgb(self) -> np.ndarray:
         """(H, W, 3) uint8 for the overlay."""
@@ -130,8 +155,18 @@ def _check_finite(img: Image.Image, name: str) -> None:
         raise ImageError("corrupt", f"{name}: the image holds NaN or infinite pixel values")
 
 
-def decode_image(data: bytes, name: str = "image", limits: DecodeLimits | None = None) -> DecodedImage:
-    """Bytes -> DecodedImage; every size limit is checked from the header before any pixel is decoded."""
+def _deferrable(img: Image.Image) -> bool:
+    """A JPEG the device decoder reads as Pillow + prepare_image would: RGB or grey, no EXIF rotation."""
+    return img.mode in ("RGB", "L") and img.getexif().get(_EXIF_ORIENTATION, 1) == 1
+
+
+def decode_image(
+    data: bytes, name: str = "image", limits: DecodeLimits | None = None, defer_jpeg: bool = False
+) -> DecodedImage:
+    """Bytes -> DecodedImage; every size limit is checked from the header before any pixel is decoded.
+
+    ``defer_jpeg``: a JPEG that passed every check and needs no conversion is returned undecoded (module doc).
+    """
     limits = limits if limits is not None else DecodeLimits()
     if not data:
         raise ImageError("empty", f"{name}: empty upload")
@@ -152,6 +187,8 @@ def decode_image(data: bytes, name: str = "image", limits: DecodeLimits | None =
         fixed = _check_jpeg(data, name, limits.accept_truncated)
         if fixed is not data:
             img = Image.open(io.BytesIO(fixed))
+        elif defer_jpeg and not limits.accept_truncated and _deferrable(img):  # lenient decodes stay Pillow's
+            return DecodedImage(name, w, h, fmt, mode, None, data)
     try:
         img.load()
         _check_finite(img, name)

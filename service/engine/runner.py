@@ -23,6 +23,7 @@ from service.model.vision import VisionFeatures
 from .admission import Admission, Ticket
 from .batcher import BatchStats, DynamicBatcher
 from .decode import DecodedImage, DecodeLimits, decode_image, views_for
+from .device_views import DeviceViews, resolve_preprocess
 from .knowledge import MemoryCache
 from .postprocess import PostResult, postprocess
 
@@ -42,6 +43,7 @@ class EngineConfig:
     max_queue_wait_s: float | None = None  # expected model wait beyond which work is refused (None: derived, admission)
     memory_cache_size: int = 8  # products whose normal memory stays on the device (least recently used evicted)
     memory_max_tokens: int = DEFAULT_MAX_TOKENS  # coreset cap per layer and view kind
+    preprocess: str = "auto"  # where views are made (service.engine.options.PREPROCESS)
 
     @property
     def limits(self) -> DecodeLimits:
@@ -98,8 +100,8 @@ class ModelRunner:
         """
         jobs = [item if isinstance(item, InferItem) else InferItem(item) for item in batch]
         if all(j.memory is None and not j.keep_features for j in jobs):
-            return self._results(self.model(*stack_views([j.views for j in jobs]), extra), extra)
-        whole, crops = self.model.encode_views(*stack_views([j.views for j in jobs]))
+            return self._results(self.model(*self._stack(jobs), extra), extra)
+        whole, crops = self.model.encode_views(*self._stack(jobs))
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((id(job.memory), job.fusion_weight), []).append(i)
@@ -114,6 +116,11 @@ class ModelRunner:
                     feats = tuple(VisionFeatures(f.tokens[k : k + 1].cpu(), f.cls[k : k + 1].cpu()) for f in (w, c))
                 results[i] = replace(out[k], features=feats)
         return results
+
+    def _stack(self, jobs: list[InferItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's uint8 views: host arrays stacked into page-locked memory for a CUDA model (copied without
+        blocking by ``encode_views``), device tensors stacked on the device."""
+        return stack_views([j.views for j in jobs], pin=self.model.device.type == "cuda")
 
     @staticmethod
     def _results(out, extra: tuple[str, ...]) -> list[ImageResult]:
@@ -152,6 +159,12 @@ class Engine:
     def __init__(self, model: DHRCLIP, info: ModelInfo, cfg: EngineConfig = EngineConfig(), on_batch=None):
         self.model, self.info, self.cfg = model, info, cfg
         self.runner = ModelRunner(model)
+        self.preprocess = resolve_preprocess(cfg.preprocess, model.device)
+        self.device_views = (
+            None
+            if self.preprocess == "cpu"
+            else DeviceViews(model.device, model.cfg.preset, decode_jpegs=self.preprocess == "device-decode")
+        )
         self.memories = MemoryCache(model.device, cfg.memory_cache_size)
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="dhr-cpu")
         self.batcher: DynamicBatcher[Views | InferItem, ImageResult] = DynamicBatcher(
@@ -250,12 +263,17 @@ class Job:
             return await asyncio.get_running_loop().run_in_executor(self.engine.pool, fn)
 
     async def decode(self, data: bytes, name: str) -> tuple[DecodedImage, Views]:
-        """Decode + DHR views in the thread pool (raises ImageError)."""
+        """Decode + DHR views in the thread pool (raises ImageError); views on the device unless DHR_PREPROCESS is
+        cpu (every check of ``decode_image`` runs first, on the CPU, either way)."""
+        device_views = self.engine.device_views
 
         def work():
-            decoded = decode_image(data, name, self.engine.cfg.limits)
+            defer = device_views is not None and device_views.decode_jpegs
+            decoded = decode_image(data, name, self.engine.cfg.limits, defer_jpeg=defer)
             self.checkpoint()
-            return decoded, views_for(decoded, self.engine.runner.preset)
+            if device_views is None:
+                return decoded, views_for(decoded, self.engine.runner.preset)
+            return decoded, device_views(decoded)
 
         return await self._on_pool(work)
 

@@ -3,6 +3,11 @@
 Pipeline (spec B §1, Part A item 10): mode fix-up -> squash-resize to T x T (PIL default filter, bicubic) ->
 whole view = T x T resized to S x S -> four P x P crops at offsets (0, T - P) -> RGB. Normalisation to the
 OpenAI mean/std happens on the device (:func:`normalize`).
+
+:func:`make_views_torch` is the same pipeline as torch ops on a uint8 tensor on any device (the GPU path of the
+service): bicubic with a = -0.5, antialiased when shrinking, as Pillow's filter, in float32 with rounding after each
+resize where Pillow uses fixed-point arithmetic. Measured against :func:`make_views` (tests/test_device_views.py):
+at most a few grey levels apart, mean under 0.1 level; the CPU path stays Pillow's.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .config import Preset
@@ -20,8 +26,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Views(NamedTuple):
-    whole: np.ndarray  # (S, S, 3) uint8
-    crops: np.ndarray  # (4, P, P, 3) uint8, row-major: top-left, top-right, bottom-left, bottom-right
+    """uint8 numpy arrays (:func:`make_views`) or tensors on the model's device (:func:`make_views_torch`)."""
+
+    whole: np.ndarray | torch.Tensor  # (S, S, 3) uint8
+    crops: np.ndarray | torch.Tensor  # (4, P, P, 3) uint8, row-major: top-left, top-right, bottom-left, bottom-right
 
 
 def prepare_image(img: Image.Image) -> Image.Image:
@@ -65,15 +73,53 @@ def make_views(img: Image.Image, preset: Preset) -> Views:
     return Views(np.asarray(whole.convert("RGB")), np.stack([np.asarray(c.convert("RGB")) for c in crops]))
 
 
+def resize_u8(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, H, W) uint8 -> (C, size, size) uint8: Pillow's bicubic (a = -0.5, support scaled by the shrink factor)
+    computed in float32, rounded and clamped."""
+    x = F.interpolate(img.unsqueeze(0).float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+
+
+def make_views_torch(img: torch.Tensor, preset: Preset) -> Views:
+    """(C, H, W) uint8 tensor, C = 1 (grey) or 3 (RGB), on any device -> :class:`Views` of tensors on that device:
+    whole (S, S, 3) and crops (4, P, P, 3) uint8, as :func:`make_views` cuts them."""
+    s, p, t = preset.image_size, preset.crop_size, preset.target_size
+    squashed = resize_u8(img, t)
+    whole = squashed if s == t else resize_u8(squashed, s)
+    offs = preset.crop_offsets
+    crops = torch.stack([squashed[:, y0 : y0 + p, x0 : x0 + p] for y0 in offs for x0 in offs])  # (4, C, P, P)
+    c = img.shape[0]
+    return Views(
+        whole.expand(3, s, s).permute(1, 2, 0) if c == 1 else whole.permute(1, 2, 0),
+        crops.expand(4, 3, p, p).permute(0, 2, 3, 1) if c == 1 else crops.permute(0, 2, 3, 1),
+    )
+
+
 def load_views(img: Image.Image, preset: Preset) -> Views:
     return make_views(prepare_image(img), preset)
 
 
-def stack_views(views: list[Views]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch for :class:`~service.model.DHRCLIP`: whole (B, S, S, 3) and crops (B, 4, P, P, 3) uint8 tensors."""
-    whole = torch.from_numpy(np.stack([v.whole for v in views]))
-    crops = torch.from_numpy(np.stack([v.crops for v in views]))
-    return whole, crops
+def stack_views(views: list[Views], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for :class:`~service.model.DHRCLIP`: whole (B, S, S, 3) and crops (B, 4, P, P, 3) uint8 tensors.
+
+    Numpy views are stacked on the host, into page-locked memory with ``pin`` (a CUDA model then copies them
+    without blocking); tensor views are stacked where they are (every view of a batch on one device).
+    """
+    if any(isinstance(v.whole, torch.Tensor) for v in views):
+        devices = {v.whole.device for v in views if isinstance(v.whole, torch.Tensor)}
+        dev = devices.pop() if len(devices) == 1 else None
+        parts = [[getattr(v, k) for v in views] for k in Views._fields]
+        return tuple(
+            torch.stack([x.to(dev) if isinstance(x, torch.Tensor) else torch.from_numpy(x.copy()).to(dev) for x in xs])
+            for xs in parts
+        )
+    out = []
+    for k in Views._fields:
+        first = getattr(views[0], k)
+        buf = torch.empty((len(views), *first.shape), dtype=torch.uint8, pin_memory=pin)
+        np.stack([getattr(v, k) for v in views], out=buf.numpy())
+        out.append(buf)
+    return tuple(out)
 
 
 def normalize(u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,20 @@
+"""Choice tables of the engine (standard library only): how views are made and whether the vision tower is compiled.
+
+Each table names its choices once, with what each does; ``Literal`` types, the settings' validation and
+descriptions, and ``--help-settings`` derive from them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# DHR_PREPROCESS: where uploads become views (service.engine.device_views)
+PREPROCESS = {
+    "auto": "device-decode when the model runs on CUDA, else cpu",
+    "cpu": "Pillow decodes, resizes and cuts the views on the CPU (the reference-parity path)",
+    "device": "Pillow decodes; the image is copied (pinned, non-blocking) to the model's device, where torch resizes "
+    "and cuts the views",
+    "device-decode": "as device, and JPEG uploads are decoded on the device by torchvision (nvJPEG on CUDA)",
+}
+PREPROCESS_MODES = tuple(PREPROCESS)
+PreprocessMode = Literal[PREPROCESS_MODES]
