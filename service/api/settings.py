@@ -20,7 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine import BackendName, ImageScore, PrecisionChoice, PresetName
-from service.engine.options import PREPROCESS, PreprocessMode
+from service.engine.options import COMPILE, PREPROCESS, CompileMode, PreprocessMode
 from service.storage.artefacts import parse_artefact_url
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -52,7 +52,11 @@ class Settings(BaseSettings):
         'else "ensemble"',
     )
     preset: PresetName = Field("mvtec", description="DHR geometry")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)")
+    device: str = Field(
+        "auto",
+        description="auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu); a comma list "
+        "(cuda:0,cuda:1) runs one model replica per device, each batch on a free one",
+    )
     precision: PrecisionChoice = Field(
         "auto", description="vision tower precision; auto: bf16 on CUDA, fp32 elsewhere (the reference-parity path)"
     )
@@ -82,6 +86,9 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=1, le=64, description="threads for decode / postprocess")
     preprocess: PreprocessMode = Field(
         "auto", description="where uploads become views: " + "; ".join(f"{k}: {v}" for k, v in PREPROCESS.items())
+    )
+    compile: CompileMode = Field(
+        "off", description="the vision tower under torch.compile: " + "; ".join(f"{k}: {v}" for k, v in COMPILE.items())
     )
     warmup: bool = Field(True, description="run one dummy batch before reporting ready")
 
@@ -174,7 +181,7 @@ class Settings(BaseSettings):
             value = int(value)
         return value
 
-    @field_validator("preset", "precision", "backend", "preprocess", mode="before")
+    @field_validator("preset", "precision", "backend", "preprocess", "compile", mode="before")
     @classmethod
     def _known_choice(cls, value: str, info: ValidationInfo) -> str:
         """One line naming the choices (the Literal's own message would list them less readably)."""
@@ -193,9 +200,17 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not _DEVICE_RE.match(value):
-            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
-        return value
+        names = [d.strip() for d in value.split(",")]
+        if not all(_DEVICE_RE.match(d) for d in names):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, or a comma list of them, got {value!r}")
+        if len(names) > 1 and "auto" in names:
+            raise ValueError(f"a device list names each device (auto is one device), got {value!r}")
+        return ",".join(names)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """``DHR_DEVICE`` as a tuple: one model replica per entry; the model is loaded on the first."""
+        return tuple(self.device.split(","))
 
     @property
     def max_upload_bytes(self) -> int:

@@ -20,7 +20,8 @@ __all__ = ["WeightsChoice", "WeightsError", "choose_weights", "load_weights"]
 
 def choose_weights(settings: Settings) -> WeightsChoice:
     """Resolve backbone, prompts and device (raises WeightsError, or a UserError for a device that is absent)."""
-    return find_weights(settings.backbone, settings.prompts, settings.model_weights_dir, settings.device, "DHR_DEVICE")
+    first = settings.devices[0]  # replicas on the other devices are the engine's (EngineConfig.devices)
+    return find_weights(settings.backbone, settings.prompts, settings.model_weights_dir, first, "DHR_DEVICE")
 
 
 def load_weights(settings: Settings) -> tuple[DHRCLIP, ModelInfo, WeightsChoice]:
@@ -34,7 +35,7 @@ def load_weights(settings: Settings) -> tuple[DHRCLIP, ModelInfo, WeightsChoice]
     model, info = load_for_backend(
         settings.backend,
         choice,
-        device=settings.device,
+        device=settings.devices[0],
         export_dir=settings.export_dir or settings.model_weights_dir / "export",
         preset=settings.preset,
         precision=settings.precision,

@@ -1,16 +1,17 @@
 """Deadline-driven dynamic batcher: many concurrent ``submit`` calls -> few ``process_batch`` calls.
 
 The batcher knows nothing of HTTP or of the model. It owns one queue, one collector task on the event loop and
-one worker thread in which the synchronous ``process_batch`` runs (it is the only code that touches the device).
+one worker thread per ``process_batch`` function it is given (one per model replica, each the only code that
+touches its device). A batch goes to the first free worker; each worker runs one batch at a time.
 
 Collection rule, for a batch whose first item was enqueued at ``t0``::
 
     dispatch when  len(batch) == max_batch_size  or  now >= t0 + max_wait_ms / 1000
 
-While batch ``k`` runs in the worker thread the collector already gathers batch ``k + 1``. If batch ``k + 1`` is
-ready before the worker is free, it is re-filled (without further waiting) round-robin from everything waiting,
-including the items that arrived meanwhile, so a steady stream forms full batches and no item ever waits longer
-than it would have without the top-up.
+While batch ``k`` runs the collector already gathers batch ``k + 1``. If batch ``k + 1`` is ready before a worker
+is free, it is re-filled (without further waiting) round-robin from everything waiting, including the items that
+arrived meanwhile, so a steady stream forms full batches and no item ever waits longer than it would have without
+the top-up.
 
 Fairness: ``submit(item, key=...)`` tags an item with its owner (one request, one client). Waiting items are kept
 in one FIFO per key and batches are filled round-robin over the keys, oldest key first, so a request of 60 images
@@ -25,8 +26,8 @@ caller can map e.g. a ``ValueError`` to a 4xx); if it returns a sequence of the 
 ``RuntimeError`` naming both lengths. The batcher keeps serving later batches either way.
 
 Per-item timings: ``submit(item, timings={})`` fills the given dict before returning (or raising) with
-``queue_s`` (enqueue -> batch start, seconds), ``run_s`` (wall time of the ``process_batch`` call) and
-``batch_size`` (live items in that batch).
+``queue_s`` (enqueue -> batch start, seconds), ``run_s`` (wall time of the ``process_batch`` call),
+``batch_size`` (live items in that batch) and ``worker`` (the index of the function that ran it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import collections
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -63,11 +64,13 @@ class BatchStats:
     size:   number of items in the batch (cancelled items excluded).
     wait_s: queue wait of the oldest item, ``t_start - min(t_enqueue)`` in seconds.
     run_s:  wall time of the ``process_batch`` call in the worker thread, in seconds.
+    worker: index of the ``process_batch`` function (model replica) that ran it.
     """
 
     size: int
     wait_s: float
     run_s: float
+    worker: int = 0
 
 
 @dataclass(eq=False)  # identity comparison: items may be arrays whose ``==`` is element-wise
@@ -140,38 +143,47 @@ class DynamicBatcher(Generic[ItemT, OutT]):
 
     Args:
         process_batch: synchronous ``list[I] -> list[O]`` with ``len(out) == len(in)``; output ``j`` belongs to
-            input ``j``. Runs in the worker thread, never on the event loop.
+            input ``j``. Runs in a worker thread, never on the event loop. A list of such functions (one per model
+            replica): each gets its own worker, and batches run on as many at once.
         max_batch_size: most items per call (>= 1).
         max_wait_ms: longest time the first item of a batch waits for companions (>= 0).
         queue_size: most items waiting at once (>= 1); beyond it ``submit`` raises :class:`QueueFullError`.
-        executor: where ``process_batch`` runs. Default: a single-thread executor owned (and shut down) by the
-            batcher. A caller-supplied executor is not shut down; batches still run one at a time.
+        executor: where ``process_batch`` runs (a list: one per function). Default: a single-thread executor per
+            function, owned (and shut down) by the batcher. A caller-supplied executor is not shut down; each
+            function still runs one batch at a time.
         on_batch: called on the event loop with :class:`BatchStats` after every batch; its exceptions are logged.
     """
 
     def __init__(
         self,
-        process_batch: Callable[[list[ItemT]], list[OutT]],
+        process_batch: Callable[[list[ItemT]], list[OutT]] | Sequence[Callable[[list[ItemT]], list[OutT]]],
         *,
         max_batch_size: int,
         max_wait_ms: float,
         queue_size: int,
-        executor: concurrent.futures.Executor | None = None,
+        executor: concurrent.futures.Executor | Sequence[concurrent.futures.Executor] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
-        if not callable(process_batch):
-            raise TypeError(f"process_batch must be callable, got {type(process_batch).__name__}")
+        functions = list(process_batch) if isinstance(process_batch, (list, tuple)) else [process_batch]
+        for fn in functions:
+            if not callable(fn):
+                raise TypeError(f"process_batch must be callable, got {type(fn).__name__}")
+        if not functions:
+            raise ValueError("process_batch: give at least one function")
+        executors = list(executor) if isinstance(executor, (list, tuple)) else [executor] * len(functions)
+        if len(executors) != len(functions) or (executor is not None and None in executors):
+            raise ValueError(f"executor: give one per process_batch function ({len(functions)})")
         if int(max_batch_size) < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if int(queue_size) < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
-        self._process_batch = process_batch
+        self._functions = functions
         self._max_batch_size = int(max_batch_size)
         self._max_wait_s = float(max_wait_ms) / 1000.0
         self._queue_size = int(queue_size)
-        self._executor = executor
+        self._executors = executors
         self._owns_executor = executor is None
         self._on_batch = on_batch
 
@@ -181,7 +193,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         self._task: asyncio.Task | None = None
         self._accepting = False
         self._closing = False
-        self._in_flight = 0
+        self._in_flight: dict[int, int] = {}  # worker -> items of the batch it runs
         self.batches_total = 0
         self.items_total = 0
         self.failed_batches_total = 0
@@ -195,8 +207,13 @@ class DynamicBatcher(Generic[ItemT, OutT]):
 
     @property
     def in_flight(self) -> int:
-        """Items in the batch currently inside ``process_batch`` (0 when idle)."""
-        return self._in_flight
+        """Items in the batches currently inside ``process_batch`` (0 when idle)."""
+        return sum(self._in_flight.values())
+
+    @property
+    def workers(self) -> int:
+        """How many batches can run at once (one per ``process_batch`` function)."""
+        return len(self._functions)
 
     @property
     def running(self) -> bool:
@@ -204,11 +221,14 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         return self._accepting
 
     async def start(self) -> None:
-        """Create the worker thread (if not supplied) and the collector task on the running loop."""
+        """Create the worker threads (if not supplied) and the collector task on the running loop."""
         if self._task is not None:
             raise RuntimeError("DynamicBatcher.start() called twice; a stopped batcher cannot be restarted")
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dhr-batcher")
+        if self._owns_executor:
+            self._executors = [
+                concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dhr-batcher-{i}")
+                for i in range(len(self._functions))
+            ]
         self._wakeup = asyncio.Event()
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._collect_loop(), name="dhr-batcher-collector")
@@ -219,7 +239,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
 
         drain=True: every queued item is still processed. drain=False: queued items fail with
         :class:`BatcherClosedError`. In both cases the batch already inside ``process_batch`` completes normally
-        (a running device call cannot be interrupted), so after ``stop`` returns the worker thread is idle.
+        (a running device call cannot be interrupted), so after ``stop`` returns the worker threads are idle.
         """
         self._accepting = False
         self._closing = True
@@ -230,8 +250,10 @@ class DynamicBatcher(Generic[ItemT, OutT]):
                 self._wakeup.set()
                 await asyncio.shield(self._task)  # re-raises if the collector crashed (already logged)
         finally:
-            if self._owns_executor and self._executor is not None:
-                self._executor.shutdown(wait=False)  # idle after a normal stop; never block the loop
+            if self._owns_executor:
+                for ex in self._executors:
+                    if ex is not None:
+                        ex.shutdown(wait=False)  # idle after a normal stop; never block the loop
 
     async def submit(self, item: ItemT, timings: dict | None = None, key: object = None) -> OutT:
         """Queue ``item`` and return its own output once its batch has run.
@@ -259,18 +281,21 @@ class DynamicBatcher(Generic[ItemT, OutT]):
 
     # ------------------------------------------------------------------ collector
     async def _collect_loop(self) -> None:
-        running: asyncio.Task | None = None
+        running: dict[int, asyncio.Task] = {}  # worker -> its batch
         while await self._fill_staged():
-            if running is not None:
-                await running  # batches run one at a time, in order
+            running = {w: t for w, t in running.items() if not t.done()}
+            if len(running) == len(self._functions):
+                await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)  # one batch per worker
+                running = {w: t for w, t in running.items() if not t.done()}
                 self._queue.push_front(self._staged)  # re-fill round-robin with the items that arrived meanwhile
                 self._staged = []
                 self._take_from_queue()
             batch, self._staged = self._staged, []
             if batch:
-                running = asyncio.get_running_loop().create_task(self._run(batch))
-        if running is not None:
-            await running
+                worker = min(set(range(len(self._functions))) - set(running))
+                running[worker] = asyncio.get_running_loop().create_task(self._run(batch, worker))
+        if running:
+            await asyncio.gather(*running.values())
 
     async def _fill_staged(self) -> bool:
         """Gather the next batch into ``self._staged``; return False once closing with nothing left."""
@@ -307,21 +332,21 @@ class DynamicBatcher(Generic[ItemT, OutT]):
                 self._staged.append(pending)
 
     # ------------------------------------------------------------------ running one batch
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Pending], worker: int = 0) -> None:
         live = [p for p in batch if not p.future.done()]
         if not live:
             return
         loop = asyncio.get_running_loop()
-        self._in_flight = len(live)
+        self._in_flight[worker] = len(live)
         try:
             outputs, error, t_start, t_end = await loop.run_in_executor(
-                self._executor, _call_timed, self._process_batch, [p.item for p in live]
+                self._executors[worker], _call_timed, self._functions[worker], [p.item for p in live]
             )
         except asyncio.CancelledError:  # the loop is shutting down under us
             self._fail(live, BatcherClosedError("batcher was cancelled while this item was being processed"))
             raise
         finally:
-            self._in_flight = 0
+            self._in_flight.pop(worker, None)
         if error is None:
             error = self._check_outputs(outputs, len(live))
         self.batches_total += 1
@@ -329,14 +354,16 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         self.failed_batches_total += error is not None
         for j, p in enumerate(live):
             if p.timings is not None:
-                p.timings.update(queue_s=t_start - p.enqueued, run_s=t_end - t_start, batch_size=len(live))
+                p.timings.update(
+                    queue_s=t_start - p.enqueued, run_s=t_end - t_start, batch_size=len(live), worker=worker
+                )
             if p.future.done():  # caller cancelled while its batch ran
                 continue
             if error is not None:
                 p.future.set_exception(error)
             else:
                 p.future.set_result(outputs[j])
-        self._report(BatchStats(len(live), t_start - min(p.enqueued for p in live), t_end - t_start))
+        self._report(BatchStats(len(live), t_start - min(p.enqueued for p in live), t_end - t_start, worker))
 
     @staticmethod
     def _check_outputs(outputs: Any, expected: int) -> RuntimeError | None:

@@ -18,3 +18,13 @@ PREPROCESS = {
 }
 PREPROCESS_MODES = tuple(PREPROCESS)
 PreprocessMode = Literal[PREPROCESS_MODES]
+
+# DHR_COMPILE: whether the torch vision tower runs under torch.compile (service.engine.buckets)
+COMPILE = {
+    "off": "the vision tower runs eagerly, batches at their own size",
+    "default": "torch.compile (inductor) of the vision tower; batches are padded to the next bucket size (1, 2, 4, "
+    "... up to max_batch_size) so that each bucket compiles once, at warm-up",
+    "reduce-overhead": "as default, and replayed as CUDA graphs (least launch overhead, for small batches on CUDA)",
+}
+COMPILE_MODES = tuple(COMPILE)
+CompileMode = Literal[COMPILE_MODES]

@@ -1,14 +1,17 @@
 """The runner owns the model, its device and precision; the engine wires decode -> batcher -> runner -> postprocess.
 
-Nothing here knows HTTP. Blocking work (decode, preprocess, postprocess) runs in a thread pool; the model runs in
-the batcher's single worker thread, so the event loop only awaits.
+Nothing here knows HTTP. Blocking work (decode, preprocess, postprocess) runs in a thread pool; each model replica
+(one per device of ``DHR_DEVICE``) runs in its runner's own worker thread, fed batches by the batcher, so the event
+loop only awaits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +25,7 @@ from service.model.vision import VisionFeatures
 
 from .admission import Admission, Ticket
 from .batcher import BatchStats, DynamicBatcher
+from .buckets import batch_buckets, bucket_for, compile_tower
 from .decode import DecodedImage, DecodeLimits, decode_image, views_for
 from .device_views import DeviceViews, resolve_preprocess
 from .knowledge import MemoryCache
@@ -44,6 +48,8 @@ class EngineConfig:
     memory_cache_size: int = 8  # products whose normal memory stays on the device (least recently used evicted)
     memory_max_tokens: int = DEFAULT_MAX_TOKENS  # coreset cap per layer and view kind
     preprocess: str = "auto"  # where views are made (service.engine.options.PREPROCESS)
+    compile: str = "off"  # torch.compile of the vision tower (service.engine.options.COMPILE)
+    devices: tuple[str, ...] = ()  # one model replica per device; the first is the given model's (empty: just it)
 
     @property
     def limits(self) -> DecodeLimits:
@@ -84,11 +90,33 @@ def _take(feats: VisionFeatures, index: list[int], n: int) -> VisionFeatures:
 
 
 class ModelRunner:
-    """Runs batches of views through the model; the only code that touches the device."""
+    """Runs batches of views through one model replica; the only code that touches its device.
 
-    def __init__(self, model: DHRCLIP):
+    ``compile`` (:data:`~.options.COMPILE`) other than "off" compiles the vision tower and pads every batch to its
+    bucket (``service.engine.buckets``); padding rows are dropped before scoring. ``executor`` is the runner's one
+    worker thread: warm-up and batches run there, so compiled graphs (CUDA graphs are per thread) are made and
+    replayed by one thread. Normal memories made on another device are copied here once (``memory_slots`` kept).
+    """
+
+    def __init__(
+        self,
+        model: DHRCLIP,
+        compile: str = "off",
+        max_batch_size: int = 8,
+        memory_slots: int = 8,
+        compile_backend: str = "inductor",
+    ):
         self.model = model
         self.preset = model.cfg.preset
+        self.device = torch.device(model.device)
+        self.compile = compile
+        self.buckets: tuple[int, ...] | None = None
+        if compile != "off":
+            compile_tower(model, compile, max_batch_size, compile_backend)
+            self.buckets = batch_buckets(max_batch_size)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"dhr-runner-{self.device}")
+        self._memories: OrderedDict[int, tuple[NormalMemory, NormalMemory]] = OrderedDict()
+        self._memory_slots = memory_slots
 
     @torch.inference_mode()
     def run(self, batch: list[Views | InferItem], extra: tuple[str, ...] = ()) -> list[ImageResult]:
@@ -99,17 +127,25 @@ class ModelRunner:
         zero-shot path exactly.
         """
         jobs = [item if isinstance(item, InferItem) else InferItem(item) for item in batch]
-        if all(j.memory is None and not j.keep_features for j in jobs):
-            return self._results(self.model(*self._stack(jobs), extra), extra)
-        whole, crops = self.model.encode_views(*self._stack(jobs))
+        n = len(jobs)
+        plain = all(j.memory is None and not j.keep_features for j in jobs)
+        rows = n if self.buckets is None else bucket_for(n, self.buckets)
+        views = stack_views([j.views for j in jobs], pin=self.device.type == "cuda", rows=rows)
+        if plain and rows == n:
+            return self._results(self.model(*views, extra), extra)
+        if self.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
+        whole, crops = (VisionFeatures(f.tokens[:n], f.cls[:n]) for f in self.model.encode_views(*views))
+        if plain:
+            return self._results(self.model.score(whole, crops, extra), extra)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((id(job.memory), job.fusion_weight), []).append(i)
-        results: list[ImageResult | None] = [None] * len(jobs)
+        results: list[ImageResult | None] = [None] * n
         for index in groups.values():
             job = jobs[index[0]]
-            w, c = _take(whole, index, len(jobs)), _take(crops, index, len(jobs))
-            out = self._results(self.model.score(w, c, extra, job.memory, job.fusion_weight), extra)
+            w, c = _take(whole, index, n), _take(crops, index, n)
+            out = self._results(self.model.score(w, c, extra, self._here(job.memory), job.fusion_weight), extra)
             for k, i in enumerate(index):
                 feats = None
                 if jobs[i].keep_features:
@@ -117,10 +153,18 @@ class ModelRunner:
                 results[i] = replace(out[k], features=feats)
         return results
 
-    def _stack(self, jobs: list[InferItem]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's uint8 views: host arrays stacked into page-locked memory for a CUDA model (copied without
-        blocking by ``encode_views``), device tensors stacked on the device."""
-        return stack_views([j.views for j in jobs], pin=self.model.device.type == "cuda")
+    def _here(self, memory: NormalMemory | None) -> NormalMemory | None:
+        """``memory`` on this runner's device (a copy made once per memory when it lives on another replica's)."""
+        if memory is None or memory.whole.device == self.device:
+            return memory
+        hit = self._memories.get(id(memory))
+        if hit is None or hit[0] is not memory:
+            hit = (memory, memory.to(self.device))
+            self._memories[id(memory)] = hit
+            while len(self._memories) > self._memory_slots:
+                self._memories.popitem(last=False)
+        self._memories.move_to_end(id(memory))
+        return hit[1]
 
     @staticmethod
     def _results(out, extra: tuple[str, ...]) -> list[ImageResult]:
@@ -134,11 +178,11 @@ class ModelRunner:
         ]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
-        """Run dummy batches once (allocations, kernel selection); returns seconds spent."""
+        """Run dummy batches once (allocations, kernel selection; every bucket when compiled); returns seconds."""
         p = self.preset
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
-        for b in batch_sizes:
+        for b in self.buckets or batch_sizes:
             views = [
                 Views(
                     rng.integers(0, 256, (p.image_size, p.image_size, 3), dtype=np.uint8),
@@ -147,9 +191,19 @@ class ModelRunner:
                 for _ in range(b)
             ]
             self.run(views)
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def replicate(model: DHRCLIP, devices: tuple[str, ...], label: str = "DHR_DEVICE") -> list[DHRCLIP]:
+    """``model`` and a copy of it on each device of ``devices`` after the first (the model's own)."""
+    from service.model.devices import resolve_device
+
+    return [model, *(copy.deepcopy(model).to(resolve_device(d, label)) for d in devices[1:])]
 
 
 class Engine:
@@ -158,7 +212,13 @@ class Engine:
 
     def __init__(self, model: DHRCLIP, info: ModelInfo, cfg: EngineConfig = EngineConfig(), on_batch=None):
         self.model, self.info, self.cfg = model, info, cfg
-        self.runner = ModelRunner(model)
+        self.runners = [
+            ModelRunner(m, cfg.compile, cfg.max_batch_size, cfg.memory_cache_size)
+            for m in replicate(model, cfg.devices)  # copies made before any compile
+        ]
+        self.runner = self.runners[0]
+        if len(self.runners) > 1:  # /health and the records name every device
+            self.info = replace(info, device=",".join(str(r.device) for r in self.runners))
         self.preprocess = resolve_preprocess(cfg.preprocess, model.device)
         self.device_views = (
             None
@@ -168,7 +228,8 @@ class Engine:
         self.memories = MemoryCache(model.device, cfg.memory_cache_size)
         self.pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="dhr-cpu")
         self.batcher: DynamicBatcher[Views | InferItem, ImageResult] = DynamicBatcher(
-            self.runner.run,
+            [r.run for r in self.runners],
+            executor=[r.executor for r in self.runners],
             max_batch_size=cfg.max_batch_size,
             max_wait_ms=cfg.max_wait_ms,
             queue_size=cfg.queue_size,
@@ -195,10 +256,12 @@ class Engine:
             self._user_on_batch(stats)
 
     async def start(self) -> None:
-        if self.cfg.warmup:
+        if self.cfg.warmup:  # each replica in its own worker thread, all at once
             loop = asyncio.get_running_loop()
-            sizes = (1, self.cfg.max_batch_size) if self.model.device.type == "cuda" else (1,)
-            self.warmup_s = await loop.run_in_executor(self.pool, self.runner.warm_up, sizes)
+            sizes = (1, self.cfg.max_batch_size) if self.runner.device.type == "cuda" else (1,)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(loop.run_in_executor(r.executor, r.warm_up, sizes) for r in self.runners))
+            self.warmup_s = time.perf_counter() - t0
         await self.batcher.start()
         self.ready = True
 
@@ -206,6 +269,8 @@ class Engine:
         self.ready = False
         await self.batcher.stop(drain=True)
         self.pool.shutdown(wait=True)
+        for runner in self.runners:
+            runner.close()
 
     @property
     def queue_depth(self) -> int:

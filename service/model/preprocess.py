@@ -99,25 +99,27 @@ def load_views(img: Image.Image, preset: Preset) -> Views:
     return make_views(prepare_image(img), preset)
 
 
-def stack_views(views: list[Views], pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_views(views: list[Views], pin: bool = False, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch for :class:`~service.model.DHRCLIP`: whole (B, S, S, 3) and crops (B, 4, P, P, 3) uint8 tensors.
 
     Numpy views are stacked on the host, into page-locked memory with ``pin`` (a CUDA model then copies them
-    without blocking); tensor views are stacked where they are (every view of a batch on one device).
+    without blocking); tensor views are stacked where they are (every view of a batch on one device). ``rows``
+    (>= B): the batch padded to that many rows by repeating the last image (bucketed sizes of a compiled tower).
     """
-    if any(isinstance(v.whole, torch.Tensor) for v in views):
-        devices = {v.whole.device for v in views if isinstance(v.whole, torch.Tensor)}
-        dev = devices.pop() if len(devices) == 1 else None
-        parts = [[getattr(v, k) for v in views] for k in Views._fields]
-        return tuple(
-            torch.stack([x.to(dev) if isinstance(x, torch.Tensor) else torch.from_numpy(x.copy()).to(dev) for x in xs])
-            for xs in parts
-        )
+    n = len(views)
+    rows = n if rows is None else max(rows, n)
     out = []
     for k in Views._fields:
-        first = getattr(views[0], k)
-        buf = torch.empty((len(views), *first.shape), dtype=torch.uint8, pin_memory=pin)
-        np.stack([getattr(v, k) for v in views], out=buf.numpy())
+        parts = [getattr(v, k) for v in views]
+        if any(isinstance(x, torch.Tensor) for x in parts):
+            dev = next(x.device for x in parts if isinstance(x, torch.Tensor))
+            host = [torch.from_numpy(x.copy()) if isinstance(x, np.ndarray) else x for x in parts]
+            batch = torch.stack([x.to(dev) for x in host])
+            buf = torch.cat([batch, batch[-1:].expand(rows - n, *batch.shape[1:])]) if rows > n else batch
+        else:
+            buf = torch.empty((rows, *parts[0].shape), dtype=torch.uint8, pin_memory=pin)
+            np.stack(parts, out=buf.numpy()[:n])
+            buf[n:] = buf[n - 1]
         out.append(buf)
     return tuple(out)
 
