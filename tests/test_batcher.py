@@ -332,3 +332,28 @@ def test_lifecycle_and_argument_errors():
 
     asyncio.run(main())
     assert fn.batches == [[2]]
+
+
+def test_several_functions_run_batches_at_once_each_in_its_own_thread():
+    gate = threading.Event()
+    held, free = Recorder(gate=gate), Recorder()
+    stats: list[BatchStats] = []
+
+    async def main():
+        batcher = DynamicBatcher([held, free], max_batch_size=1, max_wait_ms=0, queue_size=8, on_batch=stats.append)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(2))
+        await wait_until(lambda: held.batches)
+        timings: dict = {}
+        assert await batcher.submit(3, timings) == 9  # the second worker serves while the first is held
+        assert timings["worker"] == 1 and batcher.in_flight == 1 and batcher.workers == 2
+        gate.set()
+        assert await first == 4
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert held.batches == [[2]] and free.batches == [[3]]
+    assert held.threads[0] is not free.threads[0]
+    assert sorted(s.worker for s in stats) == [0, 1]
+    with pytest.raises(ValueError, match="one per process_batch"):
+        DynamicBatcher([held, free], max_batch_size=1, max_wait_ms=0, queue_size=1, executor=[None])
