@@ -13,12 +13,17 @@ Steps (GPU sizes; ``--cpu-dry-run`` runs each at toy sizes on the CPU to prove t
     engine    random full-size ViT-L/14@336, preset mvtec, eager, bf16/fp16/fp32 x batch 1/4/16/32: images/s,
               p50 ms per call, % of the bf16 peak (989 TFLOP/s dense; FLOPs per image counted analytically),
               peak GPU memory
-    compiled  the same with the vision tower under torch.compile (bf16, batch 32 then 1, then reduce-overhead)
-    gpu_io    nvJPEG decode (torchvision.io.decode_jpeg on the device) vs Pillow, pinned vs pageable upload
+    compiled  the same with the vision tower compiled as the service does (DHR_COMPILE, service.engine.buckets):
+              bf16, default at batch 32 and 1, then reduce-overhead (CUDA graphs) at batch 1
+    gpu_io    nvJPEG decode (torchvision.io.decode_jpeg on the device) vs Pillow, pinned vs pageable upload, and the
+              service's views per image: Pillow decode + views vs nvJPEG + torch views (DHR_PREPROCESS)
     http      the service (create_app + uvicorn) with the random ViT-L in bf16 on the device, real photos,
+              DHR_PREPROCESS cpu (Pillow) and device-decode (nvJPEG + views on the GPU, the CUDA default), each at
               concurrency 1, 8, 32: images/s, p50, p99, mean batch, server CPU ms per image
+    http_compiled  (not in the default GPU run: compiling every bucket takes minutes; ``--steps http_compiled``)
+              the service with DHR_COMPILE=reduce-overhead, max batch 8, device-decode, concurrency 8 and 32
 
-    bash bench/device_check.sh --out $OUT            # on the GPU machine (wheels from .whl/, data from .devdata/)
+    bash bench/device_check.sh --out $OUT --budget-s 430   # on the GPU machine (wheels .whl/, data .devdata/)
     PYTHONPATH=$PWD .venv/bin/python bench/device_check.py --cpu-dry-run --out /tmp/dc
 """
 
@@ -42,15 +47,17 @@ import numpy as np
 from tests.paths import FIXTURES, REAL_DEFECTS, ROOT
 
 BF16_PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 (spec sheet); the issue's "fraction of the bf16 peak"
-# step -> (cap in seconds on the GPU, cap in the CPU dry run)
+# step -> (cap in seconds on the GPU, cap in the CPU dry run); the GPU caps of the default steps sum to 420 s
 STEPS = {
-    "env": (25, 60),
-    "parity": (45, 90),
-    "engine": (120, 90),
-    "compiled": (80, 90),
-    "gpu_io": (25, 60),
-    "http": (110, 120),
+    "env": (20, 60),
+    "parity": (40, 90),
+    "engine": (80, 90),
+    "compiled": (130, 120),
+    "gpu_io": (20, 60),
+    "http": (130, 180),
+    "http_compiled": (240, 150),
 }
+GPU_DEFAULT_STEPS = [s for s in STEPS if s != "http_compiled"]  # the dry run runs every step
 COLUMNS = ("step", "config", "img/s", "p50 ms", "p99 ms", "% bf16 peak", "peak GPU MB", "max diff", "status", "note")
 T0 = time.monotonic()
 
@@ -181,14 +188,20 @@ def _inputs(model, b: int):
     return whole, crops
 
 
-def _time_model(ctx: Ctx, model, b: int, seconds: float, warm: int = 1) -> tuple[float, float, float]:
-    """(images/s, p50 ms per call, p99 ms per call) of ``model`` on host uint8 batches of ``b`` images."""
+def _time_model(ctx: Ctx, model, b: int, seconds: float, warm: int = 1, before=None) -> tuple[float, float, float]:
+    """(images/s, p50 ms per call, p99 ms per call) of ``model`` on host uint8 batches of ``b`` images (pinned on
+    CUDA, as the service's runner stacks them); ``before()`` runs ahead of every call."""
     whole, crops = _inputs(model, b)
+    if ctx.device == "cuda":
+        whole, crops = whole.pin_memory(), crops.pin_memory()
+    before = before or (lambda: None)
     for _ in range(warm):
+        before()
         model(whole, crops)
     ctx.sync()
     lat, t_end, min_calls = [], time.perf_counter() + seconds, 1 if ctx.dry else 3
     while time.perf_counter() < t_end or len(lat) < min_calls:
+        before()
         t0 = time.perf_counter()
         model(whole, crops)
         ctx.sync()
@@ -196,10 +209,10 @@ def _time_model(ctx: Ctx, model, b: int, seconds: float, warm: int = 1) -> tuple
     return b * len(lat) / sum(lat), 1000 * statistics.median(lat), 1000 * float(np.percentile(lat, 99))
 
 
-def _engine_row(ctx: Ctx, model, config: str, b: int, seconds: float, note: str = "") -> None:
+def _engine_row(ctx: Ctx, model, config: str, b: int, seconds: float, note: str = "", before=None) -> None:
     flops = _flops_per_image(model)
     ctx.reset_peak()
-    ips, p50, p99 = _time_model(ctx, model, b, seconds)
+    ips, p50, p99 = _time_model(ctx, model, b, seconds, before=before)
     peak = BF16_PEAK_FLOPS if ctx.device == "cuda" else None
     ctx.emit(
         config,
@@ -221,7 +234,7 @@ def step_engine(ctx: Ctx) -> None:
         model = _engine_model(ctx, precision, visual)
         visual = model.source_visual
         for b in batches:
-            _engine_row(ctx, model, f"eager {precision} batch {b}", b, 0.2 if ctx.dry else 1.5)
+            _engine_row(ctx, model, f"eager {precision} batch {b}", b, 0.2 if ctx.dry else 1.0)
         del model
         if ctx.device == "cuda":
             ctx.torch.cuda.empty_cache()
@@ -230,20 +243,26 @@ def step_engine(ctx: Ctx) -> None:
 def step_compiled(ctx: Ctx) -> None:
     import torch
 
+    from service.engine.buckets import compile_tower
+
     backend = "eager" if ctx.dry else "inductor"  # the dry run proves the code path without a C++ toolchain
     model = _engine_model(ctx, "bf16")
-    eager_tower = model.tower
+    eager_encoder = model.encoder
     plan = [("default", 1)] if ctx.dry else [("default", 32), ("default", 1), ("reduce-overhead", 1)]
     for mode, b in plan:
         torch._dynamo.reset()
-        kwargs = {"backend": backend} if ctx.dry else {"mode": mode, "dynamic": False}
-        model.tower = torch.compile(eager_tower, **kwargs)
+        model.encoder = eager_encoder
+        compile_tower(model, mode, b, backend)  # what DHR_COMPILE does to each replica
+        step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None  # as ModelRunner
         t0 = time.perf_counter()
-        model(*_inputs(model, b))
+        for _ in range(3 if mode == "reduce-overhead" else 1):  # CUDA graphs record on the 2nd/3rd call
+            if step:
+                step()
+            model(*_inputs(model, b))
         ctx.sync()
         compile_s = time.perf_counter() - t0
         seconds = 0.2 if ctx.dry else 1.5
-        _engine_row(ctx, model, f"compiled {mode} bf16 batch {b}", b, seconds, f"compile {compile_s:.0f} s")
+        _engine_row(ctx, model, f"compiled {mode} bf16 batch {b}", b, seconds, f"compile {compile_s:.0f} s", step)
 
 
 def _photo_bytes(ctx: Ctx, limit: int = 64) -> list[tuple[str, bytes]]:
@@ -281,6 +300,7 @@ def step_gpu_io(ctx: Ctx) -> None:
         status="ok",
         note=f"Pillow 1 thread: {len(photos) / pil_s:.1f} img/s; mean {pixels / 1e6:.2f} MP",
     )
+    _service_views(ctx, photos)
     if ctx.device == "cuda":
         batch = torch.randint(0, 256, (32, 5, 336, 336, 3), dtype=torch.uint8)
         for label, host in (("pageable", batch), ("pinned", batch.pin_memory())):
@@ -294,22 +314,76 @@ def step_gpu_io(ctx: Ctx) -> None:
             ctx.emit(f"upload of a batch-32 view tensor, {label}", status="ok", note=f"{gbps:.1f} GB/s")
 
 
-def step_http(ctx: Ctx) -> None:
-    from harness import get_json, request_bytes, run_cell, start_server, stop_server
+def _service_views(ctx: Ctx, photos: list[tuple[str, bytes]]) -> None:
+    """Per image, one thread, as the service's decode step does it: Pillow decode + Pillow views (DHR_PREPROCESS
+    cpu) against checked-then-deferred decode + nvJPEG + torch views on the device (device-decode)."""
+    from service.engine.decode import decode_image, views_for
+    from service.engine.device_views import DeviceViews
+    from service.model import get_preset
 
-    photos = _photo_bytes(ctx)
-    levels = (1, 2) if ctx.dry else (1, 8, 32)
-    settings = {"max_batch_size": 32, "max_wait_ms": 5, "queue_size": 512, "workers": 2 if ctx.dry else 12}
+    preset = get_preset("mvtec")
+    dv = DeviceViews(ctx.device, preset, decode_jpegs=True)
+    for _ in range(2):  # the second pass is timed (decoder handles, kernels warm)
+        t0 = time.perf_counter()
+        ref = [views_for(decode_image(data, name), preset) for name, data in photos]
+        cpu_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        got = [dv(decode_image(data, name, defer_jpeg=True)) for name, data in photos]
+        ctx.sync()
+        dev_s = time.perf_counter() - t0
+    diff = max(int(np.abs(g.whole.cpu().numpy().astype(int) - r.whole).max()) for g, r in zip(got, ref, strict=True))
+    ctx.emit(
+        f"service views on {ctx.device}: checks + decode_jpeg + torch views, per image",
+        ips=round(len(photos) / dev_s, 1),
+        diff=f"{diff} levels",
+        status="ok",
+        note=f"Pillow decode + views (DHR_PREPROCESS=cpu), 1 thread: {len(photos) / cpu_s:.1f} img/s",
+    )
+
+
+def _http_cells(ctx: Ctx, label: str, levels: tuple[int, ...], settings: dict, compile_backend: str = "") -> None:
+    """One server of the random model with ``settings``, measured at each concurrency of ``levels``."""
+    from harness import start_server
+
     model, precision = ("tiny", "fp32") if ctx.dry else ("vit-l", "bf16")
+    base = {"max_batch_size": 32, "max_wait_ms": 5, "queue_size": 512, "workers": 2 if ctx.dry else 12}
     work = Path(tempfile.mkdtemp(prefix="device-check-http-"))
     t0 = time.perf_counter()
-    proc, port = start_server(ROOT, work, model, "mvtec", device=ctx.device, precision=precision, settings=settings)
-    log(f"http: server ready in {time.perf_counter() - t0:.0f} s ({model} {precision} on {ctx.device})")
+    proc, port = start_server(
+        ROOT,
+        work,
+        model,
+        "mvtec",
+        device=ctx.device,
+        precision=precision,
+        settings={**base, **settings},
+        compile_backend=compile_backend,
+    )
+    log(f"http: server ready in {time.perf_counter() - t0:.0f} s ({model} {precision} {label} on {ctx.device})")
+    _measure_http(ctx, proc, port, f"HTTP {model} {precision} {label}", levels)
+
+
+def step_http(ctx: Ctx) -> None:
+    levels = (1, 2) if ctx.dry else (1, 8, 32)
+    for preprocess in ("cpu", "device-decode"):
+        _http_cells(ctx, preprocess, levels, {"preprocess": preprocess})
+
+
+def step_http_compiled(ctx: Ctx) -> None:
+    mode = "default" if ctx.dry else "reduce-overhead"
+    settings = {"preprocess": "device-decode", "compile": mode, "max_batch_size": 2 if ctx.dry else 8}
+    _http_cells(ctx, f"compiled {mode}", (2,) if ctx.dry else (8, 32), settings, "eager" if ctx.dry else "")
+
+
+def _measure_http(ctx: Ctx, proc, port: int, label: str, levels: tuple[int, ...]) -> None:
+    from harness import get_json, request_bytes, run_cell, stop_server
+
+    photos = _photo_bytes(ctx)
     try:
         payloads = [request_bytes(port, data, name) for name, data in photos]
         for c in levels:
             before = get_json(port, "/_bench/stats")
-            cell = asyncio.run(run_cell(port, payloads, c, 1.5 if ctx.dry else 12.0))
+            cell = asyncio.run(run_cell(port, payloads, c, 1.5 if ctx.dry else 8.0))
             after = get_json(port, "/_bench/stats")
             cpu_ms = 1000 * (after["process_cpu_s"] - before["process_cpu_s"]) / (cell["n"] + c)
             wall = {
@@ -318,7 +392,7 @@ def step_http(ctx: Ctx) -> None:
             }
             batch = statistics.mean(t.get("batch_size", 1) for t in cell["timings"])
             ctx.emit(
-                f"HTTP {model} {precision} concurrency {c}",
+                f"{label} concurrency {c}",
                 ips=round(cell["n"] / cell["elapsed"], 2),
                 p50=round(1000 * statistics.median(cell["lat"]), 1),
                 p99=round(1000 * float(np.percentile(cell["lat"], 99)), 1),
@@ -337,6 +411,7 @@ STEP_FUNCS = {
     "compiled": step_compiled,
     "gpu_io": step_gpu_io,
     "http": step_http,
+    "http_compiled": step_http_compiled,
 }
 assert set(STEP_FUNCS) == set(STEPS)
 
@@ -378,7 +453,7 @@ def drive(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.results = args.out / "device_check.jsonl"
     args.results.write_text("")
-    chosen = args.steps.split(",") if args.steps else list(STEPS)
+    chosen = args.steps.split(",") if args.steps else list(STEPS) if args.cpu_dry_run else GPU_DEFAULT_STEPS
     deadline = time.monotonic() + args.budget_s
     log(f"device check ({'CPU dry run' if args.cpu_dry_run else 'GPU'}): steps {chosen}, budget {args.budget_s:.0f} s")
     failures = []
@@ -404,8 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder of the table")
     ap.add_argument("--cpu-dry-run", action="store_true", help="every step at toy sizes on the CPU")
-    ap.add_argument("--steps", default=None, help=f"comma list of steps (default all: {','.join(STEPS)})")
-    ap.add_argument("--budget-s", type=float, default=400.0, help="the whole run's time limit")
+    ap.add_argument(
+        "--steps",
+        default=None,
+        help=f"comma list of steps (default on the GPU: {','.join(GPU_DEFAULT_STEPS)}; the dry run: all of "
+        f"{','.join(STEPS)})",
+    )
+    ap.add_argument("--budget-s", type=float, default=430.0, help="the whole run's time limit")
     devdata = ROOT / ".devdata"
     ap.add_argument("--fixtures", type=Path, default=devdata / "reference_parity")
     ap.add_argument("--photos", type=Path, default=devdata / "photos")

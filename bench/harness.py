@@ -187,6 +187,13 @@ def serve(args) -> None:
         )
         return model, info, fill(WeightsChoice, device=args.device)
 
+    if args.compile_backend:  # DHR_COMPILE through another torch.compile backend (CPU dry runs: "eager")
+        import service.engine.runner as runner
+
+        compile_tower = runner.compile_tower
+        runner.compile_tower = lambda model, mode, max_batch, _backend=None: compile_tower(
+            model, mode, max_batch, args.compile_backend
+        )
     clock = StageClock()
     hooks = clock.wrap_all()
     settings = Settings(data_dir=args.data, preset=args.preset, device=args.device, **json.loads(args.settings))
@@ -207,7 +214,8 @@ def serve(args) -> None:
 def start_server(tree: Path, work: Path, model: str = "stand-in", preset: str = "mvtec", **opts):
     """Start a server child on a free port; returns ``(process, port)`` once /readyz answers 200.
 
-    opts: device, precision, settings (dict of Settings fields), ready_timeout_s.
+    opts: device, precision, settings (dict of Settings fields), ready_timeout_s, compile_backend (DHR_COMPILE's
+    torch.compile backend instead of inductor).
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -216,6 +224,7 @@ def start_server(tree: Path, work: Path, model: str = "stand-in", preset: str = 
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--tree", str(tree), "--port", str(port)]
     cmd += ["--data", str(work / "data"), "--preset", preset, "--model", model, "--settings", json.dumps(settings)]
     cmd += ["--device", opts.get("device", "cpu"), "--precision", opts.get("precision", "fp32")]
+    cmd += ["--compile-backend", opts.get("compile_backend") or ""]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
     log = work / "server.log"
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
@@ -328,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--device", default="cpu")
     child.add_argument("--precision", default="fp32")
     child.add_argument("--settings", default="{}", help="JSON object of Settings fields")
+    child.add_argument("--compile-backend", default="", help="torch.compile backend for DHR_COMPILE (default inductor)")
     serve(ap.parse_args(argv))
 
 

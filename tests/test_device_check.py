@@ -13,7 +13,7 @@ import sys
 
 from .paths import FIXTURES, REAL_DEFECTS, ROOT
 
-STEPS = ("env", "parity", "engine", "compiled", "gpu_io", "http")
+STEPS = ("env", "parity", "engine", "compiled", "gpu_io", "http", "http_compiled")
 
 
 def test_cpu_dry_run_measures_every_step(tmp_path):
@@ -32,7 +32,12 @@ def test_cpu_dry_run_measures_every_step(tmp_path):
     assert by_config["eager bf16 batch 2"]["ips"] > 0
     assert by_config["compiled default bf16 batch 1"]["ips"] > 0
     assert float(by_config["cpu bf16 vs CPU fp32 golden (A, 1 image(s))"]["diff"]) <= 1e-2
-    http = [r for r in rows if r["step"] == "http"]
-    assert [r["config"] for r in http] == ["HTTP tiny fp32 concurrency 1", "HTTP tiny fp32 concurrency 2"]
+    assert int(by_config["service views on cpu: checks + decode_jpeg + torch views, per image"]["diff"].split()[0]) <= 8
+    http = [r for r in rows if r["step"].startswith("http")]
+    assert [r["config"] for r in http] == [
+        f"HTTP tiny fp32 {label} concurrency {c}"
+        for label, levels in (("cpu", (1, 2)), ("device-decode", (1, 2)), ("compiled default", (2,)))
+        for c in levels
+    ]
     assert all(r["ips"] > 0 and r["p50"] <= r["p99"] for r in http)
     assert table.count("\n|") == len(rows) + 1  # header rule + one line per row: ONE table
