@@ -131,10 +131,10 @@ class ModelRunner:
         plain = all(j.memory is None and not j.keep_features for j in jobs)
         rows = n if self.buckets is None else bucket_for(n, self.buckets)
         views = stack_views([j.views for j in jobs], pin=self.device.type == "cuda", rows=rows)
-        if plain and rows == n:
-            return self._results(self.model(*views, extra), extra)
         if self.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous batch's graph outputs are no longer read
+        if plain and rows == n:
+            return self._results(self.model(*views, extra), extra)
         whole, crops = (VisionFeatures(f.tokens[:n], f.cls[:n]) for f in self.model.encode_views(*views))
         if plain:
             return self._results(self.model.score(whole, crops, extra), extra)
