@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 WHEELS="open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4
 pydantic-core==2.50.5 pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5
 python-multipart==0.0.34 uvicorn==0.54.0 sqlalchemy==2.1.9 typing_extensions==4.16.0 annotated-doc==0.0.7
-opentelemetry-api==1.45.2 sniffio==1.3.1 alembic==1.20.1 Mako==1.4.3"
+opentelemetry-api==1.45.2 sniffio==1.3.1 alembic==1.20.1 Mako==1.4.3 simplejpeg==1.9.0 swagger_ui_bundle==1.1.0"
 
 if [ "${1:-}" = "--prepare" ]; then
     rm -rf .whl .devdata && mkdir -p .whl .devdata/photos || exit 1
