@@ -139,3 +139,15 @@ def test_the_service_runs_one_replica_per_listed_device(tmp_path):
         assert client.get("/health").json()["device"] == "cpu,cpu"
         r = client.post("/segment", files=[png_file("a.png", 1)])
         assert r.status_code == 200, r.text
+
+
+def test_admission_shares_the_backlog_between_replicas():
+    from service.engine.admission import Admission
+
+    one = Admission(queue_size=64, max_batch_size=4, max_wait_s=1.0, deadline_s=10.0)
+    two = Admission(queue_size=64, max_batch_size=4, max_wait_s=1.0, deadline_s=10.0, workers=2)
+    for adm in (one, two):
+        adm.observe_batch(4, 0.5)
+    assert one.drain_s(10) == pytest.approx(2 * 0.5 + 0.5 * 2 / 4)  # 2 full batches + 2 images, one replica
+    assert two.drain_s(10) == pytest.approx(0.5 + 0.5 * 1 / 4)  # 5 images on each replica: 1 batch + 1 image
+    assert (one.images_per_request, two.images_per_request) == (40, 64)  # 5 s of the 10 s deadline; queue 64

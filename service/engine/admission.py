@@ -12,7 +12,9 @@ wall time of recent batches: ``T(b)`` is the mean run time of the first batches 
 exponential moving average (weight ``EWMA_WEIGHT``); an unmeasured size is scaled linearly from the nearest
 measured one, which over-estimates large batches (refusing early is the safe side)::
 
-    drain_s(q) = floor(q / B) * T(B) + T(q mod B)
+    drain_s(q) = floor(q' / B) * T(B) + T(q' mod B),   q' = ceil(q / W)
+
+with ``W`` model replicas (``DHR_DEVICE=cuda:0,cuda:1``: one batch on each at once) sharing the images.
 
 The wait bound is ``max_wait_s`` when it is set (``DHR_MAX_QUEUE_WAIT_S``), else derived from the measurements::
 
@@ -74,8 +76,10 @@ class Admission:
         max_wait_s: float | None,
         deadline_s: float,
         in_flight: Callable[[], int] = lambda: 0,
+        workers: int = 1,
     ) -> None:
         self._in_flight = in_flight
+        self.workers = max(1, int(workers))
         self.queue_size = int(queue_size)
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = None if max_wait_s is None else float(max_wait_s)
@@ -105,8 +109,8 @@ class Admission:
         return self._batch_s[nearest] * size / nearest
 
     def drain_s(self, items: int) -> float:
-        """Seconds the model needs for ``items`` images in full batches (see the module docstring)."""
-        full, rest = divmod(max(0, int(items)), self.max_batch_size)
+        """Seconds the model replicas need for ``items`` images in full batches (see the module docstring)."""
+        full, rest = divmod(math.ceil(max(0, int(items)) / self.workers), self.max_batch_size)
         return full * self.batch_s(self.max_batch_size) + self.batch_s(rest)
 
     @property

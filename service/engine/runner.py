@@ -241,6 +241,7 @@ class Engine:
             cfg.max_queue_wait_s,
             cfg.request_timeout_s,
             lambda: self.batcher.in_flight,
+            workers=len(self.runners),
         )
         self._user_on_batch = on_batch
         self.ready = False
