@@ -70,10 +70,7 @@ def _close(a, b) -> None:
         np.testing.assert_allclose(np.array(x.scores), np.array(y.scores), atol=1e-5)
 
 
-def test_compiled_runner_pads_to_buckets_and_drops_the_padding(model_factory, views):
-    eager = ModelRunner(model_factory()[0])
-    compiled = ModelRunner(model_factory()[0], compile="default", max_batch_size=4, compile_backend="eager")
-    assert compiled.buckets == (1, 2, 4)
+def _padding_is_dropped(eager: ModelRunner, compiled: ModelRunner, views) -> None:
     rows: list[int] = []
     encode = compiled.model.encode_views
     compiled.model.encode_views = lambda w, c: (rows.append(w.shape[0]), encode(w, c))[1]
@@ -87,6 +84,20 @@ def test_compiled_runner_pads_to_buckets_and_drops_the_padding(model_factory, vi
         assert got.features[0].tokens.shape[0] == 1
         torch.testing.assert_close(got.features[0].tokens, want.features[0].tokens, atol=1e-5, rtol=0)
     assert rows[-1] == 4
+
+
+def test_bucketed_runner_pads_and_drops_the_padding(model_factory, views):
+    """The padding logic alone (the buckets a compiled runner uses, on the eager tower): fast."""
+    bucketed = ModelRunner(model_factory()[0])
+    bucketed.buckets = (1, 2, 4)
+    _padding_is_dropped(ModelRunner(model_factory()[0]), bucketed, views)
+
+
+@pytest.mark.slow  # dynamo tracing of the tiny tower at two shapes: about 40 s on the shared 2-core host
+def test_compiled_runner_pads_to_buckets_and_drops_the_padding(model_factory, views):
+    compiled = ModelRunner(model_factory()[0], compile="default", max_batch_size=4, compile_backend="eager")
+    assert compiled.buckets == (1, 2, 4)
+    _padding_is_dropped(ModelRunner(model_factory()[0]), compiled, views)
 
 
 @pytest.mark.slow
