@@ -51,9 +51,9 @@ BF16_PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16 (spec sheet); the issue's "
 STEPS = {
     "env": (20, 60),
     "parity": (40, 90),
-    "engine": (80, 90),
+    "engine": (75, 90),
     "compiled": (130, 120),
-    "gpu_io": (20, 60),
+    "gpu_io": (25, 60),
     "http": (130, 180),
     "http_compiled": (240, 150),
 }
