@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -9,8 +10,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api import create_app
+from service.storage.models import utcnow
 
-from .api_fixtures import encode, make_settings, wait_ready
+from .api_fixtures import encode, make_record, make_settings, wait_ready
 
 SIDE = 224
 
@@ -135,3 +137,37 @@ def test_review_zone_verdicts_are_counted_and_thresholds_must_be_ordered(tmp_pat
         assert client.get("/health").json()["counts"]["review"] == 1
         replica = client.get("/health").json()["replica"]
         assert f'dhr_images_total{{replica="{replica}",verdict="review"}} 1.0' in client.get("/metrics").text
+
+
+def test_false_reject_adds_the_stored_original_as_a_reference(tmp_path, monkeypatch):
+    """Review with add_reference: the inspection's stored original becomes a reference (same bytes), the review
+    names it; the same image twice is 409; a review that cannot be stored takes its reference back."""
+    with TestClient(create_app(make_settings(tmp_path / "data"))) as client:
+        wait_ready(client)
+        assert client.put("/products/weave", json={"image_threshold": 0.5, "pixel_threshold": 0.5}).is_success
+        store = client.app.state.ctx.store
+        original = _texture(5)
+        recs = [
+            store.add(make_record(utcnow(), "defect", product="weave", filename="part5.png"), {"original": data})
+            for data in (original, original, _texture(6))
+        ]
+        body = {"decision": "false_reject", "add_reference": True, "note": "dust"}
+        r = client.post(f"/inspections/{recs[0].id}/review", json=body)
+        assert r.status_code == 201, r.text
+        ref_id = r.json()["reference_id"]
+        listed = client.get("/products/weave/references").json()
+        assert [(i["id"], i["filename"]) for i in listed["items"]] == [(ref_id, "part5.png")]
+        assert listed["items"][0]["sha256"] == hashlib.sha256(original).hexdigest()
+        assert listed["memory"]["n_references"] == 1
+        assert client.get(f"/inspections/{recs[0].id}").json()["reviews"][0]["reference_id"] == ref_id
+
+        _problem(client.post(f"/inspections/{recs[1].id}/review", json=body), 409, "already-a-reference", "weave")
+        assert store.reviews_of([recs[1].id]) == {}
+
+        def gone(review):
+            raise LookupError(f"no inspection with id {review.inspection_id!r}")  # removed by retention meanwhile
+
+        monkeypatch.setattr(store, "add_review", gone)
+        _problem(client.post(f"/inspections/{recs[2].id}/review", json=body), 404, "not-found", recs[2].id)
+        listed = client.get("/products/weave/references").json()
+        assert [i["id"] for i in listed["items"]] == [ref_id] and listed["memory"]["n_references"] == 1

@@ -64,7 +64,11 @@ def test_open_console_forms_need_the_csrf_token(tmp_path):
         assert r.status_code == 422 and "note" in r.json()["detail"]
         r = client.post(f"/ui/inspections/{'0' * 28}/review", data={"decision": "escape", "csrf": token})
         assert r.status_code == 404
-        assert store.reviews_of([rec.id]) == {}
+        assert 'id="as-reference" class="d-false_reject" disabled' in page.text and "was not stored" in page.text
+        assert client.post(f"/ui/inspections/{rec.id}/as-reference", data={}).status_code == 403
+        r = client.post(f"/ui/inspections/{rec.id}/as-reference", data={"csrf": token, "note": "ok part"})
+        assert r.status_code == 409 and r.json()["title"] == "Original not stored"
+        assert store.reviews_of([rec.id]) == {} and store.list_references("bottle") == []
 
         form = {"decision": "confirm_defect", "note": "crack", "csrf": token, "next": "https://evil.example/"}
         r = client.post(url, data=form, follow_redirects=False)

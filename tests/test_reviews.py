@@ -126,8 +126,15 @@ def test_forged_reviews_get_a_clear_4xx_and_write_nothing(tmp_path):
     with _app(tmp_path) as client:
         store = client.app.state.ctx.store
         rec = store.add(_record(0, "defect"), {})
+        passed, nameless = store.add(_record(1, "ok"), {}), store.add(_record(2, "defect", product=None), {})
+        as_reference = {"decision": "false_reject", "add_reference": True}
         cases = [
             ("0" * 28, {"decision": "confirm_defect"}, 404, "no inspection with id"),
+            ("0" * 28, as_reference, 404, "no inspection with id"),
+            (rec.id, {"decision": "confirm_defect", "add_reference": True}, 422, "false_reject only"),
+            (passed.id, as_reference, 409, "false_reject applies to verdicts review or defect"),
+            (nameless.id, as_reference, 409, "names no product"),
+            (rec.id, as_reference, 409, "was stored without its uploaded image (DHR_STORE_ORIGINALS=false"),
             (rec.id, {"decision": "approve"}, 422, "body.decision"),
             (rec.id, {"decision": "confirm_defect", "note": "n" * (MAX_NOTE_CHARS + 1)}, 422, "body.note"),
             (rec.id, {"decision": "confirm_defect", "reviewer": "r" * 101}, 422, "body.reviewer"),
@@ -141,7 +148,7 @@ def test_forged_reviews_get_a_clear_4xx_and_write_nothing(tmp_path):
             assert r.headers["content-type"] == "application/problem+json" and detail in r.json()["detail"]
         r = client.post(f"/inspections/{rec.id}/review", content=b"decision=escape")
         assert r.status_code == 422
-        assert store.reviews_of([rec.id]) == {}
+        assert store.reviews_of([rec.id, passed.id, nameless.id]) == {} and store.list_references("bottle") == []
         assert 'dhr_reviews_total{decision="escape"} 0.0' in client.get("/metrics").text
 
 
@@ -161,6 +168,10 @@ def test_operator_and_admin_keys(tmp_path):
         )
         assert r.status_code == 201
         assert r.json()["role"] == "operator" and r.json()["key_id"] == hashlib.sha256(b"op1").hexdigest()[:12]
+        as_reference = {"decision": "false_reject", "add_reference": True}
+        r = client.post(f"/inspections/{rec.id}/review", json=as_reference, headers={"X-API-Key": "op1"})
+        assert r.status_code == 403 and "cannot add references" in r.json()["detail"]
+        assert len(client.app.state.ctx.store.reviews_of([rec.id])[rec.id]) == 1
         assert client.post(f"/inspections/{rec.id}/review", json={"decision": "confirm_defect"}).status_code == 401
     # without admin keys every operator key keeps the admin rights it had before roles existed
     with _app(tmp_path / "one-role", api_keys="k") as client:

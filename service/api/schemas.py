@@ -74,6 +74,17 @@ class ReviewIn(BaseModel):
     decision: ReviewDecision = Field(description="confirm_defect | false_reject (rejected parts) | escape (ok parts)")
     note: str = Field("", max_length=MAX_NOTE_CHARS)
     reviewer: str = Field("", max_length=MAX_REVIEWER_CHARS, description="who reviewed (name or initials)")
+    add_reference: bool = Field(
+        False,
+        description="false_reject only, admin key: also add the inspection's stored original image as a good "
+        "reference of its product (409 when the original was not stored)",
+    )
+
+    @model_validator(mode="after")
+    def _reference_of_a_good_part(self) -> ReviewIn:
+        if self.add_reference and self.decision != "false_reject":
+            raise ValueError(f"add_reference applies to the decision false_reject only, not {self.decision}")
+        return self
 
 
 class ReviewOut(BaseModel):

@@ -10,6 +10,7 @@ GET  /ui/live                                  the live part of the line view (H
 GET  /ui/inspections/{id}                      one inspection: image layers, regions, score bar, versions, timings,
                                                reviews
 POST /ui/inspections/{id}/review               form: decision, note, reviewer (+ csrf) -> 303 back (or to ``next``)
+POST /ui/inspections/{id}/as-reference         false reject + the original added as a reference (admin only)
 GET  /ui/queue                                 unreviewed review/defect inspections, oldest first, keyboard triage
 GET  /ui/products, /ui/products/{n}            product list; product: thresholds, calibration plot, references
 POST /ui/products/{n}/thresholds               admin only: new thresholds
@@ -77,11 +78,11 @@ async def checked_form(request: Request, authorise: Callable[[], None] | None = 
         yield form
 
 
-async def posted(request: Request, model: type[BaseModel], authorise: Callable[[], None] | None = None):
-    """A console form post: ``checked_form``, then the fields of ``model`` validated (422 problem naming them).
-    Returns ``(model instance, the form's "next" field or None)``."""
+async def posted(request: Request, model: type[BaseModel], authorise: Callable[[], None] | None = None, **fixed: str):
+    """A console form post: ``checked_form``, then the fields of ``model`` (``fixed`` ones replacing the form's)
+    validated (422 problem naming them). Returns ``(model instance, the form's "next" field or None)``."""
     async with checked_form(request, authorise) as form:
-        fields = {k: form.get(k) for k in model.model_fields if isinstance(form.get(k), str)}
+        fields = {k: form.get(k) for k in model.model_fields if isinstance(form.get(k), str)} | fixed
         next_url = form.get("next")
     try:
         body = model(**fields)
@@ -123,6 +124,16 @@ async def review_form(request: Request, caller: ConsoleCaller, ctx: Context, ins
     body, next_url = await posted(request, ReviewIn)
     await submit_review(ctx, inspection_id, body, caller)
     return RedirectResponse(auth.safe_next(next_url or f"/ui/inspections/{inspection_id}"), status_code=303)
+
+
+@router.post("/inspections/{inspection_id}/as-reference")
+async def false_reject_reference_form(
+    request: Request, caller: ConsoleCaller, ctx: Context, inspection_id: InspectionId
+):
+    """One action: review as false reject and add the stored original as a good reference (admin only)."""
+    body, _ = await posted(request, ReviewIn, decision="false_reject", add_reference="true")
+    await submit_review(ctx, inspection_id, body, caller)
+    return RedirectResponse(f"/ui/inspections/{inspection_id}", status_code=303)
 
 
 @router.get("/queue")

@@ -65,6 +65,7 @@ def inspection_detail(ctx, inspection_id: str) -> dict | None:
         "profile": profile,
         "decisions": decisions,
         "layers": layers,
+        "original_stored": "original" in record.artefacts,
         "base_layer": "original" if "original" in record.artefacts else ("overlay" if layers else None),
     }
 
