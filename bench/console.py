@@ -4,9 +4,12 @@ Fills a temporary SQLite database (the service's default store) with ``--rows`` 
 ``--days`` days: 5 products, 3 lines, verdicts by ``--defect-share`` (the rest ok), 3 defect regions each, and one
 review on every reject older than a day (so the review queue must skip the reviewed ones: its worst case). Rows
 are bulk-inserted (one transaction per 10,000) rather than through ``InspectionStore.add``, which fsyncs per
-record. Then an app with no model (weights absent: the pages do not need one) answers, in-process through
-Starlette's TestClient (routing, middleware, SQL, Jinja2), ``--repeat`` GETs of each page after one warm-up, and
-the median / p95 / max wall time per page is printed with its ratio to the 200 ms target.
+record. One product (bottle) gets a profile, ``--references`` reference images and a calibration, so its product
+page draws the calibration's histograms and the gallery; another (cable) has none, so its page reads the reviewed
+scores of its newest 5,000 inspections instead. Then an app with no model (weights absent: the pages do not need
+one) answers, in-process through Starlette's TestClient (routing, middleware, SQL, Jinja2), ``--repeat`` GETs of
+each page after one warm-up, and the median / p95 / max wall time per page is printed with its ratio to the 200 ms
+target.
 
     nice -n 10 .venv/bin/python bench/console.py                 # 100,000 rows, 20 repeats per page
     .venv/bin/python bench/console.py --rows 10000 --repeat 5     # quick look
@@ -15,23 +18,28 @@ the median / p95 / max wall time per page is printed with its ratio to the 200 m
 from __future__ import annotations
 
 import argparse
+import io
 import random
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 
 from service.api import Settings, create_app  # noqa: E402
-from service.storage import InspectionStore, new_inspection_id  # noqa: E402
-from service.storage.models import InspectionRow, utcnow  # noqa: E402
+from service.engine.calibration import calibrate  # noqa: E402
+from service.storage import InspectionStore, ProductProfile, new_inspection_id  # noqa: E402
+from service.storage.models import CalibrationRecord, InspectionRow, ReferenceImage, utcnow  # noqa: E402
 from service.storage.reviews import ReviewRow  # noqa: E402
 
 TARGET_MS = 200.0
@@ -97,6 +105,35 @@ def fill(store: InspectionStore, rows: int, days: float, defect_share: float, se
     return {"rows": rows, "defects": n_defect, "reviews": n_reviews, "newest": batch[-1]["id"]}
 
 
+def add_knowledge(store: InspectionStore, product: str, references: int, seed: int = 0) -> str:
+    """Give ``product`` a profile, ``references`` reference images (700x700 JPEGs; placeholder features: the pages
+    never read them) and a calibration of 1,000 good and 100 defect scores; returns the first reference's id."""
+    rng = np.random.default_rng(seed)
+    profile = store.put_product(
+        ProductProfile(name=product, image_threshold=0.5, pixel_threshold=0.5, image_score="reference")
+    )
+    items = []
+    for i in range(references):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        ref = ReferenceImage(
+            product=product,
+            filename=f"good-{i}.jpg",
+            sha256=f"{i:064x}",
+            width=700,
+            height=700,
+            nbytes=buf.tell(),
+            model_key="bench",
+        )
+        items.append((ref, buf.getvalue(), b"features"))
+    refs = store.add_references(items)
+    maps = [rng.uniform(0.0, 0.4, (24, 24)) for _ in range(10)]
+    cal = calibrate(rng.beta(2, 8, 1000), maps, "reference", defect_scores=rng.beta(8, 2, 100), review_frr=0.05)
+    record = CalibrationRecord(version=cal.version, product=product, memory_version=None, content=cal.to_dict())
+    store.put_calibration(record, replace(profile, image_threshold=cal.reject_threshold))
+    return refs[0].id
+
+
 def time_get(client: TestClient, url: str, repeat: int) -> list[float]:
     r = client.get(url)  # warm-up (template compile, SQLite page cache)
     assert r.status_code == 200, (url, r.status_code, r.text[:300])
@@ -115,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--days", type=float, default=7.0)
     ap.add_argument("--defect-share", type=float, default=0.1)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--references", type=int, default=16, help="reference images of the calibrated product")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="dhr-console-bench-") as tmp:
@@ -122,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with InspectionStore(f"sqlite:///{data / 'inspections.db'}", data) as store:
             facts = fill(store, args.rows, args.days, args.defect_share)
+            first_ref = add_knowledge(store, "bottle", args.references)
         print(
             f"filled {facts['rows']} inspections ({facts['defects']} defects, {facts['reviews']} reviewed) "
             f"in {time.perf_counter() - t0:.1f} s"
@@ -133,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             "live fragment (polled)": "/ui/live",
             "review queue": "/ui/queue",
             "inspection page": f"/ui/inspections/{facts['newest']}",
-            "product page": "/ui/products/bottle",
+            f"product page (calibrated, {args.references} refs)": "/ui/products/bottle",
+            "product page (reviewed scores)": "/ui/products/cable",
+            "reference thumbnail (700 px JPEG)": f"/ui/products/bottle/references/{first_ref}.jpg",
         }
         with TestClient(create_app(settings)) as client:
             print(f"{'page':34s} {'median ms':>10s} {'p95 ms':>8s} {'max ms':>8s} {'median/target':>14s}")
