@@ -23,8 +23,8 @@ import numpy as np
 
 from service.data import load_dataset
 from service.engine.backends import load_exported
-from service.engine.export import export_model
-from service.engine.quantize import export_int8
+from service.engine.export import export_model, read_export
+from service.engine.quantize import export_int8, folder_samples
 from service.evaluate.runner import evaluate
 from service.model import load_model
 from tests.paths import REF_PROMPTS, TINY_CLIP
@@ -53,8 +53,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp32_dir, sq_dir, nosq_dir = Path(tmp) / "fp32", Path(tmp) / "int8_sq", Path(tmp) / "int8_nosq"
         export_model(model, info, fp32_dir)
-        export_int8(model, info, sq_dir, args.calibration, args.calibration_limit, smooth_quant=True)
-        export_int8(model, info, nosq_dir, args.calibration, args.calibration_limit, smooth_quant=False)
+        samples = folder_samples(args.calibration, args.calibration_limit)
+        source = {"kind": "folder", "folder": args.calibration}
+        fp32 = read_export(fp32_dir, args.preset)
+        export_int8(fp32, sq_dir, samples, source, smooth_quant=True)
+        export_int8(fp32, nosq_dir, samples, source, smooth_quant=False)
         variants = {
             "torch fp32": lambda: model,
             "openvino fp32": lambda: load_exported("openvino", fp32_dir, preset=args.preset)[0],

@@ -16,9 +16,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.cli import main
+from service.cli import build_parser, main
 from service.engine.backends import load_exported, load_for_backend, require
 from service.engine.export import ONNX_GRAPH, SIDECAR, ExportError
+from service.export.command import calibration_samples
 from service.model import build_model, load_views, stack_views
 from service.model.weights import find_weights
 
@@ -119,20 +120,91 @@ def test_fp16_export_on_onnxruntime(tmp_path, batch, reference):
         run("onnxruntime", fp16, batch, "fp32")
 
 
-def test_int8_export_calibrated_on_good_images(tmp_path, batch, reference):
-    good = REAL_DEFECTS / "magnetic_tile" / "train" / "good"
-    int8 = export(
-        tmp_path / "int8", "--format", "openvino-int8", "--calibration", str(good), "--calibration-limit", "2"
-    )
-    meta = json.loads((int8 / SIDECAR).read_text())
-    assert meta["quantization"]["calibration_images"] == 2 and meta["quantization"]["smooth_quant_alpha"] == 0.95
-    out, info = run("openvino", int8, batch)
-    maps, scores = deviation(out, reference)
-    assert info.quantization == "int8"
-    assert maps <= 0.1 and scores <= 0.1, (maps, scores)  # measured ~0.02 / ~0.04 with 15 images
-    assert float((out.anomaly_map - reference.anomaly_map).abs().mean()) <= 0.01
+GOOD = REAL_DEFECTS / "magnetic_tile" / "train" / "good"
+
+
+def product_store(data_dir: Path, product: str, images: list[Path]) -> list[str]:
+    """A service data directory whose database holds ``product`` with ``images`` as its references; their ids."""
+    from service.storage import InspectionStore
+    from service.storage.models import ProductProfile, ReferenceImage
+    from service.storage.store import default_database_url
+
+    with InspectionStore(default_database_url(data_dir), data_dir) as store:
+        store.put_product(ProductProfile(name=product, image_threshold=0.5, pixel_threshold=0.5, image_score="max"))
+        refs = [
+            ReferenceImage(
+                product=product, filename=p.name, sha256="0" * 64, width=1, height=1, nbytes=1, model_key="k"
+            )
+            for p in images
+        ]
+        store.add_references([(ref, p.read_bytes(), b"features") for ref, p in zip(refs, images, strict=True)])
+    return [r.id for r in refs]
+
+
+def test_int8_export_calibrated_on_the_product_references(exported, tmp_path, batch, reference):
+    """INT8 of the module's fp32 export (--from), calibrated on the references of --product read through the store
+    (the folder is unused); run with fp32 and with bf16 inference precision for what is not quantised."""
+    ids = product_store(tmp_path / "data", "tile", sorted(GOOD.iterdir())[:3])
+    int8 = tmp_path / "int8"
+    args = ["export", "--format", "openvino-int8", "--from", str(exported), "--out", str(int8), "--product", "tile"]
+    args += ["--data-dir", str(tmp_path / "data"), "--calibration", str(tmp_path / "nowhere")]
+    assert main([*args, "--calibration-limit", "2", "--backbone", str(TINY_CLIP), "--prompts", str(REF_PROMPTS)]) == 0
+    meta, fp32_meta = (json.loads((d / SIDECAR).read_text()) for d in (int8, exported))
+    quant = meta["quantization"]
+    assert quant["calibration_images"] == 2 and quant["smooth_quant_alpha"] == 0.95
+    assert quant["calibration_source"] == {"kind": "product", "product": "tile", "references": ids[:2]}
+    assert meta["text_features"] == fp32_meta["text_features"] and meta["backbone"] == fp32_meta["backbone"]
+    for precision, tol in (("fp32", 0.1), ("bf16", 0.1)):
+        out, info = run("openvino", int8, batch, precision)
+        maps, scores = deviation(out, reference)
+        assert info.quantization == "int8"
+        assert maps <= tol and scores <= tol, (precision, maps, scores)  # measured ~0.02 / ~0.04 with 15 images
+        assert float((out.anomaly_map - reference.anomaly_map).abs().mean()) <= 0.01
     with pytest.raises(ExportError, match="onnxruntime runs .onnx graphs"):
         run("onnxruntime", int8, batch)
+
+
+@pytest.mark.slow  # the fast suite quantises the module's export (--from); this exports first, as without --from
+def test_int8_export_without_from_exports_first(tmp_path, batch, reference):
+    int8 = export(
+        tmp_path / "int8", "--format", "openvino-int8", "--calibration", str(GOOD), "--calibration-limit", "2"
+    )
+    quant = json.loads((int8 / SIDECAR).read_text())["quantization"]
+    assert quant["calibration_source"] == {"kind": "folder", "folder": str(GOOD)}
+    maps, scores = deviation(run("openvino", int8, batch)[0], reference)
+    assert maps <= 0.1 and scores <= 0.1, (maps, scores)
+
+
+def test_calibration_source_product_else_folder_and_one_line_refusals(exported, tmp_path, capsys):
+    """Which images calibrate, decided before the model loads: references, else the folder, else one line."""
+    data = tmp_path / "data"
+    product_store(data, "empty", [])
+    base = ["export", "--format", "openvino-int8", "--out", str(tmp_path / "o"), "--data-dir", str(data)]
+    args = build_parser().parse_args(
+        [*base, "--product", "empty", "--calibration", str(GOOD), "--calibration-limit", "3"]
+    )
+    samples, source = calibration_samples(args)
+    assert source == {"kind": "folder", "folder": str(GOOD)}
+    assert [name for name, _ in samples] == [str(p) for p in sorted(GOOD.iterdir())[:3]]
+    assert samples[0][1] == sorted(GOOD.iterdir())[0].read_bytes()
+    from_fp32 = ["--from", str(exported), "--calibration", str(GOOD)]
+    refusals = {
+        "--product empty has no reference images; add some or give --calibration FOLDER": ["--product", "empty"],
+        f"--product nosuch: no such product in {data}'s database": ["--product", "nosuch"],
+        "needs --product NAME (its references) or --calibration FOLDER": [],
+        "onnx takes none of them": ["--format", "onnx", "--calibration", str(GOOD)],
+        "exported from another backbone": [*from_fp32, "--backbone", str(REF_PROMPTS)],
+        "exported for preset mvtec, asked for visa": [*from_fp32, "--preset", "visa"],
+        f"{tmp_path / 'none' / 'inspections.db'}: no service database there": [
+            "--product", "x", "--data-dir", str(tmp_path / "none"),
+        ],
+    }  # fmt: skip
+    for message, extra in refusals.items():
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "none").exists() and not (tmp_path / "o").exists()
 
 
 def test_corrupt_graph_is_refused(exported, tmp_path, batch):

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.engine import BackendName, ImageScore, PrecisionChoice, PresetName
 from service.engine.options import COMPILE, PREPROCESS, CompileMode, PreprocessMode
 from service.storage.artefacts import parse_artefact_url
+from service.storage.store import default_database_url
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _OPTIONAL = (
@@ -233,7 +234,7 @@ class Settings(BaseSettings):
         """``DHR_DATABASE_URL``, or a SQLite file inside the data directory."""
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'inspections.db').resolve()}"
+        return default_database_url(self.data_dir)
 
 
 def settings_error_line(exc: Exception) -> str:

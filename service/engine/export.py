@@ -29,6 +29,7 @@ FORMAT = "dhrclip-export/1"
 OPSET = 21
 INPUTS = ("whole", "crops")
 OUTPUTS = ("whole_tokens", "whole_cls", "crop_tokens", "crop_cls")
+BATCH_AXIS = "batch"  # the one dynamic axis's name in the graph
 EXPORT_PRECISIONS = ("fp32", "fp16")
 CONFIG_FIELDS = ("dpam", "features_list", "layer_features", "alpha", "temperature", "sigma", "topk_fraction")
 
@@ -45,6 +46,11 @@ def _versions(*names: str) -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+def _made_by() -> dict:
+    names = ("dhrclip-service", "torch", "open_clip_torch", "onnx", "onnxscript", "openvino", "nncf")
+    return {"versions": _versions(*names), "created": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def example_views(cfg: DHRConfig, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +71,7 @@ def export_onnx_graph(model: DHRCLIP, path: Path) -> None:
     whole, crops = example_views(model.cfg)
     with torch.no_grad():
         encoder(whole, crops)  # fills the positional cache with real tensors before tracing
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    batch = torch.export.Dim(BATCH_AXIS, min=1, max=1024)
     torch.onnx.export(
         encoder,
         (whole, crops),
@@ -88,22 +94,20 @@ def export_model(model: DHRCLIP, info: ModelInfo, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     graph = out_dir / ONNX_GRAPH
     export_onnx_graph(model, graph)
-    return write_sidecar(model, info, out_dir, graph, quantization=None)
+    return write_sidecar(model, info, out_dir, graph)
 
 
-def write_sidecar(
-    model: DHRCLIP, info: ModelInfo, out_dir: Path, graph: Path, quantization: dict | None, extra_files=()
-) -> Path:
-    """The JSON that travels with ``graph`` (a file inside ``out_dir``; ``extra_files``: its weights, if apart)."""
+def write_sidecar(model: DHRCLIP, info: ModelInfo, out_dir: Path, graph: Path) -> Path:
+    """The JSON that travels with ``graph`` (a file inside ``out_dir``) exported from ``model``."""
     cfg = model.cfg
     p = cfg.preset
     meta = {
         "format": FORMAT,
         "graph": graph.name,
-        "files": {f.name: sha256_file(f) for f in (graph, *extra_files)},
+        "files": {graph.name: sha256_file(graph)},
         "opset": OPSET,
         "precision": model.precision,
-        "quantization": quantization,
+        "quantization": None,
         "inputs": {
             "whole": ["batch", 3, p.image_size, p.image_size],
             "crops": ["batch", 4, 3, p.crop_size, p.crop_size],
@@ -119,9 +123,25 @@ def write_sidecar(
         "text_features": model.text_features.cpu().tolist(),
         "backbone": {"name": info.backbone, "sha256": info.backbone_sha256},
         "prompts": {"id": info.prompts, "sha256": info.prompts_sha256, "kind": info.prompts_kind},
-        "versions": _versions("dhrclip-service", "torch", "open_clip_torch", "onnx", "onnxscript", "openvino", "nncf"),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **_made_by(),
     }
+    return _write_json(out_dir, meta)
+
+
+def derived_sidecar(exp: Exported, out_dir: Path, graph: Path, quantization: dict, extra_files=()) -> Path:
+    """The sidecar of a graph made from the export ``exp`` (INT8): its model, preset, config and text features,
+    with the new graph's files, precision and quantization."""
+    meta = {
+        **exp.meta,
+        "graph": graph.name,
+        "files": {f.name: sha256_file(f) for f in (graph, *extra_files)},
+        "quantization": quantization,
+        **_made_by(),
+    }
+    return _write_json(out_dir, meta)
+
+
+def _write_json(out_dir: Path, meta: dict) -> Path:
     path = out_dir / SIDECAR
     with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
         json.dump(meta, f, indent=1)

@@ -1,6 +1,7 @@
 """INT8 post-training quantisation of the exported vision path for the CPU (OpenVINO + NNCF).
 
-Calibration runs good images through the service's own decode -> views path. NNCF's transformer mode applies
+Calibration runs good images (a product's stored references, or a folder) through the service's own decode -> views
+path. NNCF's transformer mode applies
 SmoothQuant to the MatMuls (alpha 0.95): CLIP ViT-L activations carry a few outlier channels whose int8 range
 otherwise swallows every other channel (published collapse of CLIP ViT-L int8 activations); SmoothQuant moves that
 range into the weights, ``x W = (x / s) (s W)`` with ``s_j = max|x_j|^a / max|W_j|^(1 - a)`` per input channel.
@@ -10,19 +11,19 @@ backend only.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from service.model import DHRCLIP, ModelInfo
+from service.model import Preset
 from service.model.preprocess import normalize, stack_views
 
 from .decode import ImageError, decode_image, views_for
-from .export import ONNX_GRAPH, ExportError, export_onnx_graph, write_sidecar
+from .export import Exported, ExportError, derived_sidecar
 
 INT8_GRAPH = "dhr_vision_int8.xml"
+Sample = tuple[str, bytes]  # (name for messages, encoded image bytes)
 SMOOTH_QUANT_ALPHA = 0.95
 
 
@@ -41,14 +42,20 @@ def calibration_images(folder: str | Path, limit: int) -> list[Path]:
     return files[:limit]
 
 
-def calibration_views(paths: list[Path], model: DHRCLIP) -> list[dict[str, np.ndarray]]:
-    """Graph inputs of each image: whole (1, 3, S, S) and crops (1, 4, 3, P, P) normalised float32."""
+def folder_samples(folder: str | Path, limit: int) -> list[Sample]:
+    """``(name, encoded bytes)`` of up to ``limit`` images of ``folder`` (:func:`calibration_images`)."""
+    return [(str(p), p.read_bytes()) for p in calibration_images(folder, limit)]
+
+
+def calibration_views(samples: list[Sample], preset: Preset) -> list[dict[str, np.ndarray]]:
+    """Graph inputs of each ``(name, bytes)`` image: whole (1, 3, S, S) and crops (1, 4, 3, P, P) normalised
+    float32, decoded and cut by the service's own path (default decode limits)."""
     out = []
-    for path in paths:
+    for name, data in samples:
         try:
-            views = views_for(decode_image(path.read_bytes(), str(path)), model.cfg.preset)
-        except (ImageError, OSError) as e:
-            raise ExportError(f"{path}: cannot use it for calibration ({e})") from None
+            views = views_for(decode_image(data, name), preset)
+        except ImageError as e:
+            raise ExportError(f"{name}: cannot use it for calibration ({e})") from None
         whole, crops = stack_views([views])
         out.append({"whole": normalize(whole).numpy(), "crops": normalize(crops).numpy()})
     return out
@@ -77,19 +84,19 @@ def quantize_graph(onnx_path: Path, items: list[dict[str, np.ndarray]], out_xml:
     return {"kind": "int8", "method": "nncf", "smooth_quant_alpha": alpha, "calibration_images": len(items)}
 
 
-def export_int8(
-    model: DHRCLIP, info: ModelInfo, out_dir: Path, folder: str | Path, limit: int = 64, smooth_quant: bool = True
-) -> Path:
-    """ONNX export (in a temporary folder) -> NNCF INT8 calibrated on up to ``limit`` good images of ``folder``
-    -> ``out_dir`` IR + sidecar; returns the sidecar path."""
-    if model.precision != "fp32":
-        raise ExportError(f"--precision {model.precision}: INT8 is calibrated from the fp32 graph; use fp32")
-    items = calibration_views(calibration_images(folder, limit), model)
+def export_int8(exp: Exported, out_dir: Path, samples: list[Sample], source: dict, smooth_quant: bool = True) -> Path:
+    """The fp32 ONNX export ``exp`` -> NNCF INT8 calibrated on ``samples`` (good images) -> ``out_dir`` IR + sidecar
+    (``exp``'s model, preset and text features); returns the sidecar path.
+
+    ``source`` says where the samples came from (``{"kind": "folder", "folder": ...}`` or ``{"kind": "product",
+    ...}``); it is recorded in the sidecar's ``quantization``."""
+    if exp.graph_format != "onnx" or exp.precision != "fp32" or exp.quantization is not None:
+        raise ExportError(f"{exp.graph}: INT8 is calibrated from an fp32 ONNX export (dhrclip export --format onnx)")
+    if not samples:
+        raise ExportError("no images to calibrate with")
+    items = calibration_views(samples, exp.cfg.preset)
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / INT8_GRAPH
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / ONNX_GRAPH
-        export_onnx_graph(model, onnx_path)
-        quant = quantize_graph(onnx_path, items, xml, smooth_quant)
-    quant["calibration_folder"] = str(folder)
-    return write_sidecar(model, info, out_dir, xml, quant, extra_files=(xml.with_suffix(".bin"),))
+    quant = quantize_graph(exp.graph, items, xml, smooth_quant)
+    quant["calibration_source"] = source
+    return derived_sidecar(exp, out_dir, xml, quant, extra_files=(xml.with_suffix(".bin"),))

@@ -16,11 +16,14 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from service.errors import UserError
+
+if TYPE_CHECKING:  # open_clip (and timm, torchvision: ~220 MB) loads only where a CLIP is built
+    from open_clip.model import CLIP
 
 OPENAI_NAME = "ViT-L-14-336"
 OPENAI_FILENAME = "ViT-L-14-336px.pt"
@@ -91,6 +94,8 @@ def _count(sd: dict, prefix: str) -> int:
 
 def build_clip(sd: dict[str, torch.Tensor], source: str = "<state dict>") -> CLIP:
     """An fp32 open_clip ``CLIP`` (QuickGELU) whose architecture is read off the tensor shapes."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
     required = [
         "visual.conv1.weight",
         "visual.positional_embedding",
@@ -120,12 +125,18 @@ def build_clip(sd: dict[str, torch.Tensor], source: str = "<state dict>") -> CLI
         heads=max(1, text_width // 64),
         layers=_count(sd, "transformer.resblocks."),
     )
-    model = CLIP(sd["text_projection"].shape[1], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)
+    with torch.device("meta"):  # no random weights made and thrown away: the file's tensors become the parameters
+        model = CLIP(sd["text_projection"].shape[1], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=True)
     sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    result = model.load_state_dict(sd, strict=False)
+    result = model.load_state_dict(sd, strict=False, assign=True)
     bad = [k for k in result.missing_keys if k != "attn_mask"] + list(result.unexpected_keys)
     if bad:
         raise BackboneError(f"{source}: state dict does not fit the inferred architecture: {', '.join(bad[:5])}")
+    n = text_cfg.context_length  # the text tower's causal mask, the one tensor a CLIP file does not carry
+    model.register_buffer("attn_mask", torch.full((n, n), float("-inf")).triu_(1), persistent=False)
+    left = [k for k, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if left:
+        raise BackboneError(f"{source}: state dict does not fill the architecture: {', '.join(left[:5])}")
     return model.float().eval().requires_grad_(False)
 
 

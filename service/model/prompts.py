@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-_tokenizer: SimpleTokenizer | None = None
+_tokenizer = None  # open_clip's SimpleTokenizer, made (and open_clip imported) on first use
 
 
 def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
     """CLIP BPE ids, (len(texts), context_length), zero-padded (the tokenizer ships with open_clip)."""
     global _tokenizer
     if _tokenizer is None:
+        from open_clip.tokenizer import SimpleTokenizer
+
         _tokenizer = SimpleTokenizer()
     return _tokenizer(texts, context_length=context_length)
 

@@ -370,6 +370,11 @@ class StorageUnavailableError(RuntimeError):
     """The database or the artefact store cannot be used; the message is one line naming which and why."""
 
 
+def default_database_url(data_dir: Path | str) -> str:
+    """The database when none is named (``DHR_DATABASE_URL`` / ``--database-url`` unset): SQLite in ``data_dir``."""
+    return f"sqlite:///{(Path(data_dir) / 'inspections.db').resolve()}"
+
+
 def open_store(
     database_url: str, artefacts: ArtefactStore, refresh_s: float = 5.0, data_dir: Path | str | None = None
 ) -> InspectionStore:
