@@ -22,6 +22,10 @@ Steps (GPU sizes; ``--cpu-dry-run`` runs each at toy sizes on the CPU to prove t
               concurrency 1, 8, 32: images/s, p50, p99, mean batch, server CPU ms per image
     http_compiled  (not in the default GPU run: compiling every bucket takes minutes; ``--steps http_compiled``)
               the service with DHR_COMPILE=reduce-overhead, max batch 8, device-decode, concurrency 8 and 32
+    tensorrt  when tensorrt (and onnx, onnxscript) import: TensorRT engines built from the ONNX export of the tiny
+              fixture CLIP (fp32 and fp16 graphs, profile batch 1..8) against torch fp32 on config A (maps
+              <= 1e-3 fp32 (TF32), <= 1e-2 fp16), build time, images/s at batch 1 and 8; else one SKIPPED row
+              saying what is missing (PyPI's tensorrt-cu12/13 are stubs that download from NVIDIA at install)
 
     bash bench/device_check.sh --out $OUT --budget-s 430   # on the GPU machine (wheels .whl/, data .devdata/)
     PYTHONPATH=$PWD .venv/bin/python bench/device_check.py --cpu-dry-run --out /tmp/dc
@@ -56,6 +60,7 @@ STEPS = {
     "gpu_io": (25, 60),
     "http": (130, 180),
     "http_compiled": (240, 150),
+    "tensorrt": (90, 30),
 }
 GPU_DEFAULT_STEPS = [s for s in STEPS if s != "http_compiled"]  # the dry run runs every step
 COLUMNS = ("step", "config", "img/s", "p50 ms", "p99 ms", "% bf16 peak", "peak GPU MB", "max diff", "status", "note")
@@ -404,6 +409,56 @@ def _measure_http(ctx: Ctx, proc, port: int, label: str, levels: tuple[int, ...]
         stop_server(proc)
 
 
+def _missing(*modules: str) -> list[str]:
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def step_tensorrt(ctx: Ctx) -> None:
+    missing = _missing("tensorrt", "onnx", "onnxscript")
+    if missing or ctx.dry:
+        why = f"{', '.join(missing)} not importable" if missing else "CPU dry run (TensorRT needs the GPU)"
+        note = f"{why}; PyPI's tensorrt-cu12/13 are stubs that download from NVIDIA at install (no network here)"
+        print(f"tensorrt: SKIPPED: {note}", flush=True)
+        ctx.emit("TensorRT engines", status="SKIPPED", note=note)
+        return
+    import torch
+    from PIL import Image
+
+    from service.engine.backends import load_exported
+    from service.engine.export import export_model
+    from service.model import build_model, load_backbone, load_checkpoint, load_views, stack_views
+
+    fx = ctx.fixtures
+    clip, binfo = load_backbone(fx / "clip_tiny_openai_format.pt")
+    ck = load_checkpoint(fx / "prompt_learner_checkpoint.pth")
+    names = [str(n) for n in np.load(fx / "expected.npz")["image_files"]]
+    ref_model, _ = build_model(clip, ck, preset="mvtec", backbone_info=binfo)
+    batch = stack_views([load_views(Image.open(fx / n), ref_model.cfg.preset) for n in names])
+    with torch.inference_mode():
+        ref = ref_model(*batch).anomaly_map
+    work = Path(tempfile.mkdtemp(prefix="device-check-trt-"))
+    for precision, tol in (("fp32", 1e-3), ("fp16", 1e-2)):
+        export_model(*build_model(clip, ck, preset="mvtec", precision=precision, backbone_info=binfo), work / precision)
+        t0 = time.perf_counter()
+        model, _ = load_exported("tensorrt", work / precision, preset="mvtec", precision=precision, device="cuda")
+        build_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            diff = float((model(*batch).anomaly_map.float().cpu() - ref).abs().max())
+        ctx.emit(
+            f"TensorRT {precision} tiny CLIP vs torch fp32 (A, {len(names)} images)",
+            diff=f"{diff:.2e}",
+            status="pass" if diff <= tol else f"FAIL (> {tol:g})",
+            note=f"engine built in {build_s:.0f} s (profile batch 1..8)",
+        )
+        for b in (1, 8):
+            with torch.inference_mode():
+                ips, p50, p99 = _time_model(ctx, model, b, 1.0)
+            row = {"ips": round(ips, 1), "p50": round(p50, 1), "p99": round(p99, 1), "status": "ok"}
+            ctx.emit(f"TensorRT {precision} tiny batch {b}", **row)
+
+
 STEP_FUNCS = {
     "env": step_env,
     "parity": step_parity,
@@ -412,6 +467,7 @@ STEP_FUNCS = {
     "gpu_io": step_gpu_io,
     "http": step_http,
     "http_compiled": step_http_compiled,
+    "tensorrt": step_tensorrt,
 }
 assert set(STEP_FUNCS) == set(STEPS)
 

@@ -40,4 +40,6 @@ def test_cpu_dry_run_measures_every_step(tmp_path):
         for c in levels
     ]
     assert all(r["ips"] > 0 and r["p50"] <= r["p99"] for r in http)
+    (trt,) = [r for r in rows if r["step"] == "tensorrt"]  # no GPU here: one row saying why it did not run
+    assert trt["status"] == "SKIPPED" and "download from NVIDIA" in trt["note"], trt
     assert table.count("\n|") == len(rows) + 1  # header rule + one line per row: ONE table
