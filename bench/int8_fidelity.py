@@ -1,10 +1,11 @@
 """Fidelity cost of the INT8 (OpenVINO + NNCF) export against torch fp32, on a labelled dataset.
 
 Exports the model twice as INT8 (SmoothQuant on, alpha 0.95, and off: the published CLIP ViT-L int8 pitfall),
-calibrated on a folder of good images, then evaluates torch fp32, OpenVINO fp32 and both INT8 variants with the
-evaluation runner (protocol "service": the served map, resized to each image). Prints per variant the map
-deviation from torch fp32 (max and mean |delta|, pooled over every pixel of every image) and the mean pixel /
-image AUROC over classes with their change.
+calibrated on a folder of good images, then evaluates torch fp32, OpenVINO fp32, both INT8 variants and the
+SmoothQuant one with bf16 inference precision for its unquantised ops, with the evaluation runner (protocol
+"service": the served map, resized to each image). Prints per variant the map deviation from torch fp32 (max and
+mean |delta|, pooled over every pixel of every image) and the mean pixel / image AUROC over classes with their
+change.
 
     PYTHONPATH=. .venv/bin/python bench/int8_fidelity.py \\
         --data ../shared/data/real_defects --calibration ../shared/data/real_defects/magnetic_tile/train/good
@@ -63,6 +64,9 @@ def main() -> None:
             "openvino fp32": lambda: load_exported("openvino", fp32_dir, preset=args.preset)[0],
             "openvino int8 (SmoothQuant 0.95)": lambda: load_exported("openvino", sq_dir, preset=args.preset)[0],
             "openvino int8 (no SmoothQuant)": lambda: load_exported("openvino", nosq_dir, preset=args.preset)[0],
+            "openvino int8 (SQ 0.95) bf16": lambda: load_exported(
+                "openvino", sq_dir, preset=args.preset, precision="bf16"
+            )[0],
         }
         n = sum(len(s) for s in by_class.values())
         print(f"{n} test images, {len(by_class)} classes, preset {args.preset}, backbone {Path(args.backbone).name}")
