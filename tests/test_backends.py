@@ -190,7 +190,7 @@ def test_calibration_source_product_else_folder_and_one_line_refusals(exported, 
     from_fp32 = ["--from", str(exported), "--calibration", str(GOOD)]
     refusals = {
         "--product empty has no reference images; add some or give --calibration FOLDER": ["--product", "empty"],
-        f"--product nosuch: no such product in {data}'s database": ["--product", "nosuch"],
+        "--product nosuch: no such product in the service's database": ["--product", "nosuch"],
         "needs --product NAME (its references) or --calibration FOLDER": [],
         "onnx takes none of them": ["--format", "onnx", "--calibration", str(GOOD)],
         "exported from another backbone": [*from_fp32, "--backbone", str(REF_PROMPTS)],

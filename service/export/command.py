@@ -2,9 +2,10 @@
 
 Loads the torch model by the shared weight rule, then writes the graph and its sidecar (``service.engine.export``).
 ``openvino-int8`` also calibrates NNCF's post-training quantisation on good images: the stored references of
-``--product`` when it has any (read through the storage layer: ``--database-url`` / ``--data-dir``, the service's
-``DHR_DATABASE_URL`` / ``DHR_DATA_DIR`` by default), else the folder ``--calibration``. INT8 quantises an fp32
-ONNX export: ``--from DIR`` (one export, then an INT8 model per product, no torch model loaded), else one made first.
+``--product`` when it has any (read through the storage layer: ``--database-url`` / ``--data-dir`` /
+``--artefact-url``, by default the service's ``DHR_DATABASE_URL`` / ``DHR_DATA_DIR`` / ``DHR_ARTEFACT_URL``), else
+the folder ``--calibration``. INT8 quantises an fp32 ONNX export: ``--from DIR`` (one export, then an INT8 model per
+product, no torch model loaded), else one made first.
 Serve the result with ``DHR_BACKEND=onnxruntime|openvino|tensorrt DHR_EXPORT_DIR=DIR`` (or ``--backend`` /
 ``--export-dir`` on ``predict`` and ``evaluate``).
 """
@@ -41,6 +42,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="the service's data directory, where references live (default: $DHR_DATA_DIR, else ./data)",
     )
     cal.add_argument(
+        "--artefact-url",
+        default=os.environ.get("DHR_ARTEFACT_URL"),
+        help="the service's artefact store holding the references (default: $DHR_ARTEFACT_URL, else --data-dir)",
+    )
+    cal.add_argument(
         "--database-url",
         default=os.environ.get("DHR_DATABASE_URL"),
         help="the service's database (default: $DHR_DATABASE_URL, else SQLite in --data-dir)",
@@ -49,30 +55,34 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def product_samples(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], dict]:
-    """``(name, bytes)`` of up to ``--calibration-limit`` references of ``--product`` (oldest first), and where
-    they came from; no samples when the product has no references. An unknown product is refused."""
+    """``(name, bytes)`` of up to ``--calibration-limit`` references of ``--product`` (oldest first), read through
+    the store, and where they came from; no samples when the product has none. An unknown product is refused."""
     from service.storage import StorageUnavailableError, open_artefact_store, open_store
+    from service.storage.artefacts import ArtefactMissingError, ArtefactStoreError
     from service.storage.store import default_database_url
 
     data_dir = Path(args.data_dir)
-    url = args.database_url or default_database_url(data_dir)
     if not args.database_url and not (data_dir / "inspections.db").is_file():
         raise UserError(f"{data_dir / 'inspections.db'}: no service database there (--data-dir / --database-url)")
     try:
-        store = open_store(url, open_artefact_store(None, data_dir), data_dir=data_dir)
-    except StorageUnavailableError as e:
+        artefacts = open_artefact_store(args.artefact_url, data_dir)
+        store = open_store(args.database_url or default_database_url(data_dir), artefacts)
+    except (StorageUnavailableError, ArtefactStoreError, ValueError) as e:
         raise UserError(str(e)) from None
     try:
         if store.get_product(args.product) is None:
-            raise UserError(f"--product {args.product}: no such product in {store.data_dir}'s database")
+            raise UserError(f"--product {args.product}: no such product in the service's database")
         refs = store.list_references(args.product)[: args.calibration_limit]
         samples = []
         for ref in refs:
-            path = store.reference_image_path(ref.id)
             try:
-                samples.append((f"{path} (reference {ref.id} of {args.product})", path.read_bytes()))
-            except OSError as e:
-                raise UserError(f"{path}: reference {ref.id} of {args.product} unreadable ({e.strerror})") from None
+                samples.append(
+                    (f"reference {ref.id} ({ref.filename}) of {args.product}", store.read_reference_image(ref.id))
+                )
+            except (ArtefactMissingError, ArtefactStoreError) as e:
+                raise UserError(
+                    f"reference {ref.id} of {args.product}: image unreadable in {artefacts.location} ({e})"
+                ) from None
     finally:
         store.close()
     return samples, {"kind": "product", "product": args.product, "references": [r.id for r in refs]}
