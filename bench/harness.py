@@ -147,6 +147,8 @@ class StageClock:
             ("service.engine.runner", "postprocess", "postprocess"),
             ("service.engine.runner", "analyse_map", "postprocess"),
             ("service.api.pipeline", "render_artefacts", "postprocess"),
+            ("service.engine.runner", "render_artefacts", "postprocess"),
+            ("service.engine.runner", "encode_map", "store"),
             ("service.storage.store", "InspectionStore.add", "store"),
             ("service.storage.store", "InspectionStore.add_many", "store"),
             ("service.engine.runner", "ModelRunner.run", "model"),

@@ -21,8 +21,18 @@ from typing import Literal
 
 VERDICTS = ("ok", "review", "defect")  # in order of increasing score
 Verdict = Literal[VERDICTS]
-ARTEFACT_KINDS = ("overlay", "heatmap", "mask")  # the PNGs made for and stored with every inspection
+ARTEFACT_KINDS = ("overlay", "heatmap", "mask")  # the PNGs of an inspection (rendered from what is stored)
 ArtefactKind = Literal[ARTEFACT_KINDS]
+# What each PNG kind is rendered from (stored kinds): the float16 map, and for the overlay the original too.
+RENDERED_FROM = {"overlay": ("map", "original"), "heatmap": ("map",), "mask": ("map",)}
+
+
+def viewable_kinds(stored: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The PNG kinds an inspection can show: those stored as PNGs (first layout, or the overlay kept when
+    originals are not) and those renderable from its stored kinds (:data:`RENDERED_FROM`)."""
+    return tuple(k for k in ARTEFACT_KINDS if k in stored or set(RENDERED_FROM[k]) <= set(stored))
+
+
 REJECTED = VERDICTS[1:]  # every verdict but "ok": the part is taken off the line
 # A person's review of an inspection: confirm_defect / false_reject judge a rejected part, escape is an ok part that
 # later proved defective. Decision -> the verdicts it applies to.

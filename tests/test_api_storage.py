@@ -22,11 +22,10 @@ def test_inspections_go_to_the_bucket_and_nothing_to_the_data_dir(tmp_path, s3_b
         assert r.status_code == 200, r.text
         res = r.json()["results"][0]
         day = res["created_at"][:10].replace("-", "/")
+        prefix = f"line-7/{day}/{res['id']}/"
         listed = boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]
-        assert sorted(o["Key"] for o in listed) == [
-            f"line-7/{day}/{res['id']}/{kind}.png" for kind in ("heatmap", "mask", "overlay")
-        ]
-        png = client.get(res["links"]["overlay"])
+        assert sorted(o["Key"] for o in listed) == [prefix + "map.f16.png", prefix + "original.bin"]
+        png = client.get(res["links"]["overlay"])  # rendered on first request, cached in the bucket
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert decode_png(png.content).size == (48, 40)
         body = boto3.client("s3").get_object(Bucket=s3_bucket, Key=f"line-7/{day}/{res['id']}/overlay.png")["Body"]

@@ -192,7 +192,9 @@ def test_two_replicas_share_postgres_and_s3(tmp_path, s3_bucket, request):
         assert set(acked) <= set(listed)
         for rid in set(listed) - set(acked):  # committed, answer lost with the killed replica: still whole
             assert client.get(f"/inspections/{rid}/overlay.png").status_code == 200, rid
-    assert not list(data_dir.rglob("*.png")), "artefacts fell back to the local folder"
+    assert not [p for p in data_dir.rglob("*") if p.suffix in (".png", ".bin")], (
+        "artefacts fell back to the local folder"
+    )
     print(
         f"\nscale-out: phases {phases} s; first new threshold seen after {switched} s, old ones at {old} s;"
         f" kill: {len(load_acked)} acknowledged, {len(lost)} answered 503 (replica lost)"

@@ -104,6 +104,29 @@ def test_add_get_round_trip_and_artefacts(store, paths):
         store.read_artefact(rec.id, "mask")
 
 
+def test_originals_maps_and_cached_renderings_go_with_their_record(store, paths):
+    """Lean layout: original.bin + map.f16.png stored; renderings cached beside them (not listed) and deleted by
+    retention with the record, on either backend."""
+    now = datetime(2024, 3, 20, tzinfo=UTC)
+    old, new = (
+        store.add(_record(now - timedelta(days=d)), {"original": b"\xff\xd8jpeg", "map": PNG_B}) for d in (9, 1)
+    )
+    for stored in (old, new):
+        assert stored.artefacts == ["original", "map"] and stored.viewable == ("overlay", "heatmap", "mask")
+        store.put_derived(stored, "heatmap.png", PNG_A)
+        store.put_derived(stored, "thumb.jpg", b"\xff\xd8thumb")
+    prefix = f"2024/03/11/{old.id}/"
+    assert paths[1].keys(prefix) == [prefix + n for n in ("heatmap.png", "map.f16.png", "original.bin", "thumb.jpg")]
+    assert store.read_artefact(old.id, "original") == store.read_artefact(old, "original") == b"\xff\xd8jpeg"
+    assert store.read_derived(old, "heatmap.png") == PNG_A and store.read_derived(old, "mask.png") is None
+    with pytest.raises(ValueError, match="is a stored artefact"):
+        store.put_derived(old, "map.f16.png", b"x")  # a rendering never replaces what it is rendered from
+    assert store.enforce_retention(max_age_days=7, max_count=None, now=now) == 1
+    assert paths[1].keys(prefix) == [] and len(paths[1].keys(f"2024/03/19/{new.id}/")) == 4
+    store.put_derived(old, "mask.png", PNG_B)  # a rendering finished after retention removed its record
+    assert paths[1].keys(prefix) == []
+
+
 def test_local_layout_is_the_data_dir_by_date(tmp_path):
     with InspectionStore(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "data") as store:
         rec = store.add(_record(), {"heatmap": PNG_A})

@@ -1,4 +1,4 @@
-"""The work of /segment for a list of uploads: decode -> batched inference -> postprocess -> decide -> store.
+"""The work of /segment for a list of uploads: decode -> batched inference -> analyse -> decide -> store.
 
 Admission comes first: a request takes a place for one image when it arrives, before its body is read
 (``admit(engine, 1)``), and resizes it to its image count once the body is parsed (``resize(job, n)``); either step
@@ -8,8 +8,14 @@ concurrently, so they (and those of concurrent requests) share model batches. Th
 request is all-or-nothing up to storage: if any image fails (bad data, full queue, timeout, model error), the
 others are cancelled (an image not yet in a running batch leaves the queue), the failure of the first failing
 image in upload order is answered, and nothing is stored. Only when every image is analysed are the records
-written as one unit (every PNG, then every row with the request's idempotency key in one transaction; one thread
+written as one unit (every artefact, then every row with the request's idempotency key in one transaction; one thread
 call) and only then is the answer sent.
+
+What is stored per image (:func:`artefacts_of`): the uploaded bytes as they came (``original``) and the float16
+map in its coded form (``map``, ``service.engine.stored``); no PNG. The request renders only the PNG kinds it asks
+for inline; the others are rendered from the stored pair on first request (``service.api.rendering``). With
+``DHR_STORE_ORIGINALS=false`` the upload is not kept: the overlay (the one kind that needs the image) is then
+rendered while answering and stored as a PNG, heatmap and mask stay renderable from the map.
 
 Decision rule for one image: ``score = getattr(result.scores, image_score)``, ``verdict(score, thresholds)``
 (``service.inspection``). ``thresholds`` and ``image_score`` come from the product profile when the request names a
@@ -29,9 +35,9 @@ from service.engine.admission import OverloadedError, TooManyImagesError
 from service.engine.batcher import BatcherClosedError, QueueFullError
 from service.engine.decode import DecodedImage, ImageError
 from service.engine.knowledge import DEFAULT_FUSION_WEIGHT, NormalMemory
-from service.engine.postprocess import PostResult
+from service.engine.postprocess import MapAnalysis
 from service.engine.runner import AbandonedError, Engine, ImageResult, InferItem, Job
-from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
+from service.inspection import Thresholds, verdict
 from service.storage import InspectionRecord, InspectionStore
 from service.storage.models import IdempotencyEntry
 
@@ -70,7 +76,9 @@ class Analysed:
     upload: Upload
     decoded: DecodedImage
     result: ImageResult
-    post: PostResult
+    post: MapAnalysis
+    map_png: bytes  # the stored form of the float16 map
+    png: dict[str, bytes]  # the PNG kinds rendered while answering
     timing_ms: dict  # decode, queue, inference, batch_size, postprocess
 
 
@@ -79,9 +87,14 @@ def _ms(seconds: float) -> float:
 
 
 async def analyse(
-    job: Job, upload: Upload, pixel_threshold: float, anchor: tuple[float, float] | None = None, **item
+    job: Job,
+    upload: Upload,
+    pixel_threshold: float,
+    anchor: tuple[float, float] | None = None,
+    kinds: tuple[str, ...] = (),
+    **item,
 ) -> Analysed:
-    """One image through decode, the batcher and postprocess (all three PNGs are made, for storage).
+    """One image through decode, the batcher, map analysis and the PNGs of ``kinds`` (those rendered now).
 
     ``anchor``: the heatmap colour scale of a calibrated product; ``item``: the
     :class:`~service.engine.runner.InferItem` options (``memory``, ``fusion_weight``, ``keep_features``).
@@ -92,7 +105,8 @@ async def analyse(
     batch: dict = {}
     result = await job.infer(InferItem(views, **item), batch)
     t2 = time.perf_counter()
-    post = await job.postprocess(result, decoded, pixel_threshold, anchor=anchor)
+    post, map_png = await job.analyse(result, decoded, pixel_threshold)
+    png = await job.render(post, decoded, kinds, anchor)
     t3 = time.perf_counter()
     timing = {
         "decode": _ms(t1 - t0),
@@ -101,7 +115,7 @@ async def analyse(
         "batch_size": int(batch.get("batch_size", 1)),
         "postprocess": _ms(t3 - t2),
     }
-    return Analysed(upload, decoded, result, post, timing)
+    return Analysed(upload, decoded, result, post, map_png, png, timing)
 
 
 def failure_problem(exc: BaseException, upload: Upload, timeout_s: float) -> Problem:
@@ -211,9 +225,18 @@ def build_record(item: Analysed, decision: Decision, model: dict) -> InspectionR
     )
 
 
-def artefacts_of(post: PostResult) -> dict[str, bytes]:
-    """``{kind: PNG bytes}`` of every artefact kind."""
-    return {kind: post.png(kind) for kind in ARTEFACT_KINDS}
+def artefacts_of(item: Analysed, keep_original: bool = True) -> dict[str, bytes]:
+    """What is stored of one image: the upload as it came and the coded map; without the original, the overlay
+    PNG instead (rendered while answering, see :func:`rendered_kinds`)."""
+    if keep_original:
+        return {"original": item.upload.data, "map": item.map_png}
+    return {"map": item.map_png, "overlay": item.png["overlay"]}
+
+
+def rendered_kinds(asked: tuple[str, ...], keep_original: bool) -> tuple[str, ...]:
+    """The PNG kinds to render while answering: those asked for inline, and the overlay when no original is kept
+    (it could not be rendered later)."""
+    return asked if keep_original or "overlay" in asked else (*asked, "overlay")
 
 
 def store_all(
@@ -221,13 +244,16 @@ def store_all(
     records: list[InspectionRecord],
     analysed: list[Analysed],
     idempotency: IdempotencyEntry | None = None,
+    keep_original: bool = True,
 ) -> list[tuple[InspectionRecord, float, float]]:
-    """Blocking: write every record with its PNGs and ``idempotency`` as one unit (``InspectionStore.add_many``).
+    """Blocking: write every record with its artefacts and ``idempotency`` as one unit (``InspectionStore.add_many``).
 
     Returns ``(stored record, store ms, perf_counter() when committed)`` per record (the whole write's ms: the
     records are committed together).
     """
     t0 = time.perf_counter()
-    stored = store.add_many([(r, artefacts_of(a.post)) for r, a in zip(records, analysed, strict=True)], idempotency)
+    stored = store.add_many(
+        [(r, artefacts_of(a, keep_original)) for r, a in zip(records, analysed, strict=True)], idempotency
+    )
     t1 = time.perf_counter()
     return [(record, _ms(t1 - t0), t1) for record in stored]

@@ -5,7 +5,9 @@
   ``limit`` (1-500, default 50) and the opaque ``cursor`` of the previous page -> ``{"items": [...],
   "next_cursor": str | null}``.
 - ``GET /inspections/{id}``: the record, same fields as a /segment result without ``images``, plus its reviews.
-- ``GET /inspections/{id}/overlay.png | heatmap.png | mask.png``: the stored PNG (original image size).
+- ``GET /inspections/{id}/overlay.png | heatmap.png | mask.png``: the PNG at the original image size, rendered from
+  the stored original and map on first request and cached (``rendering``); byte-identical to the PNG the /segment
+  request could have asked for inline.
 - ``GET /products``, ``GET /products/{name}``, ``PUT /products/{name}``: per-product image (reject) threshold,
   optional review threshold, pixel threshold, image-score variant and fusion weight (all in [0, 1]); /segment uses
   them for requests naming the product (PUT needs an admin key). A PUT keeps the product's references and memory
@@ -34,6 +36,7 @@ from service.storage.store import CURSOR_MAX, CURSOR_PATTERN
 
 from .deps import Store
 from .problems import Problem, problem_responses, service_unavailable
+from .rendering import stored_png
 from .schemas import InspectionOut, InspectionPage, ProductIn, ProductList, ProductOut, ReviewOut, product_out
 from .security import Caller, require_admin_key, require_api_key
 
@@ -142,14 +145,14 @@ async def get_artefact(store: Store, kind: str, inspection_id: InspectionId):
 
 
 async def artefact_response(store: InspectionStore, inspection_id: str, kind: str) -> Response:
-    """The stored PNG of one kind: 404 unknown kind or id, 500 when the artefact store lost it, 503 when the store
-    cannot be reached."""
+    """The PNG of one kind (rendered on first request): 404 unknown kind or id, 500 when the artefact store lost
+    what it is rendered from, 503 when the store cannot be reached."""
     if kind not in ARTEFACT_KINDS:
         raise Problem(
             404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}", "not-found"
         )
     try:
-        data = await asyncio.to_thread(store.read_artefact, inspection_id, kind)
+        data = await asyncio.to_thread(stored_png, store, inspection_id, kind)
     except ArtefactMissingError as exc:
         logger.error("damaged artefact store: %s", exc)
         raise Problem(500, "Artefact missing", str(exc), "artefact-missing") from None

@@ -34,8 +34,9 @@ from .access_log import too_large
 from .deps import Context, ServingEngine
 from .idempotency import HEADER, KEY_PATTERN, REPLAYED_HEADER, claim_stale_s, claimed, fingerprint
 from .knowledge import product_memory, profile_thresholds
-from .pipeline import Decision, Upload, admit, analyse_all, build_record, resize, store_all
+from .pipeline import Decision, Upload, admit, analyse_all, build_record, rendered_kinds, resize, store_all
 from .problems import Problem, problem_responses
+from .rendering import colour_anchor, stored_png
 from .schemas import SegmentResponse, SegmentResult, links_for
 from .security import require_api_key
 from .settings import Settings
@@ -178,7 +179,7 @@ async def decide(ctx, fields: SegmentForm) -> Decision:
         thresholds = Thresholds(image=settings.image_threshold, pixel=settings.pixel_threshold)
         return Decision(fields.product, fields.line, fields.part_id, image_score, thresholds)
     memory = await asyncio.to_thread(product_memory, ctx.require_engine(), store, profile)
-    anchor = None if profile.pixel_good_level is None else (profile.pixel_good_level, profile.pixel_threshold)
+    anchor = colour_anchor(profile.pixel_good_level, profile.pixel_threshold)
     return Decision(
         fields.product,
         fields.line,
@@ -254,16 +255,21 @@ async def segment_admitted(request, ctx, engine, response, job, output, key, t_s
     fp = None if key is None else fingerprint(fields.model_dump(mode="json"), uploads, png_kind)
     async with claimed(store, key, fp, claim_stale_s(settings)) as (claim, previous):
         if previous is not None:
-            pngs = await asyncio.to_thread(stored_pngs, store, previous)
+            pngs = await asyncio.to_thread(stored_pngs, store, previous, asked_kinds(png_kind, fields))
             replayed = answer(request, previous, pngs, png_kind, fields.include, [None] * len(previous))
             (replayed if isinstance(replayed, Response) else response).headers[REPLAYED_HEADER] = "true"
             return replayed
         return await analyse_and_store(request, ctx, engine, job, fields, uploads, png_kind, t_start, claim)
 
 
-def stored_pngs(store: InspectionStore, records: list) -> list[dict[str, bytes]]:
-    """Blocking: the stored PNGs of each record, ``{kind: bytes}``."""
-    return [{k: store.read_artefact(r.id, k) for k in ARTEFACT_KINDS} for r in records]
+def asked_kinds(png_kind: str | None, fields: SegmentForm) -> tuple[str, ...]:
+    """The PNG kinds the answer carries: the one PNG answered, else those of ``include``."""
+    return (png_kind,) if png_kind else tuple(fields.include)
+
+
+def stored_pngs(store: InspectionStore, records: list, kinds: tuple[str, ...]) -> list[dict[str, bytes]]:
+    """Blocking: the PNGs of ``kinds`` of each stored record, ``{kind: bytes}`` (rendered and cached if need be)."""
+    return [{k: stored_png(store, r.id, k) for k in kinds} for r in records]
 
 
 async def analyse_and_store(request, ctx, engine, job, fields, uploads, png_kind, t_start, claim):
@@ -271,6 +277,7 @@ async def analyse_and_store(request, ctx, engine, job, fields, uploads, png_kind
     store, settings = ctx.require_store(), ctx.settings
     decision = await decide(ctx, fields)
     resize(job, len(uploads))
+    keep = settings.store_originals
     analysed = await analyse_all(
         job,
         uploads,
@@ -278,18 +285,19 @@ async def analyse_and_store(request, ctx, engine, job, fields, uploads, png_kind
         settings.request_timeout_s,
         client_gone(request),
         anchor=decision.colour_anchor,
+        kinds=rendered_kinds(asked_kinds(png_kind, fields), keep),
         memory=decision.memory,
         fusion_weight=decision.fusion_weight,
     )
     model = engine.info.to_dict()
     records = [build_record(item, decision, model) for item in analysed]
     entry = None if claim is None else replace(claim, inspection_ids=[r.id for r in records])
-    stored = await asyncio.to_thread(store_all, store, records, analysed, entry)
+    stored = await asyncio.to_thread(store_all, store, records, analysed, entry, keep)
     for record, _, _ in stored:
         ctx.counts.add(record.verdict)
         ctx.metrics.observe_image(record.verdict)
     timings = [{"store": ms, "total": round((done - t_start) * 1000.0, 3)} for _, ms, done in stored]
-    pngs = [{k: item.post.png(k) for k in ARTEFACT_KINDS} for item in analysed]
+    pngs = [item.png for item in analysed]
     return answer(request, [r for r, _, _ in stored], pngs, png_kind, fields.include, timings)
 
 

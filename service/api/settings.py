@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     replica_name: str | None = Field(
         None, max_length=200, description="label of this replica in /metrics, /health, X-DHR-Replica; unset: host-pid"
     )
+    store_originals: bool = Field(
+        True,
+        description="keep each upload's bytes (PNGs rendered from them on first request); false: store the overlay PNG",
+    )
     retention_days: float | None = Field(None, ge=0, description="delete inspections older than this; unset: keep")
     retention_max_count: int | None = Field(None, ge=0, description="keep at most this many inspections; unset: all")
     retention_interval_s: float = Field(3600.0, gt=0, description="seconds between retention passes")

@@ -136,10 +136,7 @@ def colorize(map_full: np.ndarray, anchor: tuple[float, float] | None = None) ->
 
     ``level = round(255 * clip(v, 0, 1))``; 0 is dark blue (0, 0, 128), 1 is dark red (128, 0, 0).
     """
-    arr = anchored(_check_map(map_full, "map"), anchor)
-    levels = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    bgr = cv2.applyColorMap(levels, cv2.COLORMAP_JET)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(_heat_bgr(map_full, anchor), cv2.COLOR_BGR2RGB)
 
 
 def _outer_contours(mask: np.ndarray) -> list[np.ndarray]:
@@ -234,11 +231,128 @@ def find_regions(map_full: np.ndarray, mask: np.ndarray, min_area_px: int = 0) -
 
 def encode_png(image: np.ndarray, rgb: bool) -> bytes:
     """PNG bytes of a (H, W) uint8 grey image (mode L) or a (H, W, 3) uint8 RGB image (converted to BGR)."""
-    arr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb else image
+    return _encode(cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if rgb else image)
+
+
+def _encode(arr: np.ndarray) -> bytes:
+    """PNG bytes of a (H, W) grey or (H, W, 3) BGR uint8 array (OpenCV's channel order: no conversion)."""
     ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
-        raise RuntimeError(f"PNG encoding failed for an image of shape {image.shape}")
+        raise RuntimeError(f"PNG encoding failed for an image of shape {arr.shape}")
     return buf.tobytes()
+
+
+@dataclass(frozen=True)
+class MapAnalysis:
+    """What an answer needs from one anomaly map, at the original size (H, W); no PNG is made here.
+
+    ``map_full`` (H, W) float32 resized map; ``mask`` (H, W) bool after ``min_region_area``; ``regions``,
+    ``defect_area_ratio`` and ``map_max`` as in :class:`PostResult`.
+    """
+
+    map_full: np.ndarray
+    mask: np.ndarray
+    regions: list[Region]
+    defect_area_ratio: float
+    map_max: float
+
+
+def analyse_map(
+    score_map: np.ndarray,
+    width: int,
+    height: int,
+    pixel_threshold: float = 0.5,
+    min_region_area: int = 0,
+    max_pixels: int | None = None,
+    checkpoint: Callable[[], None] | None = None,
+) -> MapAnalysis:
+    """Resize a (T, T) map in [0, 1] to (height, width), threshold it and find the regions (pipeline lines 1-4).
+
+    ``checkpoint`` (optional) is called between the steps; it raises to stop abandoned work.
+    """
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(f"image of {width}x{height} pixels is over the limit of {max_pixels}")
+    src = _check_map(score_map)
+    if src.min() < -1e-6 or src.max() > 1.0 + 1e-6:
+        raise ValueError(f"score_map must lie in [0, 1], got range [{src.min():.4g}, {src.max():.4g}]")
+    if not np.isfinite(pixel_threshold):
+        raise ValueError(f"pixel_threshold must be finite, got {pixel_threshold}")
+    step = checkpoint if checkpoint is not None else (lambda: None)
+    map_full = resize_map(src, width, height)  # (H, W) float32
+    step()
+    labels, stats, kept = _components(map_full >= float(pixel_threshold), int(min_region_area))
+    keep_lut = np.zeros(stats.shape[0], dtype=bool)
+    keep_lut[kept] = True
+    mask = keep_lut[labels]  # (H, W) bool, components below min_region_area removed
+    regions = _regions_from(map_full, labels, stats, kept)
+    del labels
+    step()
+    return MapAnalysis(
+        map_full=map_full,
+        mask=mask,
+        regions=regions,
+        defect_area_ratio=float(np.count_nonzero(mask)) / float(height * width),
+        map_max=float(map_full.max()),
+    )
+
+
+def _heat_bgr(map_full: np.ndarray, anchor: tuple[float, float] | None) -> np.ndarray:
+    """:func:`colorize` in OpenCV's BGR order (no conversion): (H, W) float -> (H, W, 3) uint8 BGR."""
+    levels = np.rint(np.clip(anchored(_check_map(map_full, "map"), anchor), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return cv2.applyColorMap(levels, cv2.COLORMAP_JET)
+
+
+def overlay_bgr(
+    analysis: MapAnalysis,
+    image_rgb: np.ndarray,
+    anchor: tuple[float, float] | None = None,
+    alpha: float = 0.5,
+    heat_bgr: np.ndarray | None = None,
+) -> np.ndarray:
+    """The overlay of pipeline line 6 as (H, W, 3) uint8 BGR: the one RGB -> BGR conversion of the image.
+
+    Blending and white outlines act on each channel alike, so the pixels are those of :func:`overlay` in BGR order.
+    """
+    image = _check_image(image_rgb)
+    if image.shape[:2] != analysis.mask.shape:
+        raise ValueError(f"image size {image.shape[:2]} differs from the map's {analysis.mask.shape}")
+    heat = _heat_bgr(analysis.map_full, anchor) if heat_bgr is None else heat_bgr
+    return overlay(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), heat, alpha, analysis.mask)
+
+
+def render_artefacts(
+    analysis: MapAnalysis,
+    image_rgb: np.ndarray | None,
+    include: Iterable[str] = ARTEFACT_KINDS,
+    alpha: float = 0.5,
+    checkpoint: Callable[[], None] | None = None,
+    anchor: tuple[float, float] | None = None,
+) -> dict[str, bytes]:
+    """``{kind: PNG bytes}`` of the asked-for kinds (pipeline lines 5-6); ``image_rgb`` (H, W, 3) uint8 is needed
+    for "overlay" only. ``anchor``: the colour scale of a calibrated product (:func:`anchored`).
+
+    Colours are converted once: the JET heat stays in BGR and the image is turned to BGR once, so the encoder needs
+    no further conversion (the PNG pixels are the RGB values of the module's pipeline).
+    """
+    kinds = list(dict.fromkeys(include))
+    unknown = set(kinds) - set(ARTEFACT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown artefact kinds {sorted(unknown)}; expected a subset of {list(ARTEFACT_KINDS)}")
+    if "overlay" in kinds:
+        _check_image(image_rgb)
+    step = checkpoint if checkpoint is not None else (lambda: None)
+    heat = _heat_bgr(analysis.map_full, anchor) if {"heatmap", "overlay"} & set(kinds) else None
+    out: dict[str, bytes] = {}
+    for kind in ARTEFACT_KINDS:
+        if kind in kinds:
+            step()
+            if kind == "heatmap":
+                out[kind] = _encode(heat)
+            elif kind == "mask":
+                out[kind] = _encode(analysis.mask.astype(np.uint8) * 255)
+            else:
+                out[kind] = _encode(overlay_bgr(analysis, image_rgb, anchor, alpha, heat))
+    return out
 
 
 def postprocess(
@@ -252,7 +366,8 @@ def postprocess(
     checkpoint: Callable[[], None] | None = None,
     anchor: tuple[float, float] | None = None,
 ) -> PostResult:
-    """Build the operator artefacts of one image from its (T, T) anomaly map.
+    """Build the operator artefacts of one image from its (T, T) anomaly map: :func:`analyse_map`, then
+    :func:`render_artefacts`.
 
     score_map: (T, T) float in [0, 1]; image_rgb: (H, W, 3) uint8 original image. The mask PNG is 8-bit L with
     values {0, 255}; heatmap and overlay PNGs are RGB; all are H x W. ``include`` picks which PNGs to encode
@@ -260,46 +375,14 @@ def postprocess(
     colour scale of a calibrated product (:func:`anchored`).
     """
     image = _check_image(image_rgb)
-    src = _check_map(score_map)
-    if src.min() < -1e-6 or src.max() > 1.0 + 1e-6:
-        raise ValueError(f"score_map must lie in [0, 1], got range [{src.min():.4g}, {src.max():.4g}]")
-    if not np.isfinite(pixel_threshold):
-        raise ValueError(f"pixel_threshold must be finite, got {pixel_threshold}")
-    kinds = set(include)
-    unknown = kinds - set(ARTEFACT_KINDS)
-    if unknown:
-        raise ValueError(f"unknown artefact kinds {sorted(unknown)}; expected a subset of {list(ARTEFACT_KINDS)}")
-
     height, width = image.shape[:2]
-    if max_pixels is not None and height * width > max_pixels:
-        raise ValueError(f"image of {width}x{height} pixels is over the limit of {max_pixels}")
-    step = checkpoint if checkpoint is not None else (lambda: None)
-    map_full = resize_map(src, width, height)  # (H, W) float32
-    step()
-    labels, stats, kept = _components(map_full >= float(pixel_threshold), int(min_region_area))
-    keep_lut = np.zeros(stats.shape[0], dtype=bool)
-    keep_lut[kept] = True
-    mask = keep_lut[labels]  # (H, W) bool, components below min_region_area removed
-    regions = _regions_from(map_full, labels, stats, kept)
-    del labels
-    step()
-
-    heat = colorize(map_full, anchor) if kinds & {"heatmap", "overlay"} else None
-    pngs = {}
-    for kind in ARTEFACT_KINDS:
-        if kind in kinds:
-            step()
-            if kind == "heatmap":
-                pngs[kind] = encode_png(heat, rgb=True)
-            elif kind == "mask":
-                pngs[kind] = encode_png(mask.astype(np.uint8) * 255, rgb=False)
-            else:
-                pngs[kind] = encode_png(overlay(image, heat, alpha, mask), rgb=True)
+    analysis = analyse_map(score_map, width, height, pixel_threshold, min_region_area, max_pixels, checkpoint)
+    png = render_artefacts(analysis, image, include, alpha, checkpoint, anchor)
     return PostResult(
-        heatmap_png=pngs.get("heatmap"),
-        mask_png=pngs.get("mask"),
-        overlay_png=pngs.get("overlay"),
-        regions=regions,
-        defect_area_ratio=float(np.count_nonzero(mask)) / float(height * width),
-        map_max=float(map_full.max()),
+        heatmap_png=png.get("heatmap"),
+        mask_png=png.get("mask"),
+        overlay_png=png.get("overlay"),
+        regions=analysis.regions,
+        defect_area_ratio=analysis.defect_area_ratio,
+        map_max=analysis.map_max,
     )

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from service.inspection import ARTEFACT_KINDS
 from service.model import DHRCLIP, ImageScores, ModelInfo, Views, stack_views
 from service.model.memory import DEFAULT_FUSION_WEIGHT, DEFAULT_MAX_TOKENS, NormalMemory
 from service.model.vision import VisionFeatures
@@ -29,7 +28,8 @@ from .buckets import batch_buckets, bucket_for, compile_tower
 from .decode import DecodedImage, DecodeLimits, decode_image, views_for
 from .device_views import DeviceViews, resolve_preprocess
 from .knowledge import MemoryCache
-from .postprocess import PostResult, postprocess
+from .postprocess import MapAnalysis, analyse_map, render_artefacts
+from .stored import MAP_DTYPE, encode_map
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def replicate(model: DHRCLIP, devices: tuple[str, ...], label: str = "DHR_DEVICE
 
 class Engine:
     """Async facade used by the API: ``job = engine.admit(n)``, then per image ``job.decode`` -> ``job.infer`` ->
-    ``job.postprocess``, and ``job.close()`` at the end of the request."""
+    ``job.analyse`` (-> ``job.render`` of the PNGs asked for inline), and ``job.close()`` at the end of the request."""
 
     def __init__(self, model: DHRCLIP, info: ModelInfo, cfg: EngineConfig = EngineConfig(), on_batch=None):
         self.model, self.info, self.cfg = model, info, cfg
@@ -302,7 +302,7 @@ class Job:
       ``workers`` of its CPU steps are queued on the thread pool at a time, so a request of many images cannot
       fill the pool ahead of everyone else;
     - cancellation: ``close()`` (request answered, timed out or client gone) sets a flag that the thread-pool work
-      checks between steps (decode -> views; resize -> regions -> each PNG), so abandoned work stops early and
+      checks between steps (decode -> views; resize -> regions; each PNG), so abandoned work stops early and
       raises :class:`AbandonedError`;
     - admission: each image leaves the outstanding count once its model output is back; ``close()`` gives back the
       rest.
@@ -350,26 +350,36 @@ class Job:
         finally:
             self.ticket.done()
 
-    async def postprocess(
-        self,
-        result: ImageResult,
-        decoded: DecodedImage,
-        pixel_threshold: float,
-        include=ARTEFACT_KINDS,
-        anchor: tuple[float, float] | None = None,
-    ) -> PostResult:
+    async def analyse(
+        self, result: ImageResult, decoded: DecodedImage, pixel_threshold: float
+    ) -> tuple[MapAnalysis, bytes]:
+        """Map resize, mask and regions at the original size, and the map's stored form, in the thread pool (no
+        PNG is made).
+
+        The map is analysed as it is stored (float16, :mod:`service.engine.stored`), so what is rendered later
+        from the stored map is byte-identical to what is rendered now.
+        """
         limits = self.engine.cfg.limits
+        stored = result.anomaly_map.astype(MAP_DTYPE)
 
         def work():
-            return postprocess(
-                result.anomaly_map,
-                decoded.rgb(),
-                pixel_threshold,
-                include=include,
-                max_pixels=limits.max_pixels,
-                checkpoint=self.checkpoint,
-                anchor=anchor,
+            analysis = analyse_map(
+                stored, decoded.width, decoded.height, pixel_threshold, 0, limits.max_pixels, self.checkpoint
             )
+            return analysis, encode_map(stored)
+
+        return await self._on_pool(work)
+
+    async def render(
+        self, analysis: MapAnalysis, decoded: DecodedImage, kinds, anchor: tuple[float, float] | None = None
+    ) -> dict[str, bytes]:
+        """PNGs of the asked-for kinds only (``{}`` for none), in the thread pool."""
+        if not kinds:
+            return {}
+
+        def work():
+            rgb = decoded.rgb() if "overlay" in kinds else None
+            return render_artefacts(analysis, rgb, kinds, checkpoint=self.checkpoint, anchor=anchor)
 
         return await self._on_pool(work)
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from service.inspection import VERDICTS
+from service.inspection import VERDICTS, viewable_kinds
 
 ID_RE = re.compile(r"^[0-9a-f]{28}$")
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -94,7 +94,8 @@ class UTCDateTime(TypeDecorator):
 
 @dataclass(kw_only=True)
 class InspectionRecord:
-    """One inspection result. ``regions`` are ``Region.to_dict()`` entries; ``artefacts`` the stored PNG kinds."""
+    """One inspection result. ``regions`` are ``Region.to_dict()`` entries; ``artefacts`` the stored kinds
+    (``original`` and ``map``; ``overlay`` too without originals; the three PNG kinds in the first layout)."""
 
     id: str = field(default_factory=new_inspection_id)
     created_at: datetime = field(default_factory=utcnow)
@@ -116,6 +117,11 @@ class InspectionRecord:
     artefacts: list[str] = field(default_factory=list)
     memory_version: str | None = None  # normal memory the image was judged with (None: zero-shot)
     calibration_version: str | None = None  # calibration the thresholds came from (None: set by hand)
+
+    @property
+    def viewable(self) -> tuple[str, ...]:
+        """The PNG kinds this inspection can show (stored, or rendered on first request from what is stored)."""
+        return viewable_kinds(self.artefacts)
 
 
 @dataclass(kw_only=True)

@@ -1,8 +1,9 @@
 """InspectionStore: inspection records in SQL (SQLite WAL by default, PostgreSQL by URL) plus their artefacts.
 
 Artefacts go through an :class:`~service.storage.artefacts.ArtefactStore` (a local folder by default, or an S3
-bucket) under the key ``<yyyy>/<mm>/<dd>/<id>/<kind>.png`` with the date of ``created_at`` in UTC, so the key of
-every artefact follows from the record alone (with the local folder: today's layout ``data_dir/<yyyy>/...``).
+bucket) under the key ``<yyyy>/<mm>/<dd>/<id>/<file>`` with the date of ``created_at`` in UTC, so the key of
+every artefact follows from the record alone (with the local folder: today's layout ``data_dir/<yyyy>/...``); the
+files and the renderings cached beside them: :mod:`service.storage.record_files`.
 
 Write order in ``add_many`` (the records of one request, ``add`` for one): every artefact is put durably first
 (see the artefact store's contract), then the rows and the request's idempotency key are committed in one
@@ -34,12 +35,11 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from service.storage.artefacts import ArtefactMissingError, ArtefactStore, ArtefactStoreError, LocalArtefactStore
+from service.storage.artefacts import ArtefactStore, ArtefactStoreError, LocalArtefactStore
 from service.storage.idempotency import IdempotencyMethods
 from service.storage.knowledge import ProductKnowledge
 from service.storage.models import (
     ID_RE,
-    KIND_RE,
     VERDICTS,
     IdempotencyEntry,
     InspectionRecord,
@@ -55,11 +55,12 @@ from service.storage.models import (
     validate_profile,
     validate_record,
 )
+from service.storage.record_files import RecordFiles, artefact_file
 from service.storage.retention import RetentionMethods
 from service.storage.reviews import ReviewMethods, reviewed_clause
 from service.storage.schema import upgrade_database
 from service.storage.shared import ReadThroughCache
-from service.storage.summary import THUMB_NAME, SummaryMethods, render_thumbnail
+from service.storage.summary import SummaryMethods
 
 logger = logging.getLogger("dhrclip.storage")
 
@@ -96,7 +97,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, record_id
 
 
-class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, RetentionMethods, IdempotencyMethods):
+class InspectionStore(
+    RecordFiles, ReviewMethods, SummaryMethods, ProductKnowledge, RetentionMethods, IdempotencyMethods
+):
     """Durable inspection records and their PNG artefacts.
 
     database_url: SQLAlchemy URL, e.g. ``sqlite:////var/lib/dhrclip/inspections.db`` or
@@ -146,12 +149,6 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
 
     # ----------------------------------------------------------------------------------------------- records
 
-    @staticmethod
-    def record_prefix(record_id: str, created_at: datetime) -> str:
-        """Key prefix of a record's artefacts: ``<yyyy>/<mm>/<dd>/<id>/`` (UTC date)."""
-        day = as_utc(created_at, "created_at")
-        return f"{day.year:04d}/{day.month:02d}/{day.day:02d}/{record_id}/"
-
     def add(
         self, record: InspectionRecord, artefacts: Mapping[str, bytes], idempotency: IdempotencyEntry | None = None
     ) -> InspectionRecord:
@@ -178,7 +175,7 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
             for record, (_, artefacts) in zip(stored, items, strict=True):
                 prefix = self.record_prefix(record.id, record.created_at)
                 for kind, data in artefacts.items():
-                    written.append(f"{prefix}{kind}.png")
+                    written.append(prefix + artefact_file(kind))
                     self.artefacts.put(written[-1], bytes(data))
             with self._sessions() as session, session.begin():
                 session.add_all([record_to_row(record) for record in stored])
@@ -202,61 +199,11 @@ class InspectionStore(ReviewMethods, SummaryMethods, ProductKnowledge, Retention
             raise ValueError(f"inspection id {record.id} already exists")
         return replace(record, created_at=as_utc(record.created_at), artefacts=kinds)
 
-    def _remove_quietly(self, keys: list[str]) -> None:
-        """Clean-up after a failed ``add``: the original error is the one to report, this one is only logged."""
-        for key in keys:
-            try:
-                self.artefacts.delete(key)
-            except Exception as exc:  # noqa: BLE001 - an orphan is harmless, a masked error is not
-                logger.warning("could not remove orphan artefact %s: %s", key, exc)
-
     def get(self, record_id: str) -> InspectionRecord | None:
         """The record with this id, or None."""
         with self._sessions() as session:
             row = session.get(InspectionRow, record_id)
             return None if row is None else row_to_record(row)
-
-    def artefact_key(self, record_id: str, kind: str) -> str | None:
-        """Key of a stored PNG, or None for an unknown id or a kind not stored with that record."""
-        if not KIND_RE.match(kind or ""):
-            return None
-        with self._sessions() as session:
-            found = session.execute(
-                select(InspectionRow.created_at, InspectionRow.artefacts).where(InspectionRow.id == record_id)
-            ).first()
-        if found is None or kind not in found.artefacts:
-            return None
-        return f"{self.record_prefix(record_id, found.created_at)}{kind}.png"
-
-    def read_artefact(self, record_id: str, kind: str) -> bytes | None:
-        """The bytes of a stored PNG, or None (see :meth:`artefact_key`).
-
-        Raises ArtefactMissingError when the record lists the kind but the store has lost it (damaged store).
-        """
-        key = self.artefact_key(record_id, kind)
-        if key is None:
-            return None
-        try:
-            return self.artefacts.get(key)
-        except ArtefactMissingError:
-            raise ArtefactMissingError(
-                f"artefact {kind!r} of inspection {record_id} is missing from {self.artefacts.location}: {key}"
-            ) from None
-
-    def thumbnail(self, record_id: str) -> bytes | None:
-        """The JPEG thumbnail of a record's overlay, rendered on first use and cached beside it in the artefact
-        store (``<prefix>thumb.jpg``, deleted with the record); None without an overlay."""
-        overlay = self.artefact_key(record_id, "overlay")
-        if overlay is None:
-            return None
-        cached = overlay.rsplit("/", 1)[0] + "/" + THUMB_NAME
-        try:
-            return self.artefacts.get(cached)
-        except ArtefactMissingError:
-            pass
-        data = render_thumbnail(self.read_artefact(record_id, "overlay"))
-        self.artefacts.put(cached, data)
-        return data
 
     def list(
         self,

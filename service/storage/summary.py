@@ -1,34 +1,17 @@
-"""Read-side summaries for the operator console: verdict counts, filter choices, score samples, thumbnails.
+"""Read-side summaries for the operator console: verdict counts, filter choices, score samples.
 
-Thumbnails are rendered once from the overlay PNG (the part with its defect regions outlined), at most
-``THUMB_SIZE`` pixels on the long side, as JPEG, and cached as ``thumb.jpg`` in the record's artefact folder, so
-retention removes them with the record.
+(Thumbnails are rendered by the API from the stored original and map, ``service.api.rendering``, and cached beside
+the record's artefacts, so retention removes them with the record.)
 """
 
 from __future__ import annotations
 
-import io
 from datetime import datetime
 
-from PIL import Image
 from sqlalchemy import func, select
 
 from service.storage.models import VERDICTS, InspectionRow, as_utc
 from service.storage.reviews import ReviewRow, reviewed_clause
-
-THUMB_SIZE = 192
-THUMB_NAME = "thumb.jpg"
-THUMB_QUALITY = 80
-
-
-def render_thumbnail(png: bytes, size: int = THUMB_SIZE) -> bytes:
-    """JPEG bytes of ``png`` scaled (aspect kept) so that its long side is at most ``size`` pixels."""
-    with Image.open(io.BytesIO(png)) as img:
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
-        out = io.BytesIO()
-        img.save(out, format="JPEG", quality=THUMB_QUALITY)
-    return out.getvalue()
 
 
 class SummaryMethods:

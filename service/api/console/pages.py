@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.storage.artefacts import ArtefactMissingError
 
+from .. import rendering
 from ..deps import AppSettings, Context, Store
 from ..problems import Problem
 from ..routes_inspections import InspectionId, ProductName, artefact_response, save_product
@@ -201,7 +202,7 @@ async def console_artefact(_: ConsoleCaller, store: Store, inspection_id: Inspec
 
 @router.get("/thumbs/{inspection_id}.jpg")
 async def thumbnail(_: ConsoleCaller, store: Store, inspection_id: InspectionId):
-    data = await asyncio.to_thread(store.thumbnail, inspection_id)
+    data = await asyncio.to_thread(rendering.thumbnail, store, inspection_id)
     if data is None:
         raise Problem(404, "Thumbnail not found", f"inspection {inspection_id!r} has no overlay", "not-found")
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})

@@ -58,7 +58,7 @@ def inspection_detail(ctx, inspection_id: str) -> dict | None:
         return None
     profile = store.get_product(record.product) if record.product else None
     decisions = [d for d, verdicts in DECISION_VERDICTS.items() if record.verdict in verdicts]
-    layers = [k for k in ("heatmap", "mask", "overlay") if k in record.artefacts]
+    layers = [k for k in ("heatmap", "mask", "overlay") if k in record.viewable]
     return {
         "record": record,
         "reviews": store.reviews_of([inspection_id]).get(inspection_id, []),
@@ -66,7 +66,7 @@ def inspection_detail(ctx, inspection_id: str) -> dict | None:
         "decisions": decisions,
         "layers": layers,
         "original_stored": "original" in record.artefacts,
-        "base_layer": "original" if "original" in record.artefacts else ("overlay" if layers else None),
+        "base_layer": "overlay" if "overlay" in layers else None,
     }
 
 
