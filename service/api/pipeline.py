@@ -246,7 +246,8 @@ def store_all(
     idempotency: IdempotencyEntry | None = None,
     keep_original: bool = True,
 ) -> list[tuple[InspectionRecord, float, float]]:
-    """Blocking: write every record with its artefacts and ``idempotency`` as one unit (``InspectionStore.add_many``).
+    """Blocking: write every record with its artefacts and ``idempotency`` as one unit (``InspectionStore.add_many``,
+    whose transaction is shared with the other requests finishing at the same time: group commit).
 
     Returns ``(stored record, store ms, perf_counter() when committed)`` per record (the whole write's ms: the
     records are committed together).

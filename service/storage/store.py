@@ -16,7 +16,8 @@ session advisory lock); a replica that finds the lock taken skips its pass.
 Thread use: the API calls the store from a thread pool. Every method opens its own short session; SQLite runs with
 ``check_same_thread=False``, WAL (readers do not block the writer) and a 30 s busy timeout. With
 ``synchronous=FULL`` every commit is fsynced before ``add`` returns, so an acknowledged inspection survives a
-process crash and a power loss alike (the cost is one fsync of the WAL per inspection).
+process crash and a power loss alike. The cost, one fsync of the WAL per transaction, is shared: the rows of
+inspections finishing together go in one transaction (group commit, :mod:`service.storage.group_commit`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from service.storage.artefacts import ArtefactStore, ArtefactStoreError, LocalArtefactStore
+from service.storage.group_commit import GroupCommit
 from service.storage.idempotency import IdempotencyMethods
 from service.storage.knowledge import ProductKnowledge
 from service.storage.models import (
@@ -136,6 +138,7 @@ class InspectionStore(
             event.listen(self._engine, "connect", _sqlite_pragmas)
         self.schema_revision = upgrade_database(self._engine)
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        self._group = GroupCommit(self._commit_rows)
 
     def __enter__(self) -> Self:
         return self
@@ -152,7 +155,7 @@ class InspectionStore(
     def add(
         self, record: InspectionRecord, artefacts: Mapping[str, bytes], idempotency: IdempotencyEntry | None = None
     ) -> InspectionRecord:
-        """Store the PNGs (``{kind: bytes}``) then the record; returns the record as stored (see :meth:`add_many`)."""
+        """Store the artefacts (``{kind: bytes}``) then the record; returns it as stored (see :meth:`add_many`)."""
         return self.add_many([(record, artefacts)], idempotency)[0]
 
     def add_many(
@@ -160,9 +163,10 @@ class InspectionStore(
         items: Sequence[tuple[InspectionRecord, Mapping[str, bytes]]],
         idempotency: IdempotencyEntry | None = None,
     ) -> list[InspectionRecord]:
-        """Store records with their PNGs as one unit: every PNG first, then every row in one transaction together
-        with ``idempotency`` (a claimed key becomes done, see ``storage.idempotency``), so a crash or an error
-        leaves all of them or none. Returns the records as stored.
+        """Store records with their artefacts as one unit: every artefact first, then every row in one transaction
+        together with ``idempotency`` (a claimed key becomes done, see ``storage.idempotency``), so a crash or an
+        error leaves all of them or none. The transaction also carries the rows of other threads finishing at the
+        same time (group commit, :mod:`service.storage.group_commit`). Returns the records as stored.
 
         ``record.artefacts`` may be empty (it is filled with the kinds given) or must name the same kinds.
         Raises ValueError for an invalid record, kind or duplicate id (or idempotency key), TypeError for non-bytes
@@ -177,10 +181,7 @@ class InspectionStore(
                 for kind, data in artefacts.items():
                     written.append(prefix + artefact_file(kind))
                     self.artefacts.put(written[-1], bytes(data))
-            with self._sessions() as session, session.begin():
-                session.add_all([record_to_row(record) for record in stored])
-                if idempotency is not None:
-                    self._commit_key(session, idempotency)
+            self._group.commit([*stored, *([idempotency] if idempotency is not None else [])])
         except IntegrityError as exc:
             self._remove_quietly(written)
             raise ValueError(
@@ -198,6 +199,15 @@ class InspectionStore(
         if self.get(record.id) is not None:
             raise ValueError(f"inspection id {record.id} already exists")
         return replace(record, created_at=as_utc(record.created_at), artefacts=kinds)
+
+    def _commit_rows(self, rows: Sequence[InspectionRecord | IdempotencyEntry]) -> None:
+        """One transaction for the records and idempotency keys of every group waiting (the group committer's
+        writer, :mod:`service.storage.group_commit`)."""
+        with self._sessions() as session, session.begin():
+            session.add_all([record_to_row(row) for row in rows if isinstance(row, InspectionRecord)])
+            for row in rows:
+                if isinstance(row, IdempotencyEntry):
+                    self._commit_key(session, row)
 
     def get(self, record_id: str) -> InspectionRecord | None:
         """The record with this id, or None."""
