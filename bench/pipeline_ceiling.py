@@ -150,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline:
         for size in jpegs:
             for c in args.concurrency:
-                pair = [r["ips"] for r in rows if r["size"] == size and r["c"] == c]
+                pair = [r for r in rows if r["size"] == size and r["c"] == c]
                 if len(pair) == 2:
-                    lines.append(f"\nceiling ratio {size} C={c}: {pair[1] / pair[0]:.2f}x")
+                    ips, cpu = pair[1]["ips"] / pair[0]["ips"], pair[0]["cpu_total"] / pair[1]["cpu_total"]
+                    lines.append(f"\nceiling ratio {size} C={c}: {ips:.2f}x images/s, {cpu:.2f}x less CPU per image")
     print("\n".join(lines[1 + len(rows) :]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

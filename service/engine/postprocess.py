@@ -194,8 +194,18 @@ def _polygon(component: np.ndarray, x0: int, y0: int) -> list[tuple[int, int]]:
     return [(int(p[0][0]) + x0, int(p[0][1]) + y0) for p in poly]
 
 
-def _regions_from(map_full: np.ndarray, labels: np.ndarray, stats: np.ndarray, kept: list[int]) -> list[Region]:
-    total = float(map_full.shape[0] * map_full.shape[1])
+def _regions_from(
+    map_full: np.ndarray,
+    labels: np.ndarray,
+    stats: np.ndarray,
+    kept: list[int],
+    origin: tuple[int, int] = (0, 0),
+    total: int | None = None,
+) -> list[Region]:
+    """Regions of the kept labels; ``map_full`` and ``labels`` may be a window at ``origin`` (x, y) of an image of
+    ``total`` pixels (default: the window is the image)."""
+    total = float(total if total is not None else map_full.shape[0] * map_full.shape[1])
+    ox, oy = origin
     regions = []
     for i in kept:
         x, y, w, h, area = (int(v) for v in stats[i, :5])
@@ -203,12 +213,12 @@ def _regions_from(map_full: np.ndarray, labels: np.ndarray, stats: np.ndarray, k
         scores = map_full[y : y + h, x : x + w][comp]
         regions.append(
             Region(
-                bbox=(x, y, w, h),
+                bbox=(x + ox, y + oy, w, h),
                 area=area,
                 area_ratio=area / total,
                 max_score=float(scores.max()),
                 mean_score=float(scores.mean(dtype=np.float64)),
-                polygon=_polygon(comp, x, y),
+                polygon=_polygon(comp, x + ox, y + oy),
             )
         )
     regions.sort(key=lambda r: (-r.max_score, -r.area, r.bbox[1], r.bbox[0]))
@@ -257,6 +267,29 @@ class MapAnalysis:
     map_max: float
 
 
+def _mask_and_regions(map_full: np.ndarray, above: np.ndarray, min_area_px: int) -> tuple[np.ndarray, list[Region]]:
+    """The final mask (components below ``min_area_px`` removed) and the regions of ``above`` (H, W) bool.
+
+    Components are labelled inside the bounding window of ``above`` only (every True pixel lies in it, so they are
+    the components of the whole mask); the cost follows the defect's size, not the image's.
+    """
+    rows = np.flatnonzero(above.any(axis=1))
+    if rows.size == 0:
+        return above, []
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(above[y0:y1].any(axis=0))
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    labels, stats, kept = _components(above[y0:y1, x0:x1], min_area_px)
+    regions = _regions_from(map_full[y0:y1, x0:x1], labels, stats, kept, (x0, y0), above.size)
+    if len(kept) == stats.shape[0] - 1:
+        return above, regions  # every component kept
+    keep_lut = np.zeros(stats.shape[0], dtype=bool)
+    keep_lut[kept] = True
+    mask = np.zeros_like(above)
+    mask[y0:y1, x0:x1] = keep_lut[labels]
+    return mask, regions
+
+
 def analyse_map(
     score_map: np.ndarray,
     width: int,
@@ -280,12 +313,7 @@ def analyse_map(
     step = checkpoint if checkpoint is not None else (lambda: None)
     map_full = resize_map(src, width, height)  # (H, W) float32
     step()
-    labels, stats, kept = _components(map_full >= float(pixel_threshold), int(min_region_area))
-    keep_lut = np.zeros(stats.shape[0], dtype=bool)
-    keep_lut[kept] = True
-    mask = keep_lut[labels]  # (H, W) bool, components below min_region_area removed
-    regions = _regions_from(map_full, labels, stats, kept)
-    del labels
+    mask, regions = _mask_and_regions(map_full, map_full >= float(pixel_threshold), int(min_region_area))
     step()
     return MapAnalysis(
         map_full=map_full,

@@ -51,11 +51,14 @@ def _grey_png(rows: np.ndarray) -> bytes:
 
 
 def encode_map(score_map: np.ndarray) -> bytes:
-    """A (T, T) map as the PNG of the module docstring; exact for float16 (a float32 map is rounded to it first)."""
-    bits = np.ascontiguousarray(score_map, dtype=MAP_DTYPE).view(np.uint16).astype(np.int32)
-    s = np.diff(np.diff(bits, axis=0, prepend=0), axis=1, prepend=0).astype(np.int16).astype(np.int32)
-    z = ((s << 1) ^ (s >> 15)).astype(np.uint16)
-    return _grey_png(np.concatenate([(z >> 8).astype(np.uint8), (z & 0xFF).astype(np.uint8)]))
+    """A (T, T) map as the PNG of the module docstring; exact for float16 (a float32 map is rounded to it first).
+
+    The arithmetic runs in int16, whose wrap-around is the mod 2^16 of the docstring.
+    """
+    bits = np.ascontiguousarray(score_map, dtype=MAP_DTYPE).view(np.int16)
+    s = np.diff(np.diff(bits, axis=0, prepend=np.int16(0)), axis=1, prepend=np.int16(0))
+    z = ((s << 1) ^ (s >> 15)).view(np.uint16)
+    return _grey_png(np.concatenate([(z >> 8).astype(np.uint8), z.astype(np.uint8)]))
 
 
 def decode_map(data: bytes) -> np.ndarray:
