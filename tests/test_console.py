@@ -124,6 +124,23 @@ def test_thumbnails_are_rendered_once_and_go_with_their_record(tmp_path):
         assert client.get(f"/ui/thumbs/{old.id}.jpg").status_code == 404
 
 
+def test_the_original_layer_is_a_cached_jpeg_of_the_stored_upload(tmp_path):
+    with _app(tmp_path) as client:
+        store = client.app.state.ctx.store
+        upload = encode(synthetic_image(4, (120, 80)), "TIFF")  # kept as sent; browsers do not show TIFF
+        rec = store.add(make_record(utcnow(), "defect", width=120, height=80), {"original": upload})
+        html = client.get(f"/ui/inspections/{rec.id}").text
+        assert f'src="/ui/inspections/{rec.id}/original.jpg"' in html and 'data-base="original"' in html
+        r = client.get(f"/ui/inspections/{rec.id}/original.jpg")
+        assert r.status_code == 200 and _thumb_size(r.content) == (120, 80)
+        assert store.read_artefact(rec, "original") == upload and store.read_derived(rec, "original.jpg") == r.content
+        store.put_derived(rec, "original.jpg", b"\xff\xd8cached")
+        assert client.get(f"/ui/inspections/{rec.id}/original.jpg").content == b"\xff\xd8cached"
+        without = _add(store)
+        assert client.get(f"/ui/inspections/{without.id}/original.jpg").status_code == 404
+        assert 'data-base="overlay"' in client.get(f"/ui/inspections/{without.id}").text
+
+
 def test_calibration_plot_counts_and_rates():
     assert histogram([0.0, 0.05, 0.1, 0.99, 1.0, 1.7, -0.2], bins=10) == [3, 1, 0, 0, 0, 0, 0, 0, 0, 3]
     plot = calibration_plot({"good": [0.1, 0.6, 0.7, 0.2], "defect": [0.9, 0.4]}, {"threshold": 0.5}, bins=10)

@@ -168,6 +168,9 @@ def test_review_from_the_inspection_page_and_the_queue_shrinks(browser, server, 
     first = queued.first.get_attribute("data-id")
     page.keyboard.press("o")
     page.wait_for_url(f"{server}/ui/inspections/{first}")
+    base = page.locator("#layer-base")
+    assert base.get_attribute("data-base") == "original" and base.get_attribute("src").endswith("/original.jpg")
+    page.wait_for_function("document.getElementById('layer-base').naturalWidth === 160")  # the upload, 160x120
     overlay = page.locator("#layer-overlay")
     assert overlay.is_hidden()
     page.check('.layer-toggle[data-target="layer-overlay"]')
@@ -178,11 +181,18 @@ def test_review_from_the_inspection_page_and_the_queue_shrinks(browser, server, 
     page.fill("#reviewer", "ann")
     page.screenshot(path=shots / "inspection.png")
     _fits(page)
+    assert api.get("/products/widget/references").json()["items"] == []
     with page.expect_navigation():
-        page.click('button[value="false_reject"]')
-    assert "false reject by ann (admin)" in page.locator("p.review").inner_text()
+        page.click("#as-reference")  # false reject + add the original as a good reference, one action
+    assert page.locator("p.review").inner_text().startswith("false reject by ann (admin)")
+    assert page.locator("p.review a").inner_text() == "added as a good reference"
     record = api.get(f"/inspections/{first}").json()
     assert [(x["decision"], x["note"]) for x in record["reviews"]] == [("false_reject", "oil stain, part is good")]
+    ref_id = record["reviews"][0]["reference_id"]
+    with page.expect_navigation():
+        page.click("p.review a")
+    assert page.locator("#ref-count").get_attribute("data-count") == "1"
+    assert [li.get_attribute("data-id") for li in page.locator(".gallery li").all()] == [ref_id]
 
     page.goto("/ui/queue")
     assert queued.count() == n - 1 and first not in [r.get_attribute("data-id") for r in queued.all()]

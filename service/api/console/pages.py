@@ -20,6 +20,7 @@ GET  /ui/products/{n}/references/{r}.jpg       a reference as a gallery thumbnai
 GET  /ui/login, POST /ui/login                 ask for a key once (when keys are configured); POST /ui/logout
                                                forgets it
 GET  /ui/inspections/{id}/{kind}.png           artefacts and ``/ui/thumbs/{id}.jpg`` thumbnails, with the key cookie
+GET  /ui/inspections/{id}/original.jpg         the stored original (JPEG preview), the inspection page's base layer
 =============================================  =====================================================================
 """
 
@@ -193,6 +194,15 @@ async def reference_thumbnail(_: ConsoleCaller, ctx: Context, name: ProductName,
     if data is None:
         raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+
+@router.get("/inspections/{inspection_id}/original.jpg")
+async def original_image(_: ConsoleCaller, ctx: Context, inspection_id: InspectionId):
+    """The stored original as the page's base layer (JPEG, see ``views.original_preview``)."""
+    data = await asyncio.to_thread(views.original_preview, ctx, inspection_id)
+    if data is None:
+        raise Problem(404, "Original not stored", f"inspection {inspection_id!r} has no stored original", "not-found")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
 
 @router.get("/inspections/{inspection_id}/{kind}.png")

@@ -1,4 +1,5 @@
-"""Browser-viewable pictures of stored uploads (reference images, originals): JPEG through the engine's decoder.
+"""Browser-viewable pictures of stored uploads (reference images, inspection originals): JPEG through the engine's
+decoder.
 
 An upload is kept exactly as sent (16-bit TIFF, CMYK JPEG, PNG with alpha, ...), which a browser may not show.
 The console shows it as the model saw it: ``decode_image`` (the service's limits; EXIF orientation applied, 16-bit
@@ -14,7 +15,9 @@ from service.engine.decode import DecodeLimits, decode_image
 from ..settings import Settings
 
 PREVIEW_QUALITY = 85
-GALLERY_SIZE = 192
+GALLERY_SIZE = 192  # reference thumbnails on the product page
+ORIGINAL_SIZE = 1280  # the inspection page's base layer: 640 CSS pixels wide at twice the pixel density
+ORIGINAL_PREVIEW = "original.jpg"  # its cached name beside the record's artefacts
 
 
 def limits_of(settings: Settings) -> DecodeLimits:

@@ -18,7 +18,7 @@ from service.storage.models import utcnow
 
 from ..schemas import product_out
 from .charts import calibration_plot, stored_calibration_plot
-from .previews import GALLERY_SIZE, jpeg_preview
+from .previews import GALLERY_SIZE, ORIGINAL_PREVIEW, ORIGINAL_SIZE, jpeg_preview
 
 TILES = 24
 STRIP = 10
@@ -51,7 +51,8 @@ def line_snapshot(store: InspectionStore, product: str | None, line: str | None)
 
 
 def inspection_detail(ctx, inspection_id: str) -> dict | None:
-    """The record, its reviews, the decisions that fit its verdict and the product's current profile."""
+    """The record, its reviews, the decisions that fit its verdict, the product's current profile and the image
+    layers: the stored original underneath (else the overlay), heatmap, mask and overlay to toggle over it."""
     store = ctx.require_store()
     record = store.get(inspection_id)
     if record is None:
@@ -66,7 +67,7 @@ def inspection_detail(ctx, inspection_id: str) -> dict | None:
         "decisions": decisions,
         "layers": layers,
         "original_stored": "original" in record.artefacts,
-        "base_layer": "overlay" if "overlay" in layers else None,
+        "base_layer": "original" if "original" in record.artefacts else ("overlay" if "overlay" in layers else None),
     }
 
 
@@ -122,3 +123,19 @@ def reference_preview(ctx, name: str, ref_id: str) -> bytes | None:
     if ref is None:
         return None
     return jpeg_preview(store.read_reference_image(ref_id), ref.filename, ctx.settings, GALLERY_SIZE)
+
+
+def original_preview(ctx, inspection_id: str) -> bytes | None:
+    """The inspection's stored original as a JPEG of at most ORIGINAL_SIZE pixels (the inspection page's base
+    layer), rendered on first request and cached beside the record (``original.jpg``, deleted with it); None
+    when the inspection is unknown or was stored without its original."""
+    store = ctx.require_store()
+    record = store.get(inspection_id)
+    if record is None or "original" not in record.artefacts:
+        return None
+    cached = store.read_derived(record, ORIGINAL_PREVIEW)
+    if cached is None:
+        name = record.filename or record.id
+        cached = jpeg_preview(store.read_artefact(record, "original"), name, ctx.settings, ORIGINAL_SIZE)
+        store.put_derived(record, ORIGINAL_PREVIEW, cached)
+    return cached
