@@ -231,12 +231,14 @@ def test_reference_gallery_and_calibration_plot(browser, server, api, shots):
     refs = api.get("/products/gadget/references").json()
     assert len(refs["items"]) == 4 and refs["memory"]["n_references"] == 4
 
-    r = api.post("/products/gadget/calibrate", data={"use_references": "true", "target_frr": "0.25"})
+    defects = [("defect", png_file(f"bad-{s}.png", s, (160, 120))[1]) for s in (20, 21)]
+    r = api.post("/products/gadget/calibrate", data={"use_references": "true", "target_frr": "0.25"}, files=defects)
     assert r.status_code == 200, r.text
     cal = r.json()["calibration"]
     page.reload()
     assert page.locator("#no-calibration").count() == 0 and cal["version"] in page.locator("h2").all_inner_texts()[1]
-    assert page.locator("#frr").inner_text() == f"{cal['good_frr'] * 100:.1f} %"
+    assert page.locator("#frr").inner_text() == f"{cal['good_frr'] * 100:.1f} %" and cal["n_defect"] == 2
+    assert page.locator("#escape").inner_text() == f"{cal['escape_rate'] * 100:.1f} %"
     assert page.locator("#image_threshold").input_value() == str(cal["reject_threshold"])
     page.wait_for_function("Array.from(document.querySelectorAll('.gallery img')).every(i => i.complete)")
     page.screenshot(path=shots / "product.png")
