@@ -94,6 +94,13 @@ async def posted(request: Request, model: type[BaseModel], authorise: Callable[[
     return body, next_url if isinstance(next_url, str) else None
 
 
+def jpeg(data: bytes | None, title: str, detail: str, cache: str = "") -> Response:
+    """A JPEG answer the browser keeps for a day (``cache`` adds to Cache-Control), or a 404 problem without data."""
+    if data is None:
+        raise Problem(404, title, detail, "not-found")
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400" + cache})
+
+
 @router.get("")
 async def line_view(
     request: Request, caller: ConsoleCaller, store: Store, product: FilterText = None, line: FilterText = None
@@ -191,18 +198,14 @@ async def reference_thumbnail(_: ConsoleCaller, ctx: Context, name: ProductName,
         data = await asyncio.to_thread(views.reference_preview, ctx, name, ref_id)
     except ArtefactMissingError as exc:
         raise Problem(404, "Reference image missing", f"the store has lost it: {exc}", "not-found") from None
-    if data is None:
-        raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400, immutable"})
+    return jpeg(data, "Reference not found", f"product {name!r} has no reference {ref_id!r}", ", immutable")
 
 
 @router.get("/inspections/{inspection_id}/original.jpg")
 async def original_image(_: ConsoleCaller, ctx: Context, inspection_id: InspectionId):
     """The stored original as the page's base layer (JPEG, see ``views.original_preview``)."""
     data = await asyncio.to_thread(views.original_preview, ctx, inspection_id)
-    if data is None:
-        raise Problem(404, "Original not stored", f"inspection {inspection_id!r} has no stored original", "not-found")
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    return jpeg(data, "Original not stored", f"inspection {inspection_id!r} has no stored original")
 
 
 @router.get("/inspections/{inspection_id}/{kind}.png")
@@ -213,9 +216,7 @@ async def console_artefact(_: ConsoleCaller, store: Store, inspection_id: Inspec
 @router.get("/thumbs/{inspection_id}.jpg")
 async def thumbnail(_: ConsoleCaller, store: Store, inspection_id: InspectionId):
     data = await asyncio.to_thread(rendering.thumbnail, store, inspection_id)
-    if data is None:
-        raise Problem(404, "Thumbnail not found", f"inspection {inspection_id!r} has no overlay", "not-found")
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+    return jpeg(data, "Thumbnail not found", f"inspection {inspection_id!r} has no overlay")
 
 
 @router.get("/login")
