@@ -238,3 +238,20 @@ def test_reference_gallery_forms_need_csrf_and_an_admin_key(tmp_path):
         assert client.post(delete, data={"csrf": token}).status_code == 404
         refs = client.get(url[3:], headers=admin).json()
         assert [i["id"] for i in refs["items"]] == [second] and refs["memory"]["n_references"] == 1
+
+
+def test_without_stored_originals_a_false_reject_cannot_become_a_reference(tmp_path):
+    """DHR_STORE_ORIGINALS=false: the page shows the overlay underneath and the reference button disabled; the
+    review with add_reference is refused (409 problem), nothing is written."""
+    with TestClient(create_app(make_settings(tmp_path / "data", store_originals=False))) as client:
+        wait_ready(client)
+        assert client.put("/products/w", json={"image_threshold": 0.0, "pixel_threshold": 0.5}).is_success
+        r = client.post("/segment", data={"product": "w"}, files=[png_file("a.png", 1, (120, 90))])
+        rid = r.json()["results"][0]["id"]
+        page = client.get(f"/ui/inspections/{rid}").text
+        assert 'data-base="overlay"' in page and 'id="as-reference" class="d-false_reject" disabled' in page
+        r = client.post(f"/ui/inspections/{rid}/as-reference", data={"csrf": _csrf(page)})
+        assert r.status_code == 409 and r.headers["content-type"] == "application/problem+json"
+        assert "DHR_STORE_ORIGINALS=false" in r.json()["detail"]
+        assert client.get(f"/inspections/{rid}").json()["reviews"] == []
+        assert client.get("/products/w/references").json()["items"] == []
