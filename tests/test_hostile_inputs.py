@@ -172,28 +172,41 @@ def test_admission_refuses_by_expected_wait_with_retry_after_from_the_drain_rate
     assert big.value.allowed == 40 and adm.images_per_request == 40
 
 
-def test_the_default_wait_bound_is_one_single_image_call_at_least_a_quarter_second():
-    adm = Admission(queue_size=64, max_batch_size=4, max_wait_s=None, deadline_s=10.0)
-    assert adm.wait_bound_s == 0.25  # nothing measured: the floor
+def test_the_default_wait_bound_is_half_a_single_image_call_at_least_a_tenth_of_a_second():
+    running: list[tuple[int, float]] = []  # (images, seconds since start) of the batch the model runs now
+    adm = Admission(queue_size=64, max_batch_size=4, max_wait_s=None, deadline_s=10.0, running=lambda: running)
+    assert adm.wait_bound_s == 0.1  # nothing measured: the floor
     adm.observe_batch(1, 0.4)
-    assert adm.wait_bound_s == pytest.approx(0.4)
-    first, second = adm.admit(1), adm.admit(1)  # waits of 0 s and 0.4 s
-    with pytest.raises(OverloadedError, match="0.80 s exceeds 0.40 s"):
-        adm.admit(1)  # two single-image calls ahead
+    assert adm.wait_bound_s == pytest.approx(0.2)
+    first = adm.admit(1)  # idle: no wait
+    running[:] = [(1, 0.1)]  # its call has run 0.1 s of 0.4 s
+    with pytest.raises(OverloadedError, match="0.30 s exceeds 0.20 s"):
+        adm.admit(1)
+    running[:] = [(1, 0.25)]  # past half-way: 0.15 s left
+    second = adm.admit(1)
+    with pytest.raises(OverloadedError, match="0.55 s exceeds"):
+        adm.admit(1)  # 0.15 s left, then the waiting image's 0.4 s
+    running[:] = []
+    first.release()
     second.release()
-    adm.resize(first, 3)  # the request's own place is given back, then 3 images are checked: 0 s ahead
-    assert (first.held, adm.outstanding) == (3, 3)
+    door = adm.admit(1)
+    adm.resize(door, 3)  # the request's own place is given back, then 3 images are checked: nothing ahead
+    assert (door.held, adm.outstanding) == (3, 3)
     with pytest.raises(OverloadedError, match="1.20 s exceeds"):
         adm.admit(1)  # 3 images ahead
     with pytest.raises(TooManyImagesError):
-        adm.resize(first, 65)
-    assert (first.held, adm.outstanding) == (0, 0)  # a refused resize holds nothing
+        adm.resize(door, 65)
+    assert (door.held, adm.outstanding) == (0, 0)  # a refused resize holds nothing
     fast = Admission(queue_size=64, max_batch_size=8, max_wait_s=None, deadline_s=10.0)
     fast.observe_batch(1, 0.01)
-    fast.observe_batch(8, 0.02)
-    assert fast.wait_bound_s == 0.25
-    tickets = [fast.admit(1) for _ in range(64)]  # 0.02 s per batch of 8: the 64th waits 0.16 s
-    assert fast.outstanding == 64 and all(t.held == 1 for t in tickets)
+    fast.observe_batch(8, 0.019)  # an accelerator: 8 images cost twice one
+    assert fast.wait_bound_s == 0.1
+    admitted = 0
+    with pytest.raises(OverloadedError):
+        while True:
+            fast.admit(1)
+            admitted += 1
+    assert admitted == 35  # 34 images may wait ahead of the last one: 4 full calls and one of 2, 0.096 s
 
 
 def test_batches_are_filled_round_robin_between_requests():

@@ -81,8 +81,8 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description="expected model wait (from measured batch times) beyond which a request gets 503 + Retry-After "
-        "before anything is decoded; unset: one measured single-image model call, at least 0.25 s (accepted "
-        "requests then stay near twice the unloaded latency)",
+        "before anything is decoded; unset: half a measured single-image model call, at least 0.1 s (accepted "
+        "requests then stay within about twice the unloaded latency)",
     )
     workers: int = Field(2, ge=1, le=64, description="threads for decode / postprocess")
     preprocess: PreprocessMode = Field(

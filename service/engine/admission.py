@@ -1,15 +1,16 @@
 """Admission control: refuse work before any of it is done, by count and by expected wait.
 
-An image is *outstanding* from admission until its model output is back (decoding, waiting for a batch or inside
-the running batch); it is *waiting* unless it is inside the running batch. A request of ``n`` images is admitted
-when both hold::
+An image is *outstanding* from admission until its model output is back (its request's body still arriving,
+decoding, waiting for a batch or inside a running batch); it is *waiting* unless it is inside a running batch. A
+request of ``n`` images is admitted when both hold::
 
     waiting + n <= queue_size
-    drain_s(outstanding) <= wait_bound_s        (the wait before the new images start; 0 when idle)
+    wait_s <= wait_bound_s        wait_s = left_s + drain_s(waiting)   (0 when idle)
 
-``drain_s(q)`` is the time the model needs for ``q`` images in batches of ``max_batch_size``, from the measured
-wall time of recent batches: ``T(b)`` is the mean run time of the first batches of ``b`` images, then an
-exponential moving average (weight ``EWMA_WEIGHT``); an unmeasured size is scaled linearly from the nearest
+``left_s`` is what remains of the running batch that ends first (``T(size) - elapsed``, at least 0; 0 while a
+replica is free). ``drain_s(q)`` is the time the model needs for ``q`` images in batches of ``max_batch_size``, from
+the measured wall time of recent batches: ``T(b)`` is the mean run time of the first batches of ``b`` images, then
+an exponential moving average (weight ``EWMA_WEIGHT``); an unmeasured size is scaled linearly from the nearest
 measured one, which over-estimates large batches (refusing early is the safe side)::
 
     drain_s(q) = floor(q' / B) * T(B) + T(q' mod B),   q' = ceil(q / W)
@@ -18,14 +19,15 @@ with ``W`` model replicas (``DHR_DEVICE=cuda:0,cuda:1``: one batch on each at on
 
 The wait bound is ``max_wait_s`` when it is set (``DHR_MAX_QUEUE_WAIT_S``), else derived from the measurements::
 
-    wait_bound_s = min(deadline, max(MIN_WAIT_S, WAIT_FACTOR * T(1)))
+    wait_bound_s = min(deadline, max(MIN_WAIT_S, WAIT_FACTOR * T(1)))      (WAIT_FACTOR = 1/2)
 
-An accepted image then waits about one single-image model call at most, so its latency (wait + its own batch)
-stays near twice the unloaded one (the target of ``bench/overload.py``) on a CPU, where batching buys little, and
-on an accelerator, where ``T(1)`` is close to ``T(B)`` and several images still share each batch. The floor
-``MIN_WAIT_S`` (a quarter second, below what an operator notices) keeps a fast model from refusing a burst it
-would answer at once; before anything is measured the bound is that floor and ``drain_s`` is 0 (nothing is
-refused by time).
+so an accepted image's model output is due within about 1.5 single-image calls: on a CPU, where batching buys
+little, a request is accepted while nothing waits and the running image is past half-way (the next one is decoded
+by the time the model is free, so the model stays busy), and its latency stays within twice the unloaded one (the
+target of ``bench/overload.py``). On an accelerator, where one call of ``B`` images costs little more than one
+image, the floor ``MIN_WAIT_S`` (a tenth of a second) lets full batches queue, so a burst the device drains in a
+tenth of a second is accepted rather than refused. Before anything is measured the wait is 0 (nothing is refused by
+time).
 
 Refusals raise :class:`OverloadedError` carrying ``retry_after_s = ceil(drain_s(outstanding))`` (at least 1):
 when the backlog in front of a retry will have drained. A request that could not finish within the deadline even
@@ -46,8 +48,8 @@ from .batcher import QueueFullError
 
 EWMA_WEIGHT = 0.2
 DEADLINE_FRACTION = 0.5  # share of the deadline one request's images may take on an idle model
-WAIT_FACTOR = 1.0  # derived wait bound: this many single-image model calls (see the module docstring)
-MIN_WAIT_S = 0.25  # ... but never below this
+WAIT_FACTOR = 0.5  # derived wait bound: this many single-image model calls (see the module docstring)
+MIN_WAIT_S = 0.1  # ... but never below this
 
 
 class OverloadedError(QueueFullError):
@@ -75,10 +77,10 @@ class Admission:
         max_batch_size: int,
         max_wait_s: float | None,
         deadline_s: float,
-        in_flight: Callable[[], int] = lambda: 0,
+        running: Callable[[], list[tuple[int, float]]] = list,
         workers: int = 1,
     ) -> None:
-        self._in_flight = in_flight
+        self._running = running  # () -> [(images, seconds since start)] of the batches running now
         self.workers = max(1, int(workers))
         self.queue_size = int(queue_size)
         self.max_batch_size = int(max_batch_size)
@@ -113,6 +115,15 @@ class Admission:
         full, rest = divmod(math.ceil(max(0, int(items)) / self.workers), self.max_batch_size)
         return full * self.batch_s(self.max_batch_size) + self.batch_s(rest)
 
+    def wait_s(self) -> tuple[float, int]:
+        """``(expected seconds before newly admitted images start, images waiting)`` (module docstring)."""
+        running = self._running()
+        waiting = self.outstanding - sum(size for size, _ in running)
+        left = 0.0
+        if running and len(running) >= self.workers:
+            left = min(max(0.0, self.batch_s(size) - elapsed) for size, elapsed in running)
+        return left + self.drain_s(waiting), waiting
+
     @property
     def wait_bound_s(self) -> float:
         """Longest expected wait at which new images are admitted: ``max_wait_s``, else derived (module docstring)."""
@@ -136,12 +147,12 @@ class Admission:
     def check(self, n: int) -> None:
         """Raise unless ``n`` more images could be admitted now (nothing is reserved)."""
         self._check_size(n)
-        waiting = self.outstanding - self._in_flight()
+        wait, waiting = self.wait_s()
         if waiting + n > self.queue_size:
             self._refuse(f"inference queue is full ({waiting} images waiting, DHR_QUEUE_SIZE={self.queue_size})")
-        wait, bound = self.drain_s(self.outstanding), self.wait_bound_s  # idle: never refused by time
-        if wait > bound:
-            how = "DHR_MAX_QUEUE_WAIT_S" if self.max_wait_s is not None else "about one single-image model call"
+        bound = self.wait_bound_s
+        if wait > bound:  # idle: the wait is 0, never refused by time
+            how = "DHR_MAX_QUEUE_WAIT_S" if self.max_wait_s is not None else "half a single-image model call"
             self._refuse(f"the expected wait of {wait:.2f} s exceeds {bound:.2f} s ({how})")
 
     def _check_size(self, n: int) -> None:

@@ -193,7 +193,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         self._task: asyncio.Task | None = None
         self._accepting = False
         self._closing = False
-        self._in_flight: dict[int, int] = {}  # worker -> items of the batch it runs
+        self._in_flight: dict[int, tuple[int, float]] = {}  # worker -> (items, perf_counter at start) of its batch
         self.batches_total = 0
         self.items_total = 0
         self.failed_batches_total = 0
@@ -208,7 +208,12 @@ class DynamicBatcher(Generic[ItemT, OutT]):
     @property
     def in_flight(self) -> int:
         """Items in the batches currently inside ``process_batch`` (0 when idle)."""
-        return sum(self._in_flight.values())
+        return sum(size for size, _ in self._in_flight.values())
+
+    def running_batches(self) -> list[tuple[int, float]]:
+        """``(items, seconds since it started)`` of each batch inside ``process_batch`` now."""
+        now = time.perf_counter()
+        return [(size, now - started) for size, started in self._in_flight.values()]
 
     @property
     def workers(self) -> int:
@@ -337,7 +342,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         if not live:
             return
         loop = asyncio.get_running_loop()
-        self._in_flight[worker] = len(live)
+        self._in_flight[worker] = (len(live), time.perf_counter())
         try:
             outputs, error, t_start, t_end = await loop.run_in_executor(
                 self._executors[worker], _call_timed, self._functions[worker], [p.item for p in live]

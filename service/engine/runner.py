@@ -240,7 +240,7 @@ class Engine:
             cfg.max_batch_size,
             cfg.max_queue_wait_s,
             cfg.request_timeout_s,
-            lambda: self.batcher.in_flight,
+            self.batcher.running_batches,
             workers=len(self.runners),
         )
         self._user_on_batch = on_batch
