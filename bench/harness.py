@@ -222,7 +222,8 @@ def start_server(tree: Path, work: Path, model: str = "stand-in", preset: str = 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = {"request_timeout_s": 600, "max_upload_mb": 200, **opts.get("settings", {})}
+    # throughput is measured under a saturating load: no deadline, and no admission bound refusing it
+    settings = {"request_timeout_s": 600, "max_queue_wait_s": 600, "max_upload_mb": 200, **opts.get("settings", {})}
     cmd = [sys.executable, str(Path(__file__).resolve()), "serve", "--tree", str(tree), "--port", str(port)]
     cmd += ["--data", str(work / "data"), "--preset", preset, "--model", model, "--settings", json.dumps(settings)]
     cmd += ["--device", opts.get("device", "cpu"), "--precision", opts.get("precision", "fp32")]

@@ -77,6 +77,7 @@ def start_server(args, port: int, work: Path, backbone: str, prompts: str) -> tu
         "DHR_QUEUE_SIZE": str(max(64, 2 * args.max_concurrency * args.images_per_request)),
         "DHR_DATA_DIR": str(work / "data"),
         "DHR_REQUEST_TIMEOUT_S": "600",
+        "DHR_MAX_QUEUE_WAIT_S": "600",  # throughput under a saturating load: the default bound would refuse it
         "DHR_MAX_UPLOAD_MB": "200",
     }
     log = work / "server.log"
