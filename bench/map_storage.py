@@ -8,7 +8,10 @@ with the float16 map bit for bit ("lossless" means every float16 value comes bac
     png16 bits L1   16-bit grey PNG of the float16 bit patterns, OpenCV filters, zlib level 1
     png16 bits L9   the same at zlib level 9 (adaptive filters: the smallest plain PNG of the bits)
     png16 x65535    16-bit grey PNG of round(map * 65535), level 9 (not float16: small values collapse)
-    coded (stored)  service.engine.stored.encode_map: second differences of the bits, zigzag, byte planes, RLE
+    coded v1        service.engine.stored.encode_map_v1 (the first stored form): second differences of the bits,
+                    zigzag, high and low byte planes, deflate RLE
+    coded v2        service.engine.stored.encode_map (stored now): the same residuals as base-6 digits, three
+                    vertically adjacent ones per byte, larger ones escaped to a side stream, deflate level 3
 
 It prints one Markdown table: median and largest bytes, median encode ms, and the share of photos whose inspection
 (original + map) stays within the original's size + 100 KB (the database row, about 1 KB, comes on top).
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from service.engine.decode import decode_image, views_for
-from service.engine.stored import decode_map, encode_map
+from service.engine.stored import decode_map, encode_map, encode_map_v1
 from service.model import build_model, load_backbone, load_checkpoint, stack_views
 from tests.paths import REAL_DEFECTS, REF_PROMPTS, TINY_CLIP
 
@@ -56,7 +59,8 @@ FORMS = {  # name -> (encode float16 map -> bytes, decode bytes -> float16 map)
         lambda m: _png16(np.rint(m.astype(np.float64) * 65535).astype(np.uint16), 9),
         lambda b: (_unpng16(b) / 65535.0).astype(np.float16),
     ),
-    "coded (stored)": (encode_map, decode_map),
+    "coded v1": (encode_map_v1, decode_map),
+    "coded v2 (stored)": (encode_map, decode_map),
 }
 
 
