@@ -41,6 +41,17 @@ def _csrf(html: str) -> str:
     return re.search(r'name="csrf" value="([0-9a-f]{32})"', html).group(1)
 
 
+def _problem_page(r, status: int, title: str, *details: str, back: str) -> None:
+    """A refused console form post: the same status as the API's problem, an HTML page in the console's layout with
+    the title, the (escaped) detail and a link back to the form's page."""
+    assert r.status_code == status, r.text[:300]
+    assert r.headers["content-type"].startswith("text/html")
+    assert f"<h1>{title}</h1>" in r.text and f'<a href="{back}">Back to the page</a>' in r.text
+    assert "<nav>" in r.text and f"HTTP {status}" in r.text
+    for detail in details:
+        assert detail in r.text, (detail, r.text)
+
+
 def test_open_console_forms_need_the_csrf_token(tmp_path):
     with _app(tmp_path) as client:
         store = client.app.state.ctx.store
@@ -57,17 +68,22 @@ def test_open_console_forms_need_the_csrf_token(tmp_path):
         url = f"/ui/inspections/{rec.id}/review"
         for form in ({"decision": "confirm_defect"}, {"decision": "confirm_defect", "csrf": "f" * 32}):
             r = client.post(url, data=form, follow_redirects=False)
-            assert r.status_code == 403 and r.json()["title"] == "CSRF check failed"
+            back = f"/ui/inspections/{rec.id}"
+            _problem_page(r, 403, "CSRF check failed", "the form&#39;s csrf token is missing", back=back)
         r = client.post(url, data={"decision": "approve", "csrf": token}, follow_redirects=False)
-        assert r.status_code == 422 and "decision" in r.json()["detail"]
+        _problem_page(r, 422, "Invalid form", "decision: Input should be", back=back)
         r = client.post(url, data={"decision": "confirm_defect", "note": "n" * 2001, "csrf": token})
-        assert r.status_code == 422 and "note" in r.json()["detail"]
+        _problem_page(r, 422, "Invalid form", "note: String should have at most", back=back)
         r = client.post(f"/ui/inspections/{'0' * 28}/review", data={"decision": "escape", "csrf": token})
-        assert r.status_code == 404
+        _problem_page(r, 404, "Inspection not found", back=f"/ui/inspections/{'0' * 28}")
+        # the same refusals through the JSON API stay problem+json
+        r = client.post(f"/inspections/{rec.id}/review", json={"decision": "approve"})
+        assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+        assert "decision" in r.json()["detail"]
         assert 'id="as-reference" class="d-false_reject" disabled' in page.text and "was not stored" in page.text
         assert client.post(f"/ui/inspections/{rec.id}/as-reference", data={}).status_code == 403
         r = client.post(f"/ui/inspections/{rec.id}/as-reference", data={"csrf": token, "note": "ok part"})
-        assert r.status_code == 409 and r.json()["title"] == "Original not stored"
+        _problem_page(r, 409, "Original not stored", back=back)
         assert store.reviews_of([rec.id]) == {} and store.list_references("bottle") == []
 
         form = {"decision": "confirm_defect", "note": "crack", "csrf": token, "next": "https://evil.example/"}
@@ -210,11 +226,12 @@ def test_reference_gallery_forms_need_csrf_and_an_admin_key(tmp_path):
         assert "Only an admin key can add or remove references." in page and 'id="ref-count" data-count="0"' in page
         url, files = "/ui/products/w/references", [png_file("a.png", 1, (120, 90)), png_file("b.png", 2, (60, 80))]
         r = client.post(url, data={"csrf": token}, files=files)
-        assert r.status_code == 403 and r.json()["title"] == "Admin key required"
+        _problem_page(r, 403, "Admin key required", back="/ui/products/w")
         client.cookies.set("dhr_key", "ad")
-        assert client.post(url, files=files).json()["title"] == "CSRF check failed"
+        _problem_page(client.post(url, files=files), 403, "CSRF check failed", back="/ui/products/w")
         bad = [("image", ("c.png", b"not an image", "image/png"))]
-        assert client.post(url, data={"csrf": token}, files=files + bad).status_code == 415  # all or nothing
+        r = client.post(url, data={"csrf": token}, files=files + bad)  # all or nothing
+        _problem_page(r, 415, "Unsupported image format", "c.png", back="/ui/products/w")
         assert client.get(url[3:], headers=admin).json()["items"] == []
 
         r = client.post(url, data={"csrf": token}, files=files, follow_redirects=False)
@@ -251,7 +268,36 @@ def test_without_stored_originals_a_false_reject_cannot_become_a_reference(tmp_p
         page = client.get(f"/ui/inspections/{rid}").text
         assert 'data-base="overlay"' in page and 'id="as-reference" class="d-false_reject" disabled' in page
         r = client.post(f"/ui/inspections/{rid}/as-reference", data={"csrf": _csrf(page)})
-        assert r.status_code == 409 and r.headers["content-type"] == "application/problem+json"
-        assert "DHR_STORE_ORIGINALS=false" in r.json()["detail"]
+        _problem_page(r, 409, "Original not stored", "DHR_STORE_ORIGINALS=false", back=f"/ui/inspections/{rid}")
+        api = client.post(f"/inspections/{rid}/review", json={"decision": "false_reject", "add_reference": True})
+        assert api.status_code == 409 and api.headers["content-type"] == "application/problem+json"
+        assert "DHR_STORE_ORIGINALS=false" in api.json()["detail"]
         assert client.get(f"/inspections/{rid}").json()["reviews"] == []
         assert client.get("/products/w/references").json()["items"] == []
+
+
+def test_refused_thresholds_form_is_a_page_and_the_api_still_answers_problem_json(tmp_path):
+    with _app(tmp_path, api_keys="op", admin_keys="ad") as client:
+        client.cookies.set("dhr_key", "op")
+        token = _csrf(client.get("/ui/products/w").text)
+        url, form = "/ui/products/w/thresholds", {"image_threshold": "0.5", "pixel_threshold": "0.5", "csrf": token}
+        r = client.post(url, data=form)
+        _problem_page(r, 403, "Admin key required", "change thresholds", back="/ui/products/w")
+        assert "dhr_csrf" not in r.headers.get("set-cookie", "")  # the browser's token stays valid
+        api = client.put(
+            "/products/w", json={"image_threshold": 0.5, "pixel_threshold": 0.5}, headers={"X-API-Key": "op"}
+        )
+        assert api.status_code == 403 and api.headers["content-type"] == "application/problem+json"
+        assert api.json()["title"] == "Admin key required"
+
+        client.cookies.set("dhr_key", "ad")
+        r = client.post(url, data={**form, "image_threshold": "high"})
+        _problem_page(r, 422, "Invalid form", "image_threshold: Input should be a valid number", back="/ui/products/w")
+        r = client.post(url, data={**form, "csrf": ""})
+        _problem_page(r, 403, "CSRF check failed", back="/ui/products/w")
+        assert client.get("/products/w", headers={"X-API-Key": "ad"}).status_code == 404  # nothing was written
+        api = client.put(
+            "/products/w", json={"image_threshold": "high", "pixel_threshold": 0.5}, headers={"X-API-Key": "ad"}
+        )
+        assert api.status_code == 422 and api.headers["content-type"] == "application/problem+json"
+        assert "image_threshold" in api.json()["detail"]

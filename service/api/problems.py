@@ -98,22 +98,21 @@ def _request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
 
-async def _problem_handler(request: Request, exc: Problem) -> JSONResponse:
-    return exc.response(request.url.path, _request_id(request))
-
-
-def _loc(loc) -> str:
-    return ".".join(str(p) for p in loc)
-
-
-async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"loc": _loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
-    detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "the request is not valid"
-    problem = Problem(422, "Invalid request", detail, "validation-error", extra={"errors": errors})
-    return problem.response(request.url.path, _request_id(request))
-
-
-async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+def as_problem(request: Request, exc: Exception) -> Problem:
+    """The problem an error raised by a route stands for: a Problem itself, a request-validation error (422, with
+    ``errors``), Starlette's HTTP errors (404 unknown route, 405 wrong method, 400 malformed body) or an ImageError."""
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        errors = [
+            {"loc": _loc(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
+        detail = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors) or "the request is not valid"
+        return Problem(422, "Invalid request", detail, "validation-error", extra={"errors": errors})
+    if isinstance(exc, ImageError):
+        return image_problem(exc)
+    if not isinstance(exc, StarletteHTTPException):
+        raise TypeError(f"not an error answered as a problem: {exc!r}")
     status = exc.status_code
     try:
         title = HTTPStatus(status).phrase
@@ -125,20 +124,24 @@ async def _http_handler(request: Request, exc: StarletteHTTPException) -> JSONRe
             404: f"no resource at {request.url.path}",
             405: f"method {request.method} is not allowed on {request.url.path}",
         }.get(status, title)
-    problem = Problem(status, title, detail, headers=getattr(exc, "headers", None) or None)
-    return problem.response(request.url.path, _request_id(request))
+    return Problem(status, title, detail, headers=getattr(exc, "headers", None) or None)
 
 
-async def _image_error_handler(request: Request, exc: ImageError) -> JSONResponse:
-    return image_problem(exc).response(request.url.path, _request_id(request))
+PROBLEM_ERRORS = (Problem, RequestValidationError, StarletteHTTPException, ImageError)  # what ``as_problem`` takes
+
+
+def _loc(loc) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+async def _problem_handler(request: Request, exc: Exception) -> JSONResponse:
+    return as_problem(request, exc).response(request.url.path, _request_id(request))
 
 
 def install_problem_handlers(app: FastAPI) -> None:
     """Register the handlers; unexpected exceptions are answered by the request middleware (500 problem)."""
-    app.add_exception_handler(Problem, _problem_handler)
-    app.add_exception_handler(RequestValidationError, _validation_handler)
-    app.add_exception_handler(StarletteHTTPException, _http_handler)
-    app.add_exception_handler(ImageError, _image_error_handler)
+    for exc_type in PROBLEM_ERRORS:
+        app.add_exception_handler(exc_type, _problem_handler)
 
 
 def internal_error_body(instance: str, request_id: str) -> dict:

@@ -22,11 +22,15 @@ GET  /ui/login, POST /ui/login                 ask for a key once (when keys are
 GET  /ui/inspections/{id}/{kind}.png           artefacts and ``/ui/thumbs/{id}.jpg`` thumbnails, with the key cookie
 GET  /ui/inspections/{id}/original.jpg         the stored original (JPEG preview), the inspection page's base layer
 =============================================  =====================================================================
+
+A refused form post (CSRF, role, invalid field, 404, 409, bad upload) answers the API problem's status as an HTML
+page (``error.html``: title, detail, a link back to the form's page); see ``ConsoleFormRoute``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -34,6 +38,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ValidationError
 
@@ -41,7 +46,7 @@ from service.storage.artefacts import ArtefactMissingError
 
 from .. import rendering
 from ..deps import AppSettings, Context, Store
-from ..problems import Problem
+from ..problems import PROBLEM_ERRORS, Problem, as_problem
 from ..routes_inspections import InspectionId, ProductName, artefact_response, save_product
 from ..routes_knowledge import ReferenceId, remove_reference, store_references
 from ..routes_reviews import submit_review
@@ -54,8 +59,44 @@ from .auth import ConsoleCaller
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.globals["csrf_field"] = auth.CSRF_FIELD
-router = APIRouter(prefix="/ui", include_in_schema=False)
 FilterText = Annotated[str | None, Query(max_length=200)]
+
+
+def form_origin(path: str) -> str:
+    """The console page whose form posts to ``path`` (an inspection, a product, the sign-in form), else ``/ui``."""
+    found = re.match(r"/ui/(?:inspections|products)/[^/]+|/ui/login$", path)
+    return found.group(0) if found else "/ui"
+
+
+class ConsoleFormRoute(APIRoute):
+    """The console's routes: a refused form post (any POST under ``/ui``; all come from the console's HTML forms)
+    answers the problem's status, headers and title/detail as a page in the console's layout with a link back to the
+    page of the form. API routes are not of this class and keep answering ``application/problem+json``."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except PROBLEM_ERRORS as exc:
+                if request.method != "POST":
+                    raise
+                problem = as_problem(request, exc)
+                path = request.url.path.removeprefix(request.scope.get("root_path", "").rstrip("/"))
+                response = render(
+                    request,
+                    "error.html",
+                    None,
+                    problem.status,
+                    problem=problem,
+                    back=form_origin(path),
+                    request_id=request.scope.get("state", {}).get("request_id"),
+                )
+                response.headers.update(problem.headers or {})
+                return response
+
+        return handle
 
 
 def render(request: Request, template: str, caller: Caller | None, status_code: int = 200, **context) -> Response:
@@ -68,6 +109,9 @@ def render(request: Request, template: str, caller: Caller | None, status_code: 
     )
     response = templates.TemplateResponse(request, template, context, status_code=status_code)
     return auth.set_cookies(response, request)
+
+
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=ConsoleFormRoute)
 
 
 @asynccontextmanager
