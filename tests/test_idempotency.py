@@ -177,7 +177,11 @@ def test_a_key_pending_on_another_replica_is_409_and_a_failed_request_frees_its_
 
         store.artefacts.put = failing_put
         try:
-            assert c.post("/segment", files=files, headers=headers).status_code == 500
+            failed = c.post("/segment", files=files, headers=headers)
+            assert failed.status_code == 503 and failed.headers["retry-after"] == "5"
+            assert failed.headers["content-type"] == "application/problem+json"
+            assert failed.json()["type"] == "urn:dhrclip:problem:storage-unavailable"
+            assert "OSError" in failed.json()["detail"] and "disk full" not in failed.json()["detail"]
         finally:
             store.artefacts.put = real_put
         assert replica.count() == 1 and replica.get_idempotency("shared-key") is None  # nothing kept, key free

@@ -31,6 +31,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from service.engine.admission import OverloadedError, TooManyImagesError
 from service.engine.batcher import BatcherClosedError, QueueFullError
 from service.engine.decode import DecodedImage, ImageError
@@ -39,11 +41,13 @@ from service.engine.postprocess import MapAnalysis
 from service.engine.runner import AbandonedError, Engine, ImageResult, InferItem, Job
 from service.inspection import Thresholds, verdict
 from service.storage import InspectionRecord, InspectionStore
+from service.storage.artefacts import ArtefactStoreError
 from service.storage.models import IdempotencyEntry
 
 from .problems import ClientDisconnected, Problem, image_problem, service_unavailable
 
 logger = logging.getLogger("dhrclip.api")
+STORAGE_RETRY_S = 5  # Retry-After of a storage failure: long enough for an operator's fix to be worth a retry
 
 QUEUE_FULL_RETRY_AFTER_S = 1
 
@@ -239,6 +243,14 @@ def rendered_kinds(asked: tuple[str, ...], keep_original: bool) -> tuple[str, ..
     return asked if keep_original or "overlay" in asked else (*asked, "overlay")
 
 
+def storage_problem(exc: BaseException) -> Problem:
+    """503 for a storage failure (nothing of the request was kept: ``add_many`` is all or nothing); the cause is
+    logged, not sent (it may name server paths)."""
+    logger.error("inspection not stored, the request is refused: %s: %s", type(exc).__name__, exc)
+    detail = f"the inspection could not be stored ({type(exc).__name__}); nothing was kept: retry later"
+    return service_unavailable(detail, STORAGE_RETRY_S, slug="storage-unavailable", title="Storage unavailable")
+
+
 def store_all(
     store: InspectionStore,
     records: list[InspectionRecord],
@@ -253,8 +265,11 @@ def store_all(
     records are committed together).
     """
     t0 = time.perf_counter()
-    stored = store.add_many(
-        [(r, artefacts_of(a, keep_original)) for r, a in zip(records, analysed, strict=True)], idempotency
-    )
+    try:
+        stored = store.add_many(
+            [(r, artefacts_of(a, keep_original)) for r, a in zip(records, analysed, strict=True)], idempotency
+        )
+    except (OSError, ArtefactStoreError, SQLAlchemyError) as exc:  # a full disk, a lost database or bucket
+        raise storage_problem(exc) from exc
     t1 = time.perf_counter()
     return [(record, _ms(t1 - t0), t1) for record in stored]
