@@ -33,13 +33,14 @@ Per-item timings: ``submit(item, timings={})`` fills the given dict before retur
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from .fair_queue import FairQueue, Pending
 
 __all__ = ["BatchStats", "BatcherClosedError", "DynamicBatcher", "QueueFullError"]
 
@@ -71,61 +72,6 @@ class BatchStats:
     wait_s: float
     run_s: float
     worker: int = 0
-
-
-@dataclass(eq=False)  # identity comparison: items may be arrays whose ``==`` is element-wise
-class _Pending:
-    item: Any
-    future: asyncio.Future
-    enqueued: float  # time.perf_counter() at submit
-    timings: dict | None
-    key: object = None
-
-
-class _FairQueue:
-    """One FIFO per key, popped round-robin over the keys (oldest waiting key first)."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[object, collections.deque[_Pending]] = {}  # insertion order = round-robin order
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self._by_key.values())
-
-    def __bool__(self) -> bool:
-        return bool(self._by_key)
-
-    def append(self, pending: _Pending) -> None:
-        self._by_key.setdefault(pending.key, collections.deque()).append(pending)
-
-    def popleft(self) -> _Pending:
-        key = next(iter(self._by_key))
-        queue = self._by_key.pop(key)
-        pending = queue.popleft()
-        if queue:
-            self._by_key[key] = queue  # re-inserted last: the next pop serves the next key
-        return pending
-
-    def remove(self, pending: _Pending) -> None:
-        queue = self._by_key.get(pending.key)
-        if queue is None:
-            raise ValueError("not queued")
-        queue.remove(pending)
-        if not queue:
-            del self._by_key[pending.key]
-
-    def push_front(self, items: list[_Pending]) -> None:
-        """Put items back ahead of everything (their keys first in the rotation, each key's order kept)."""
-        front: dict[object, collections.deque[_Pending]] = {}
-        for pending in items:
-            front.setdefault(pending.key, collections.deque()).append(pending)
-        for key, queue in self._by_key.items():
-            front.setdefault(key, collections.deque()).extend(queue)
-        self._by_key = front
-
-    def drain(self) -> list[_Pending]:
-        items = [p for q in self._by_key.values() for p in q]
-        self._by_key.clear()
-        return items
 
 
 def _call_timed(fn: Callable[[list], Any], items: list) -> tuple[Any, Exception | None, float, float]:
@@ -187,8 +133,8 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         self._owns_executor = executor is None
         self._on_batch = on_batch
 
-        self._queue = _FairQueue()
-        self._staged: list[_Pending] = []  # gathered for the next batch, not yet running
+        self._queue = FairQueue()
+        self._staged: list[Pending] = []  # gathered for the next batch, not yet running
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._accepting = False
@@ -274,7 +220,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
         if self.queue_depth >= self._queue_size:
             self.rejected_total += 1
             raise QueueFullError(f"inference queue is full ({self._queue_size} items waiting)")
-        pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter(), timings, key)
+        pending = Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter(), timings, key)
         self._queue.append(pending)
         self._wakeup.set()
         try:
@@ -337,7 +283,7 @@ class DynamicBatcher(Generic[ItemT, OutT]):
                 self._staged.append(pending)
 
     # ------------------------------------------------------------------ running one batch
-    async def _run(self, batch: list[_Pending], worker: int = 0) -> None:
+    async def _run(self, batch: list[Pending], worker: int = 0) -> None:
         live = [p for p in batch if not p.future.done()]
         if not live:
             return
@@ -387,14 +333,14 @@ class DynamicBatcher(Generic[ItemT, OutT]):
             logger.exception("on_batch callback failed for %s", stats)
 
     # ------------------------------------------------------------------ failure paths
-    def _discard(self, pending: _Pending) -> None:
+    def _discard(self, pending: Pending) -> None:
         for container in (self._queue, self._staged):
             try:
                 container.remove(pending)
             except ValueError:
                 pass
 
-    def _fail(self, pendings: list[_Pending], error: BaseException) -> None:
+    def _fail(self, pendings: list[Pending], error: BaseException) -> None:
         for p in pendings:
             if not p.future.done():
                 p.future.set_exception(error)
