@@ -22,20 +22,23 @@ class FairQueue:
 
     def __init__(self) -> None:
         self._by_key: dict[object, collections.deque[Pending]] = {}  # insertion order = round-robin order
+        self._n = 0  # items over all keys: len() is asked on every submit, so it is kept, not summed
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._by_key.values())
+        return self._n
 
     def __bool__(self) -> bool:
         return bool(self._by_key)
 
     def append(self, pending: Pending) -> None:
         self._by_key.setdefault(pending.key, collections.deque()).append(pending)
+        self._n += 1
 
     def popleft(self) -> Pending:
         key = next(iter(self._by_key))
         queue = self._by_key.pop(key)
         pending = queue.popleft()
+        self._n -= 1
         if queue:
             self._by_key[key] = queue  # re-inserted last: the next pop serves the next key
         return pending
@@ -45,6 +48,7 @@ class FairQueue:
         if queue is None:
             raise ValueError("not queued")
         queue.remove(pending)
+        self._n -= 1
         if not queue:
             del self._by_key[pending.key]
 
@@ -56,8 +60,10 @@ class FairQueue:
         for key, queue in self._by_key.items():
             front.setdefault(key, collections.deque()).extend(queue)
         self._by_key = front
+        self._n += len(items)
 
     def drain(self) -> list[Pending]:
         items = [p for q in self._by_key.values() for p in q]
         self._by_key.clear()
+        self._n = 0
         return items
