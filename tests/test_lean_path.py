@@ -24,8 +24,9 @@ from PIL import Image
 
 from service.api import create_app
 from service.engine.decode import decode_image, views_for
+from service.engine.map_codec import decode_map, encode_map
 from service.engine.postprocess import analyse_map, postprocess
-from service.engine.stored import decode_map, encode_map, render_stored
+from service.engine.stored import render_stored
 from service.model import build_model, load_backbone, load_checkpoint, stack_views
 from service.storage.models import CalibrationRecord, ProductProfile, utcnow
 

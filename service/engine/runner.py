@@ -28,8 +28,8 @@ from .buckets import batch_buckets, bucket_for, compile_tower
 from .decode import DecodedImage, DecodeLimits, decode_image, views_for
 from .device_views import DeviceViews, resolve_preprocess
 from .knowledge import MemoryCache
+from .map_codec import MAP_DTYPE, encode_map
 from .postprocess import MapAnalysis, analyse_map, render_artefacts
-from .stored import MAP_DTYPE, encode_map
 
 
 @dataclass(frozen=True)
