@@ -8,13 +8,16 @@ with the float16 map bit for bit ("lossless" means every float16 value comes bac
     png16 bits L1   16-bit grey PNG of the float16 bit patterns, OpenCV filters, zlib level 1
     png16 bits L9   the same at zlib level 9 (adaptive filters: the smallest plain PNG of the bits)
     png16 x65535    16-bit grey PNG of round(map * 65535), level 9 (not float16: small values collapse)
-    coded v1        service.engine.stored.encode_map_v1 (the first stored form): second differences of the bits,
+    coded v1        service.engine.map_codec.encode_map_v1 (the first stored form): second differences of the bits,
                     zigzag, high and low byte planes, deflate RLE
-    coded v2        service.engine.stored.encode_map (stored now): the same residuals as base-6 digits, three
+    coded v2        service.engine.map_codec.encode_map_v2 (the second): the same residuals as base-6 digits, three
                     vertically adjacent ones per byte, larger ones escaped to a side stream, deflate level 3
+    coded v3        service.engine.map_codec.encode_map (stored now): predicted coarse to fine in value by
+                    service.engine.map_pyramid (exact integer arithmetic, weights fitted per map), residuals as
+                    base-3 digits, five per byte
 
-It prints one Markdown table: median and largest bytes, median encode ms, and the share of photos whose inspection
-(original + map) stays within the original's size + 100 KB (the database row, about 1 KB, comes on top).
+It prints one Markdown table: median and largest bytes, median encode and decode ms, and the share of photos whose
+inspection (original + map) stays within the original's size + 100 KB (the database row, about 1 KB, comes on top).
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python bench/map_storage.py --every 2
 """
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from service.engine.decode import decode_image, views_for
-from service.engine.stored import decode_map, encode_map, encode_map_v1
+from service.engine.map_codec import decode_map, encode_map, encode_map_v1, encode_map_v2
 from service.model import build_model, load_backbone, load_checkpoint, stack_views
 from tests.paths import REAL_DEFECTS, REF_PROMPTS, TINY_CLIP
 
@@ -60,7 +63,8 @@ FORMS = {  # name -> (encode float16 map -> bytes, decode bytes -> float16 map)
         lambda b: (_unpng16(b) / 65535.0).astype(np.float16),
     ),
     "coded v1": (encode_map_v1, decode_map),
-    "coded v2 (stored)": (encode_map, decode_map),
+    "coded v2": (encode_map_v2, decode_map),
+    "coded v3 (stored)": (encode_map, decode_map),
 }
 
 
@@ -69,6 +73,7 @@ def measure(preset: str, photos: list) -> list[str]:
     model, _ = build_model(clip, load_checkpoint(REF_PROMPTS), preset=preset, backbone_info=info)
     sizes = {name: [] for name in FORMS}
     ms = {name: [] for name in FORMS}
+    decode_ms = {name: [] for name in FORMS}
     lossless = dict.fromkeys(FORMS, True)
     within = dict.fromkeys(FORMS, 0)
     for path in photos:
@@ -81,12 +86,16 @@ def measure(preset: str, photos: list) -> list[str]:
             blob = enc(m)
             ms[name].append(1000 * (time.perf_counter() - t0))
             sizes[name].append(len(blob))
-            lossless[name] &= bool(np.array_equal(dec(blob).view(np.uint16), m.view(np.uint16)))
+            t0 = time.perf_counter()
+            back = dec(blob)
+            decode_ms[name].append(1000 * (time.perf_counter() - t0))
+            lossless[name] &= bool(np.array_equal(back.view(np.uint16), m.view(np.uint16)))
             within[name] += len(blob) <= BUDGET
     t = model.cfg.preset.target_size
     return [
         f"| {preset} ({t}x{t}) | {name} | {'yes' if lossless[name] else 'no'} | {np.median(sizes[name]) / 1024:.1f} "
-        f"| {max(sizes[name]) / 1024:.1f} | {np.median(ms[name]):.1f} | {within[name]}/{len(photos)} |"
+        f"| {max(sizes[name]) / 1024:.1f} | {np.median(ms[name]):.1f} | {np.median(decode_ms[name]):.1f} "
+        f"| {within[name]}/{len(photos)} |"
         for name in FORMS
     ]
 
@@ -100,8 +109,8 @@ def main() -> None:
     photos = sorted(p for p in REAL_DEFECTS.rglob("*.jpg") if "ground_truth" not in p.parts)[:: args.every]
     originals = [p.stat().st_size / 1024 for p in photos]
     print(f"{len(photos)} photos, JPEG originals median {np.median(originals):.1f} KB, largest {max(originals):.1f} KB")
-    print("| preset | form | lossless f16 | median KB | max KB | encode ms | <= original + 100 KB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | form | lossless f16 | median KB | max KB | encode ms | decode ms | <= original + 100 KB |")
+    print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         print("\n".join(measure(preset, photos)))
 

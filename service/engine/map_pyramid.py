@@ -23,6 +23,7 @@ so it is interpolated in value, not in float16 bit patterns (whose slope halves 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -39,16 +40,41 @@ _UNSCALE = 2.0 ** -(24 + FRACTION)
 Group = tuple[tuple[int, int], list[tuple[int, int]]]  # class (a, c) mod s, shifts (qi, qj) in class pixels
 
 
+@dataclass(frozen=True)
 class Pass:
-    """One pass: pixels (r0 + i s, c0 + j s) of a (height, width) map, predicted from groups of taps."""
+    """One pass: pixels (r0 + i s, c0 + j s), i, j < shape, of a map, predicted from groups of taps."""
 
-    def __init__(self, s: int, r0: int, c0: int, groups: list[Group], height: int, width: int):
-        self.s, self.r0, self.c0, self.groups = s, r0, c0, groups
-        self.shape = (len(range(r0, height, s)), len(range(c0, width, s)))
-        self.n_taps = sum(len(shifts) for _, shifts in groups)
+    s: int
+    r0: int
+    c0: int
+    groups: list[Group]
+    shape: tuple[int, int]
+
+    @property
+    def n_taps(self) -> int:
+        return sum(len(shifts) for _, shifts in self.groups)
 
     def target(self, a: np.ndarray) -> np.ndarray:
         return a[self.r0 :: self.s, self.c0 :: self.s]
+
+
+def _groups(s: int, r0: int, c0: int, known: list[tuple[int, int]]) -> list[Group]:
+    """The taps of a pass by class: (di, dj) within +-REACH h (h = s/2) whose pixel (r0 + di, c0 + dj) is of a
+    known class (a, c) lies (qi, qj) = ((r0 + di - a) / s, (c0 + dj - c) / s) pixels of that class away."""
+    h = s // 2
+    reach = range(-REACH * h, REACH * h + 1, h)
+    offsets = [(di, dj) for di in reach for dj in reach]
+    return [
+        (
+            (a, c),
+            [
+                ((r0 + di - a) // s, (c0 + dj - c) // s)
+                for di, dj in offsets
+                if ((r0 + di) % s, (c0 + dj) % s) == (a, c)
+            ],
+        )
+        for a, c in known
+    ]
 
 
 def passes(height: int, width: int) -> Iterator[Pass]:
@@ -58,23 +84,10 @@ def passes(height: int, width: int) -> Iterator[Pass]:
         h = s // 2
         known = [(0, 0)]
         for r0, c0 in ((0, h), (h, 0), (h, h)):
-            if r0 >= height or c0 >= width:
-                continue
-            reach = range(-REACH * h, REACH * h + 1, h)
-            taps = [(di, dj) for di in reach for dj in reach]
-            groups = [  # a tap (di, dj) of class (a, c) lies (qi, qj) = ((r0 + di - a) / s, (c0 + dj - c) / s) away
-                (
-                    (a, c),
-                    [
-                        ((r0 + di - a) // s, (c0 + dj - c) // s)
-                        for di, dj in taps
-                        if ((r0 + di) % s, (c0 + dj) % s) == (a, c)
-                    ],
-                )
-                for a, c in known
-            ]
-            yield Pass(s, r0, c0, groups, height, width)
-            known.append((r0, c0))
+            if r0 < height and c0 < width:
+                shape = (len(range(r0, height, s)), len(range(c0, width, s)))
+                yield Pass(s, r0, c0, _groups(s, r0, c0, known), shape)
+                known.append((r0, c0))
         s = h
 
 
