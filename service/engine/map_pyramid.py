@@ -33,6 +33,7 @@ REACH = 3  # taps lie within +-REACH * h of the pixel predicted
 FRACTION = 16  # fraction bits of the weights
 MAX_WEIGHT = 1 << 20  # |w| bound: 40 taps * 2^20 * 2^24 < 2^50, exact in float64
 FIT_SAMPLES = 2048  # about this many pixels of a pass fit its weights
+BLAS_ROWS = 128  # 41 x 41 x 128 multiply-adds: one thread in OpenBLAS (threshold 4 x 65536)
 PAD = 3  # class arrays are padded by their edge values: shifts reach 2 classes, plus 1 for a longer target
 _SCALE = float(1 << 24)  # float16 in [0, 1] -> integer
 _UNSCALE = 2.0 ** -(24 + FRACTION)
@@ -114,11 +115,13 @@ def fit(x: np.ndarray, p: Pass, cache: dict) -> np.ndarray:
         columns.append(padded.ravel()[at + np.array([qi * padded.shape[1] + qj for qi, qj in shifts])])
     design = np.concatenate(columns, axis=1)  # (n, K)
     mean = design.mean(axis=1, keepdims=True)
-    design -= mean
-    y = p.target(x)[::step, ::step].ravel() - mean[:, 0]
-    gram = design.T @ design
+    aug = np.concatenate([design - mean, p.target(x)[::step, ::step].reshape(-1, 1) - mean], axis=1)  # [D | y]
+    # [D | y]^T [D | y] in blocks of BLAS_ROWS rows: each product stays under OpenBLAS's threading threshold (its
+    # idle threads would otherwise spin for a while after every call, a core's worth at a service's rate)
+    normal = sum(aug[i : i + BLAS_ROWS].T @ aug[i : i + BLAS_ROWS] for i in range(0, aug.shape[0], BLAS_ROWS))
+    gram, rhs = normal[:-1, :-1], normal[:-1, -1]
     gram[np.diag_indices_from(gram)] += 1e-9 * np.trace(gram) / p.n_taps + 1e-12
-    v = np.linalg.solve(gram, design.T @ y)
+    v = np.linalg.solve(gram, rhs)
     w = v + (1.0 - v.sum()) / p.n_taps
     return np.clip(np.rint(w * (1 << FRACTION)), -MAX_WEIGHT, MAX_WEIGHT).astype(np.int64)
 
