@@ -12,7 +12,7 @@ written as one unit (every artefact, then every row with the request's idempoten
 call) and only then is the answer sent.
 
 What is stored per image (:func:`artefacts_of`): the uploaded bytes as they came (``original``) and the float16
-map in its coded form (``map``, ``service.engine.stored``); no PNG. The request renders only the PNG kinds it asks
+map in its coded form (``map``, ``service.engine.map_codec``); no PNG. The request renders only the PNG kinds it asks
 for inline; the others are rendered from the stored pair on first request (``service.api.rendering``). With
 ``DHR_STORE_ORIGINALS=false`` the upload is not kept: the overlay (the one kind that needs the image) is then
 rendered while answering and stored as a PNG, heatmap and mask stay renderable from the map.

@@ -356,7 +356,7 @@ class Job:
         """Map resize, mask and regions at the original size, and the map's stored form, in the thread pool (no
         PNG is made).
 
-        The map is analysed as it is stored (float16, :mod:`service.engine.stored`), so what is rendered later
+        The map is analysed as it is stored (float16, :mod:`service.engine.map_codec`), so what is rendered later
         from the stored map is byte-identical to what is rendered now.
         """
         limits = self.engine.cfg.limits

@@ -2,7 +2,7 @@
 
 Key of an artefact: ``<yyyy>/<mm>/<dd>/<id>/<file>`` (UTC date of ``created_at``), so it follows from the record
 alone. Files (:func:`artefact_file`): ``original.bin`` (the upload's bytes), ``map.f16.png`` (the coded float16
-map, ``service.engine.stored``), ``<kind>.png`` for any other kind (inspections of the first layout keep their
+map, ``service.engine.map_codec``), ``<kind>.png`` for any other kind (inspections of the first layout keep their
 three PNGs). Renderings cached later (:meth:`RecordFiles.put_derived`: PNGs rendered on first request,
 ``thumb.jpg``) sit beside them and are not listed in ``record.artefacts``: they can always be made again.
 
