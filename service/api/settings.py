@@ -80,11 +80,14 @@ class Settings(BaseSettings):
     max_queue_wait_s: float | None = Field(
         None,
         gt=0,
-        description="expected model wait (from measured batch times) beyond which a request gets 503 + Retry-After "
+        description="expected wait for the model or the CPU stage (from measured batch / job times) beyond which a "
+        "request gets 503 + Retry-After "
         "before anything is decoded; unset: half a measured single-image model call, at least 0.1 s (accepted "
         "requests then stay within about twice the unloaded latency)",
     )
-    workers: int = Field(2, ge=1, le=64, description="threads for decode / postprocess")
+    workers: int = Field(
+        2, ge=1, le=64, description="threads for decode / postprocess; their backlog is bounded like the model's"
+    )
     preprocess: PreprocessMode = Field(
         "auto", description="where uploads become views: " + "; ".join(f"{k}: {v}" for k, v in PREPROCESS.items())
     )

@@ -29,8 +29,20 @@ image, the floor ``MIN_WAIT_S`` (a tenth of a second) lets full batches queue, s
 tenth of a second is accepted rather than refused. Before anything is measured the wait is 0 (nothing is refused by
 time).
 
+The CPU thread pool (``DHR_WORKERS`` threads: decode, map analysis, PNGs) is bounded by the same wait. On an
+accelerator the model drains fast and the pool becomes the slow stage; its backlog would otherwise grow until
+requests time out. With ``J`` pool jobs queued or running (counted by the engine) and ``t`` the seconds one job
+runs in its thread (the same mean-then-EWMA rule, all job kinds together), a request is also admitted only when::
+
+    cpu_wait_s <= wait_bound_s      cpu_wait_s = max(0, J - K) * t / K     cpu_drain_s = J * t / K
+
+with ``K = DHR_WORKERS``: the jobs beyond the busy threads, shared by them (0 before a job is measured). ``J`` also
+counts one job for each admitted image whose request has not submitted a job for it yet, so a burst whose requests
+all reach the door before any reaches the pool is seen there, as the model rule sees outstanding images.
+
 Refusals raise :class:`OverloadedError` carrying ``retry_after_s = ceil(drain_s(outstanding))`` (at least 1):
-when the backlog in front of a retry will have drained. A request that could not finish within the deadline even
+when the backlog in front of a retry will have drained; a refusal by the CPU rule carries ``ceil(cpu_drain_s)``
+(at least 1) instead. A request that could not finish within the deadline even
 on an idle model (``drain_s(n) > deadline_fraction * deadline``) raises :class:`TooManyImagesError` instead, with
 the number of images that would fit: it must be split, waiting does not help.
 
@@ -41,8 +53,12 @@ refused at the door instead of after every body has been parsed.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TypeVar
 
 from .batcher import QueueFullError
 
@@ -50,6 +66,68 @@ EWMA_WEIGHT = 0.2
 DEADLINE_FRACTION = 0.5  # share of the deadline one request's images may take on an idle model
 WAIT_FACTOR = 0.5  # derived wait bound: this many single-image model calls (see the module docstring)
 MIN_WAIT_S = 0.1  # ... but never below this
+T = TypeVar("T")
+
+
+def ewma(mean: float, sample: float, seen: int) -> float:
+    """``mean`` updated with the ``seen``-th sample (counted from 1): the plain mean of the first
+    ``1 / EWMA_WEIGHT`` samples, then an exponential moving average of weight ``EWMA_WEIGHT``."""
+    weight = max(EWMA_WEIGHT, 1.0 / seen)
+    return (1 - weight) * mean + weight * sample
+
+
+class PoolLoad:
+    """The CPU thread pool's backlog (``DHR_WORKERS`` threads: decode, map analysis, PNGs), see the module docstring.
+
+    Jobs go through :meth:`run` (the engine's ``Job._on_pool``): ``jobs`` (queued or running) is counted there on
+    the event loop, and the seconds a finished job ran in its worker thread are observed. ``arriving`` counts the
+    admitted images whose request has not submitted a job for them yet (kept by their :class:`Ticket`).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, int(workers))
+        self.jobs = 0
+        self.arriving = 0
+        self.job_s = 0.0  # EWMA of one job's seconds (0 before any is measured)
+        self._seen = 0
+
+    async def run(self, executor: Executor, fn: Callable[[], T]) -> T:
+        """``fn()`` on ``executor``, counted in ``jobs`` while queued or running (on the event loop), its run time
+        in the worker thread observed once it returns (a failed or abandoned job stopped early: not measured)."""
+        spent: list[float] = []
+
+        def timed() -> T:
+            t0 = time.perf_counter()
+            out = fn()
+            spent.append(time.perf_counter() - t0)
+            return out
+
+        self.jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, timed)
+        finally:
+            self.jobs -= 1
+            if spent:
+                self.observe(spent[0])
+
+    def observe(self, run_s: float) -> None:
+        if not run_s >= 0:
+            return
+        self._seen += 1
+        self.job_s = ewma(self.job_s, run_s, self._seen)
+
+    @property
+    def backlog(self) -> int:
+        """Jobs queued or running, and one for each admitted image not yet in the pool."""
+        return self.jobs + self.arriving
+
+    def wait_s(self) -> float:
+        """Expected seconds before a job submitted now starts: the backlog beyond the busy threads, shared by them."""
+        return max(0, self.backlog - self.workers) * self.job_s / self.workers
+
+    def drain_s(self) -> float:
+        """Expected seconds until the whole backlog is done."""
+        return self.backlog * self.job_s / self.workers
 
 
 class OverloadedError(QueueFullError):
@@ -79,8 +157,10 @@ class Admission:
         deadline_s: float,
         running: Callable[[], list[tuple[int, float]]] = list,
         workers: int = 1,
+        pool: PoolLoad | None = None,
     ) -> None:
         self._running = running  # () -> [(images, seconds since start)] of the batches running now
+        self.pool = pool  # the CPU thread pool's backlog (None: not bounded)
         self.workers = max(1, int(workers))
         self.queue_size = int(queue_size)
         self.max_batch_size = int(max_batch_size)
@@ -97,9 +177,8 @@ class Admission:
         if size < 1 or not run_s >= 0:
             return
         seen = self._seen.get(size, 0) + 1
-        weight = max(EWMA_WEIGHT, 1.0 / seen)  # the mean of the first samples, then a moving average
         self._seen[size] = seen
-        self._batch_s[size] = (1 - weight) * self._batch_s.get(size, 0.0) + weight * run_s
+        self._batch_s[size] = ewma(self._batch_s.get(size, 0.0), run_s, seen)
 
     def batch_s(self, size: int) -> float:
         """Estimated run time of a batch of ``size`` images (0 before any batch was measured)."""
@@ -151,9 +230,16 @@ class Admission:
         if waiting + n > self.queue_size:
             self._refuse(f"inference queue is full ({waiting} images waiting, DHR_QUEUE_SIZE={self.queue_size})")
         bound = self.wait_bound_s
+        how = "DHR_MAX_QUEUE_WAIT_S" if self.max_wait_s is not None else "half a single-image model call"
         if wait > bound:  # idle: the wait is 0, never refused by time
-            how = "DHR_MAX_QUEUE_WAIT_S" if self.max_wait_s is not None else "half a single-image model call"
             self._refuse(f"the expected wait of {wait:.2f} s exceeds {bound:.2f} s ({how})")
+        pool = self.pool
+        if pool is not None and pool.wait_s() > bound:  # nothing measured yet: the mean is 0, never refused
+            self._refuse(
+                f"the expected wait of {pool.wait_s():.2f} s in the CPU stage (decode / postprocess: {pool.backlog} "
+                f"jobs for DHR_WORKERS={pool.workers} threads) exceeds {bound:.2f} s ({how})",
+                pool.drain_s(),
+            )
 
     def _check_size(self, n: int) -> None:
         """TooManyImagesError when ``n`` images could not fit the queue or the deadline even on an idle model."""
@@ -168,7 +254,6 @@ class Admission:
     def admit(self, n: int) -> Ticket:
         """Reserve ``n`` images or raise (OverloadedError: retry later; TooManyImagesError: split the request)."""
         self.check(n)
-        self.outstanding += n
         return Ticket(self, n)
 
     def resize(self, ticket: Ticket, n: int) -> None:
@@ -178,25 +263,45 @@ class Admission:
             return
         ticket.release()
         self.check(n)
-        self.outstanding += n
-        ticket.held = n
+        ticket.hold(n)
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str, drain_s: float | None = None) -> None:
+        """Count and raise; Retry-After from ``drain_s`` (seconds) when given, else from the model's backlog."""
         self.refused_total += 1
-        raise OverloadedError(f"the service is busy: {why}", self.retry_after_s())
+        retry = self.retry_after_s() if drain_s is None else max(1, math.ceil(drain_s))
+        raise OverloadedError(f"the service is busy: {why}", retry)
 
 
 class Ticket:
     """The reservation of one request; ``done()`` once per image whose model output is back (or that failed)."""
 
     def __init__(self, admission: Admission, n: int) -> None:
-        self._admission, self.held = admission, n
+        self._admission, self.held, self.arriving = admission, 0, 0
+        self.hold(n)
+
+    def hold(self, n: int) -> None:
+        """Take ``n`` more images (checked already): outstanding until their model output is back, and arriving
+        at the CPU pool until the request submits a job for each (:meth:`submitted`)."""
+        self.held += n
+        self._admission.outstanding += n
+        self._arrive(n)
 
     def done(self, n: int = 1) -> None:
         n = min(n, self.held)
         self.held -= n
         self._admission.outstanding -= n
 
+    def submitted(self) -> None:
+        """The request submits a pool job now: one arriving image (if any is left) becomes that counted job."""
+        if self.arriving:
+            self._arrive(-1)
+
+    def _arrive(self, n: int) -> None:
+        if self._admission.pool is not None:
+            self.arriving += n
+            self._admission.pool.arriving += n
+
     def release(self) -> None:
         """Give back whatever is still reserved (idempotent)."""
         self.done(self.held)
+        self._arrive(-self.arriving)

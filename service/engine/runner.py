@@ -22,7 +22,7 @@ from service.model import DHRCLIP, ImageScores, ModelInfo, Views, stack_views
 from service.model.memory import DEFAULT_FUSION_WEIGHT, DEFAULT_MAX_TOKENS, NormalMemory
 from service.model.vision import VisionFeatures
 
-from .admission import Admission, Ticket
+from .admission import Admission, PoolLoad, Ticket
 from .batcher import BatchStats, DynamicBatcher
 from .buckets import batch_buckets, bucket_for, compile_tower
 from .decode import DecodedImage, DecodeLimits, decode_image, views_for
@@ -44,7 +44,7 @@ class EngineConfig:
     accept_truncated: bool = False
     warmup: bool = True
     request_timeout_s: float = 30.0  # one request's images must be analysed within this (the deadline)
-    max_queue_wait_s: float | None = None  # expected model wait beyond which work is refused (None: derived, admission)
+    max_queue_wait_s: float | None = None  # expected model / CPU wait beyond which work is refused (None: derived)
     memory_cache_size: int = 8  # products whose normal memory stays on the device (least recently used evicted)
     memory_max_tokens: int = DEFAULT_MAX_TOKENS  # coreset cap per layer and view kind
     preprocess: str = "auto"  # where views are made (service.engine.options.PREPROCESS)
@@ -242,6 +242,7 @@ class Engine:
             cfg.request_timeout_s,
             self.batcher.running_batches,
             workers=len(self.runners),
+            pool=PoolLoad(cfg.workers),
         )
         self._user_on_batch = on_batch
         self.ready = False
@@ -326,7 +327,8 @@ class Job:
     async def _on_pool(self, fn):
         async with self._cpu:
             self.checkpoint()
-            return await asyncio.get_running_loop().run_in_executor(self.engine.pool, fn)
+            self.ticket.submitted()  # an arriving image of this request becomes this job (admission)
+            return await self.engine.admission.pool.run(self.engine.pool, fn)  # counted in the pool's backlog
 
     async def decode(self, data: bytes, name: str) -> tuple[DecodedImage, Views]:
         """Decode + DHR views in the thread pool (raises ImageError); views on the device unless DHR_PREPROCESS is
