@@ -99,6 +99,8 @@ def measure_tree(label: str, tree: Path, jpegs: dict[str, bytes], args) -> list[
                     )
                 )
                 print(format_row(rows[-1]), flush=True)
+                if cell["errors"]:  # refusals and failures are not in img/s: say so beside the row
+                    print(f"{len(cell['errors'])} answers were not 200, first: {cell['errors'][0]}", flush=True)
     finally:
         stop_server(proc)
     return rows
