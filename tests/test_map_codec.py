@@ -98,6 +98,15 @@ def test_each_form_is_smaller_than_the_one_before_on_a_smooth_map():
     assert (len(encode_map(smooth)), len(encode_map_v2(smooth)), len(encode_map_v1(smooth))) == (41786, 53646, 86295)
 
 
+def test_flat_areas_cost_next_to_nothing():
+    """A flat map's digits are all zero: deflated as runs, not with Huffman codes only (at least a bit per byte)."""
+    y, x = np.mgrid[0:672, 0:672] / 672.0
+    blob = (0.08 + 0.82 * np.exp(-((x - 0.62) ** 2 + (y - 0.4) ** 2) / (2 * 0.05**2))).astype(np.float16)
+    flat = np.full((672, 672), 0.2, np.float16)
+    sizes = [len(encode_map(flat)), len(encode_map_v2(flat)), len(encode_map(blob)), len(encode_map_v2(blob))]
+    assert sizes == [248, 767, 11509, 15653]  # the blob: the stand-in model's map of bench/harness.py
+
+
 def test_the_prediction_is_exact_integer_arithmetic_at_the_largest_weights_and_values():
     """filter2D over a class equals the int64 sum of w_k * x[clamped tap] (exact: every term is below 2^44)."""
     rng = np.random.default_rng(3)
