@@ -22,8 +22,8 @@ so it is interpolated in value, not in float16 bit patterns (whose slope halves 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -78,8 +78,11 @@ def _groups(s: int, r0: int, c0: int, known: list[tuple[int, int]]) -> list[Grou
     ]
 
 
-def passes(height: int, width: int) -> Iterator[Pass]:
-    """The passes after the grid, in coding order; passes and tap classes with no pixel are left out."""
+@lru_cache(maxsize=16)
+def passes(height: int, width: int) -> tuple[Pass, ...]:
+    """The passes after the grid, in coding order; passes and tap classes with no pixel are left out (computed once
+    per map shape: every map of a preset has the same)."""
+    out = []
     s = GRID
     while s > 1:
         h = s // 2
@@ -87,9 +90,15 @@ def passes(height: int, width: int) -> Iterator[Pass]:
         for r0, c0 in ((0, h), (h, 0), (h, h)):
             if r0 < height and c0 < width:
                 shape = (len(range(r0, height, s)), len(range(c0, width, s)))
-                yield Pass(s, r0, c0, _groups(s, r0, c0, known), shape)
+                out.append(Pass(s, r0, c0, _groups(s, r0, c0, known), shape))
                 known.append((r0, c0))
         s = h
+    return tuple(out)
+
+
+def _scaled(f16: np.ndarray) -> np.ndarray:
+    """float16 values in [0, 1] -> the integers x = value * 2^24, exact in float64."""
+    return f16.astype(np.float64) * _SCALE
 
 
 def _padded(x: np.ndarray, s: int, a: int, c: int, cache: dict) -> np.ndarray:
@@ -131,13 +140,12 @@ def predict(x: np.ndarray, p: Pass, weights: np.ndarray, cache: dict) -> np.ndar
     total = np.zeros(p.shape, np.float64)
     at = 0
     for (a, c), shifts in p.groups:
-        qi = [q[0] for q in shifts]
-        qj = [q[1] for q in shifts]
-        kernel = np.zeros((max(qi) - min(qi) + 1, max(qj) - min(qj) + 1), np.float64)
-        for (i, j), w in zip(shifts, weights[at : at + len(shifts)].tolist(), strict=True):
-            kernel[i - min(qi), j - min(qj)] = w
-        at += len(shifts)
-        out = cv2.filter2D(_padded(x, p.s, a, c, cache), cv2.CV_64F, kernel, anchor=(-min(qj), -min(qi)))
+        q = np.array(shifts)  # (k, 2): (qi, qj) of each tap of the class
+        lo = q.min(axis=0)
+        kernel = np.zeros(tuple(q.max(axis=0) - lo + 1), np.float64)
+        kernel[q[:, 0] - lo[0], q[:, 1] - lo[1]] = weights[at : at + len(q)]
+        at += len(q)
+        out = cv2.filter2D(_padded(x, p.s, a, c, cache), cv2.CV_64F, kernel, anchor=(-int(lo[1]), -int(lo[0])))
         total += out[PAD : PAD + p.shape[0], PAD : PAD + p.shape[1]]
     return np.clip(total * _UNSCALE, 0.0, 1.0).astype(np.float16).view(np.uint16)
 
@@ -146,7 +154,7 @@ def residuals(score_map: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]
     """(H, W) float16 in [0, 1] -> int16 residuals of each pass (raveled) and its weights, in coding order; the
     grid is not included (it is coded apart)."""
     bits = score_map.view(np.uint16)
-    x = score_map.astype(np.float64) * _SCALE
+    x = _scaled(score_map)
     streams, weights, cache = [], [], {}
     for p in passes(*score_map.shape):
         w = fit(x, p, cache)
@@ -161,14 +169,14 @@ def reconstruct(grid_bits: np.ndarray, height: int, width: int, r: np.ndarray, w
     bits = np.zeros((height, width), np.uint16)
     bits[::GRID, ::GRID] = grid_bits
     x = np.zeros((height, width), np.float64)
-    x[::GRID, ::GRID] = grid_bits.view(np.float16).astype(np.float64) * _SCALE
+    x[::GRID, ::GRID] = _scaled(grid_bits.view(np.float16))
     at, cache = 0, {}
     for p in passes(height, width):
         w, weights = weights[: p.n_taps], weights[p.n_taps :]
         pred = predict(x, p, w, cache)
         b = ((pred + r[at : at + pred.size].reshape(p.shape)) & 0xFFFF).astype(np.uint16)
         bits[p.r0 :: p.s, p.c0 :: p.s] = b
-        x[p.r0 :: p.s, p.c0 :: p.s] = b.view(np.float16).astype(np.float64) * _SCALE
+        x[p.r0 :: p.s, p.c0 :: p.s] = _scaled(b.view(np.float16))
         at += pred.size
     return bits.view(np.float16)
 
