@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -355,18 +356,21 @@ def _http_cells(ctx: Ctx, label: str, levels: tuple[int, ...], settings: dict, c
     base = {"max_batch_size": 32, "max_wait_ms": 5, "queue_size": 512, "workers": 2 if ctx.dry else 12}
     work = Path(tempfile.mkdtemp(prefix="device-check-http-"))
     t0 = time.perf_counter()
-    proc, port = start_server(
-        ROOT,
-        work,
-        model,
-        "mvtec",
-        device=ctx.device,
-        precision=precision,
-        settings={**base, **settings},
-        compile_backend=compile_backend,
-    )
-    log(f"http: server ready in {time.perf_counter() - t0:.0f} s ({model} {precision} {label} on {ctx.device})")
-    _measure_http(ctx, proc, port, f"HTTP {model} {precision} {label}", levels)
+    try:
+        proc, port = start_server(
+            ROOT,
+            work,
+            model,
+            "mvtec",
+            device=ctx.device,
+            precision=precision,
+            settings={**base, **settings},
+            compile_backend=compile_backend,
+        )
+        log(f"http: server ready in {time.perf_counter() - t0:.0f} s ({model} {precision} {label} on {ctx.device})")
+        _measure_http(ctx, proc, port, f"HTTP {model} {precision} {label}", levels)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the stored inspections: CI's dry run would leave ~10 MB a call
 
 
 def step_http(ctx: Ctx) -> None:
@@ -439,25 +443,28 @@ def step_tensorrt(ctx: Ctx) -> None:
     batch = stack_views([load_views(Image.open(fx / n), ref_model.cfg.preset) for n in names])
     with torch.inference_mode():
         ref = ref_model(*batch).anomaly_map
-    work = Path(tempfile.mkdtemp(prefix="device-check-trt-"))
-    for precision, tol in (("fp32", 1e-3), ("fp16", 1e-2)):
-        export_model(*build_model(clip, ck, preset="mvtec", precision=precision, backbone_info=binfo), work / precision)
-        t0 = time.perf_counter()
-        model, _ = load_exported("tensorrt", work / precision, preset="mvtec", precision=precision, device="cuda")
-        build_s = time.perf_counter() - t0
-        with torch.inference_mode():
-            diff = float((model(*batch).anomaly_map.float().cpu() - ref).abs().max())
-        ctx.emit(
-            f"TensorRT {precision} tiny CLIP vs torch fp32 (A, {len(names)} images)",
-            diff=f"{diff:.2e}",
-            status="pass" if diff <= tol else f"FAIL (> {tol:g})",
-            note=f"engine built in {build_s:.0f} s (profile batch 1..8)",
-        )
-        for b in (1, 8):
+    with tempfile.TemporaryDirectory(prefix="device-check-trt-") as tmp:
+        work = Path(tmp)
+        for precision, tol in (("fp32", 1e-3), ("fp16", 1e-2)):
+            export_model(
+                *build_model(clip, ck, preset="mvtec", precision=precision, backbone_info=binfo), work / precision
+            )
+            t0 = time.perf_counter()
+            model, _ = load_exported("tensorrt", work / precision, preset="mvtec", precision=precision, device="cuda")
+            build_s = time.perf_counter() - t0
             with torch.inference_mode():
-                ips, p50, p99 = _time_model(ctx, model, b, 1.0)
-            row = {"ips": round(ips, 1), "p50": round(p50, 1), "p99": round(p99, 1), "status": "ok"}
-            ctx.emit(f"TensorRT {precision} tiny batch {b}", **row)
+                diff = float((model(*batch).anomaly_map.float().cpu() - ref).abs().max())
+            ctx.emit(
+                f"TensorRT {precision} tiny CLIP vs torch fp32 (A, {len(names)} images)",
+                diff=f"{diff:.2e}",
+                status="pass" if diff <= tol else f"FAIL (> {tol:g})",
+                note=f"engine built in {build_s:.0f} s (profile batch 1..8)",
+            )
+            for b in (1, 8):
+                with torch.inference_mode():
+                    ips, p50, p99 = _time_model(ctx, model, b, 1.0)
+                row = {"ips": round(ips, 1), "p50": round(p50, 1), "p99": round(p99, 1), "status": "ok"}
+                ctx.emit(f"TensorRT {precision} tiny batch {b}", **row)
 
 
 STEP_FUNCS = {

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import io
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -103,6 +104,7 @@ def measure_tree(label: str, tree: Path, jpegs: dict[str, bytes], args) -> list[
                     print(f"{len(cell['errors'])} answers were not 200, first: {cell['errors'][0]}", flush=True)
     finally:
         stop_server(proc)
+        shutil.rmtree(work, ignore_errors=True)  # each cell stores hundreds of inspections: ~0.5 GB a tree
     return rows
 
 
@@ -146,8 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     trees.append(("this tree", ROOT))
     print(f"stand-in model, preset {args.preset}, {args.seconds:g} s per cell, {os.cpu_count()} CPUs\n{HEADER}")
     rows = []
-    for label, tree in trees:
-        rows += measure_tree(label, tree, jpegs, args)
+    try:
+        for label, tree in trees:
+            rows += measure_tree(label, tree, jpegs, args)
+    finally:
+        if args.baseline:
+            shutil.rmtree(trees[0][1], ignore_errors=True)
     lines = [HEADER, *map(format_row, rows)]
     if args.baseline:
         for size in jpegs:

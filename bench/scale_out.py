@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -113,6 +114,7 @@ def main() -> int:
     finally:
         if moto is not None:
             moto.terminate()
+        shutil.rmtree(work, ignore_errors=True)
     for r in results:
         print(
             f"  {r['replicas']} replica(s): {r['images_per_s']:.2f} images/s ({r['seconds']:.1f} s; served per replica"

@@ -19,9 +19,12 @@ STEPS = ("env", "parity", "engine", "compiled", "gpu_io", "http", "http_compiled
 def test_cpu_dry_run_measures_every_step(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "device_check.py"), "--cpu-dry-run", "--out", str(tmp_path)]
     cmd += ["--fixtures", str(FIXTURES), "--photos", str(REAL_DEFECTS), "--budget-s", "600"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    scratch = tmp_path / "tmp"  # the script's temporary folders (its servers' data) go here and must be gone after
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("device-check")] == []
     rows = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
     table = (tmp_path / "device_check.md").read_text()
     for step in STEPS:
