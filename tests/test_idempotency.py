@@ -197,20 +197,31 @@ def test_a_key_pending_on_another_replica_is_409_and_a_failed_request_frees_its_
         assert done.state == "done" and done.inspection_ids == [r["id"] for r in first.json()["results"]]
 
 
-def test_keys_of_a_database_before_claims_upgrade_as_done(database_url, tmp_path):
-    engine = create_engine(database_url)
+OLD_KEY = {
+    "key": "old",
+    "fingerprint": "f" * 64,
+    "inspection_ids": '["0123456789abcdef0123456789ab"]',
+    "created_at": "2026-11-29 12:00:00.000000",
+}
+
+
+def database_at(url: str, revision: str, rows: list[dict]) -> None:
+    """A new database migrated only up to ``revision``, with ``rows`` (``{column: value}``) in ``idempotency_keys``."""
+    engine = create_engine(url)
     with engine.begin() as conn:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0004_product_knowledge")
-        conn.execute(
-            text(
-                "INSERT INTO idempotency_keys (key, fingerprint, inspection_ids, created_at) "
-                "VALUES ('old', :fp, '[\"0123456789abcdef0123456789ab\"]', :at)"
-            ),
-            {"fp": "f" * 64, "at": "2026-11-29 12:00:00.000000"},
-        )
+        command.upgrade(cfg, revision)
+        for row in rows:
+            names = ", ".join(row)
+            conn.execute(
+                text(f"INSERT INTO idempotency_keys ({names}) VALUES ({', '.join(f':{n}' for n in row)})"), row
+            )
     engine.dispose()
+
+
+def test_keys_of_a_database_before_claims_upgrade_as_done(database_url, tmp_path):
+    database_at(database_url, "0004_product_knowledge", [OLD_KEY])
     with InspectionStore(database_url, tmp_path / "art") as store:
         old = store.get_idempotency("old")
         assert (old.state, old.claim, old.inspection_ids) == ("done", None, ["0123456789abcdef0123456789ab"])

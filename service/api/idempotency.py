@@ -5,13 +5,16 @@
   SHA-256 (the multipart boundary and the order of form fields do not count).
 - Same key, same fingerprint: the stored inspections, all of them, are answered again (same ids,
   ``Idempotent-Replayed: true``); nothing is analysed or stored. Same key, another fingerprint: 409. Same key while
-  the first request still runs, on this replica or another one sharing the database: 409 with ``Retry-After: 1``.
-- The key is claimed in the database before any work (a pending row, ``service.storage.idempotency``) and turned
-  done in the one transaction that stores every inspection of the request, so after a crash or an error either
-  the whole answer and its key are stored or nothing is. A request that fails frees its key at once; one whose
-  process died holds it for ``claim_stale_s`` (twice the request timeout plus a minute: longer than any live
-  request), after which a retry claims it again. Keys are deleted with the inspections they answer for
-  (``DHR_RETENTION_DAYS``).
+  the first request still runs, on this replica or another one sharing the database: 409 with ``Retry-After: 1``
+  (a live request mostly answers within a second; asking again costs one read of the key).
+- The key is claimed in the database before any work (a pending row naming this process's instance,
+  ``service.storage.idempotency``) and turned done in the one transaction that stores every inspection of the
+  request, so after a crash or an error either the whole answer and its key are stored or nothing is. A request
+  that fails frees its key at once. One whose process died holds it until that process is seen dead: silent for
+  3 heartbeats (``DHR_HEARTBEAT_S``, 2 s: about 6 s after the crash; at once after a clean shutdown), then a
+  retry claims it again. ``claim_stale_s`` (twice the request timeout plus a minute: longer than any live request)
+  stays the backstop, for a key whose owner is unknown or still beats while its request hangs. Keys are deleted
+  with the inspections they answer for (``DHR_RETENTION_DAYS``).
 """
 
 from __future__ import annotations
@@ -48,14 +51,15 @@ def claim_stale_s(settings: Settings) -> float:
 
 
 @contextlib.asynccontextmanager
-async def claimed(store: InspectionStore, key: str | None, fp: str | None, stale_s: float):
-    """Hold ``key`` in the database while the block runs; yields ``(claim, None)`` for a new request (the claim
-    to store the inspections with; None without a key) or ``(None, records)`` to answer again. Raises 409 for a
-    key used with another request or still pending. A block that fails frees the key."""
+async def claimed(store: InspectionStore, key: str | None, fp: str | None, stale_s: float, owner: str | None):
+    """Hold ``key`` in the database in the name of the instance ``owner`` while the block runs; yields ``(claim,
+    None)`` for a new request (the claim to store the inspections with; None without a key) or ``(None, records)``
+    to answer again. Raises 409 for a key used with another request or still pending. A block that fails frees
+    the key."""
     if key is None:
         yield None, None
         return
-    entry, mine = await asyncio.to_thread(store.claim_idempotency, key, fp, stale_s)
+    entry, mine = await asyncio.to_thread(store.claim_idempotency, key, fp, stale_s, owner)
     if not mine:
         yield None, await _stored(store, entry, fp)
         return

@@ -253,7 +253,7 @@ async def segment_admitted(request, ctx, engine, response, job, output, key, t_s
 
     store = ctx.require_store()
     fp = None if key is None else fingerprint(fields.model_dump(mode="json"), uploads, png_kind)
-    async with claimed(store, key, fp, claim_stale_s(settings)) as (claim, previous):
+    async with claimed(store, key, fp, claim_stale_s(settings), ctx.instance_id) as (claim, previous):
         if previous is not None:
             pngs = await asyncio.to_thread(stored_pngs, store, previous, asked_kinds(png_kind, fields))
             replayed = answer(request, previous, pngs, png_kind, fields.include, [None] * len(previous))

@@ -135,6 +135,14 @@ class Settings(BaseSettings):
     state_refresh_s: float = Field(
         5.0, ge=0, le=3600, description="longest use of a product profile changed through another replica"
     )
+    heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="seconds between this process's liveness beats in the database; a POST /segment with an "
+        "Idempotency-Key held by a process silent for 3 beats (it died) is retried at once, not after the claim's "
+        "timeout (twice DHR_REQUEST_TIMEOUT_S plus 60 s)",
+    )
     replica_name: str | None = Field(
         None, max_length=200, description="label of this replica in /metrics, /health, X-DHR-Replica; unset: host-pid"
     )

@@ -9,8 +9,11 @@ Lifecycle (driven by the app's lifespan)::
               and /health, /readyz answer 503 {"status": "loading"} until the engine has warmed up
     ...       status "ready" (engine serving) or "error" with a one-line reason (e.g. missing weights: which file
               and how to provide it); the process keeps running either way so the reason can be read
-    close()   retention and loading tasks cancelled, the engine drained (every accepted image finishes), store
-              closed
+    close()   retention and loading tasks cancelled, the engine drained (every accepted image finishes), the
+              heartbeat stopped (this process's ``instances`` row deleted), store closed
+
+While the store is open, a heartbeat thread (``service.storage.heartbeat``) tells the replicas sharing the database
+that this process is alive, every ``DHR_HEARTBEAT_S``; the Idempotency-Keys it holds are claimed in its name.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from service.inspection import VERDICTS
 from service.runtime import apply_thread_policy
 from service.storage import InspectionStore, StorageUnavailableError, open_artefact_store, open_store
 from service.storage.artefacts import ArtefactStoreError
+from service.storage.heartbeat import Heartbeat
 
 from .metrics import Metrics
 from .problems import service_unavailable
@@ -75,6 +79,7 @@ class ServiceContext:
     metrics: Metrics = field(default_factory=Metrics)
     load: Loader = load_weights  # blocking; runs in a thread at start-up (tests inject their own)
     store: InspectionStore | None = None
+    heartbeat: Heartbeat | None = None  # this process's liveness in the database while the store is open
     engine: Engine | None = None
     choice: WeightsChoice | None = None
     status: str = LOADING
@@ -92,10 +97,7 @@ class ServiceContext:
         self.metrics.bind_engine(lambda: self.engine)
         self.metrics.set_model(None)
         try:
-            artefacts = open_artefact_store(s.artefact_url, s.data_dir)
-            self.store = await asyncio.to_thread(
-                open_store, s.resolved_database_url(), artefacts, s.state_refresh_s, s.data_dir
-            )
+            await self._open_store()
         except (StorageUnavailableError, ArtefactStoreError, OSError, ValueError) as exc:
             self.status, self.reason = ERROR, f"storage unavailable: {exc}"
             logger.error("%s", self.reason)  # one line; the service stays up to say why, never falls back
@@ -103,6 +105,19 @@ class ServiceContext:
         self._load_task = asyncio.create_task(self._load(), name="dhr-model-load")
         if s.retention_enabled:
             self._retention_task = asyncio.create_task(self._retention_loop(), name="dhr-retention")
+
+    async def _open_store(self) -> None:
+        """The store, and this process's heartbeat in its database (the store is closed again if that fails)."""
+        s = self.settings
+        artefacts = open_artefact_store(s.artefact_url, s.data_dir)
+        store = await asyncio.to_thread(open_store, s.resolved_database_url(), artefacts, s.state_refresh_s, s.data_dir)
+        try:
+            heartbeat = Heartbeat(store, s.resolved_replica_name(), s.heartbeat_s)
+            self.heartbeat = await asyncio.to_thread(heartbeat.start)
+        except BaseException:
+            await asyncio.to_thread(store.close)
+            raise
+        self.store = store
 
     async def close(self) -> None:
         for task in (self._retention_task, self._load_task):
@@ -114,6 +129,9 @@ class ServiceContext:
             await self.engine.stop()  # drains: every accepted image is processed
             self.engine = None
         self.metrics.set_model(None)
+        if self.heartbeat is not None:  # after the drain: the keys of requests still running stay held until here
+            await asyncio.to_thread(self.heartbeat.stop)
+            self.heartbeat = None
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 
@@ -195,6 +213,11 @@ class ServiceContext:
                 "the service has not started: run the app with its lifespan", None, "not-started", "Service not started"
             )
         return self.store
+
+    @property
+    def instance_id(self) -> str | None:
+        """The id this process's Idempotency-Key claims carry (None before the heartbeat runs)."""
+        return None if self.heartbeat is None else self.heartbeat.instance.id
 
     def last_inference_iso(self) -> str | None:
         at = self.engine.last_inference_at if self.engine is not None else None

@@ -2,37 +2,44 @@
 
 One row per key in ``idempotency_keys`` (the key is the primary key), in one of two states:
 
-1. ``claim_idempotency(key, fingerprint, stale_s)`` inserts a *pending* row with a random claim token. The primary
-   key makes the insert the lock: of two requests with one key (on any replicas) one inserts, the other gets the
-   row that won. A pending row older than ``stale_s`` belongs to a request that died with its process; it is
-   deleted in the same transaction, so the key can be claimed again.
+1. ``claim_idempotency(key, fingerprint, stale_s, owner)`` inserts a *pending* row with a random claim token and
+   the claiming process's instance id (``owner``). The primary key makes the insert the lock: of two requests
+   with one key (on any replicas) one inserts, the other gets the row that won. A pending row whose request died
+   with its process is deleted in the same transaction, so the key can be claimed again: at once when its owner
+   is dead (stopped beating, ``service.storage.instances``), else once it is older than ``stale_s`` (the backstop,
+   and the only test for a row without an owner).
 2. ``add_many(..., idempotency=claim)`` (the store) commits the request's inspections and turns the row *done*
    (with their ids) in one transaction, and only while the row is still pending under the same token; otherwise
-   (the claim went stale and another request took the key) nothing is stored and :class:`ClaimLostError` raised.
+   (the claim was found abandoned and another request took the key) nothing is stored and
+   :class:`ClaimLostError` raised.
 3. ``release_idempotency(claim)`` deletes the row if it is still pending under that token: a failed request leaves
-   its key free for the retry. A request that crashed leaves a pending row until ``stale_s`` has passed.
+   its key free for the retry. A request that crashed leaves a pending row until its owner is seen dead.
 
 Done rows are deleted with the inspections they answer for (retention).
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import replace
 from datetime import timedelta
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.storage.models import IdempotencyEntry, IdempotencyRow, utcnow
 
-FIELDS = ("key", "fingerprint", "inspection_ids", "created_at", "state", "claim")
+FIELDS = ("key", "fingerprint", "inspection_ids", "created_at", "state", "claim", "owner")
 PENDING, DONE = "pending", "done"
+
+logger = logging.getLogger("dhrclip.storage")
 
 
 class ClaimLostError(RuntimeError):
-    """The pending key of a request was taken over (its claim had gone stale) before its inspections were stored."""
+    """The pending key of a request was taken over (its owner seemed dead, or the claim outlived ``stale_s``)
+    before its inspections were stored."""
 
 
 def _entry(row: IdempotencyRow) -> IdempotencyEntry:
@@ -48,18 +55,25 @@ class IdempotencyMethods:
             row = session.get(IdempotencyRow, key)
             return None if row is None else _entry(row)
 
-    def claim_idempotency(self, key: str, fingerprint: str, stale_s: float) -> tuple[IdempotencyEntry, bool]:
-        """``(entry, True)``: this call now holds ``key`` (a pending entry with a new claim token); ``(entry,
-        False)``: the key exists, pending under another request or done (see the module docstring)."""
+    def claim_idempotency(
+        self, key: str, fingerprint: str, stale_s: float, owner: str | None = None
+    ) -> tuple[IdempotencyEntry, bool]:
+        """``(entry, True)``: this call now holds ``key`` (a pending entry with a new claim token, owned by the
+        instance ``owner``); ``(entry, False)``: the key exists, pending under a live request or done (see the module
+        docstring)."""
         for _ in range(3):  # the row that won may be released (deleted) before it is read: claim again
             now = utcnow()
-            mine = IdempotencyEntry(key, fingerprint, [], now, PENDING, secrets.token_hex(16))
+            mine = IdempotencyEntry(key, fingerprint, [], now, PENDING, secrets.token_hex(16), owner)
             try:
                 with self._sessions() as session, session.begin():
-                    stale = now - timedelta(seconds=stale_s)
                     row = IdempotencyRow
-                    session.execute(delete(row).where(row.key == key, row.state == PENDING, row.created_at < stale))
+                    abandoned = or_(row.created_at < now - timedelta(seconds=stale_s), self.owner_dead(row.owner))
+                    freed = session.execute(delete(row).where(row.key == key, row.state == PENDING, abandoned))
                     session.add(IdempotencyRow(**{k: getattr(mine, k) for k in FIELDS}))
+                if freed.rowcount:
+                    logger.info(
+                        "Idempotency-Key %r: took over an abandoned claim (its process died or it was stale)", key
+                    )
                 return mine, True
             except IntegrityError:
                 found = self.get_idempotency(key)
@@ -77,7 +91,7 @@ class IdempotencyMethods:
     def _commit_key(session: Session, entry: IdempotencyEntry) -> None:
         """Inside the transaction of the inspections: a claimed key becomes done (else ClaimLostError); an entry
         without a claim is inserted done (IntegrityError when the key exists)."""
-        done = replace(entry, state=DONE, claim=None, created_at=utcnow())
+        done = replace(entry, state=DONE, claim=None, owner=None, created_at=utcnow())
         if entry.claim is None:
             session.add(IdempotencyRow(**{k: getattr(done, k) for k in FIELDS}))
             return
@@ -85,9 +99,11 @@ class IdempotencyMethods:
         result = session.execute(
             update(row)
             .where(row.key == entry.key, row.state == PENDING, row.claim == entry.claim)
-            .values(state=DONE, claim=None, inspection_ids=list(done.inspection_ids), created_at=done.created_at)
+            .values(
+                state=DONE, claim=None, owner=None, inspection_ids=list(done.inspection_ids), created_at=done.created_at
+            )
         )
         if result.rowcount != 1:
             raise ClaimLostError(
-                f"Idempotency-Key {entry.key!r} was taken over by another request after its claim went stale"
+                f"Idempotency-Key {entry.key!r} was taken over by another request (its claim was found abandoned)"
             )

@@ -279,8 +279,9 @@ IDEMPOTENCY_STATES = ("pending", "done")
 class IdempotencyRow(Base):
     """One ``Idempotency-Key`` of /segment: the SHA-256 of what was sent and the inspections it created.
 
-    ``state`` pending: a request holds the key (``claim`` is its random token, ``created_at`` when it took it);
-    done: ``inspection_ids`` were committed with it (``claim`` is null). See ``service.storage.idempotency``.
+    ``state`` pending: a request holds the key (``claim`` is its random token, ``created_at`` when it took it,
+    ``owner`` the instance it runs in); done: ``inspection_ids`` were committed with it (``claim`` and ``owner``
+    are null). See ``service.storage.idempotency``.
     """
 
     __tablename__ = "idempotency_keys"
@@ -291,6 +292,26 @@ class IdempotencyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
     state: Mapped[str] = mapped_column(String(8), nullable=False, server_default="done")
     claim: Mapped[str | None] = mapped_column(String(32))
+    owner: Mapped[str | None] = mapped_column(String(32))  # the InstanceRow id of the process holding it pending
+
+
+class InstanceRow(Base):
+    """One running service process: it proves it is alive by pushing ``alive_until`` forward every heartbeat.
+
+    ``alive_until`` = heartbeat time + ``DEAD_AFTER_BEATS`` heartbeat intervals, both on the database's clock
+    (PostgreSQL ``now()``; SQLite, one host, the host's clock). A row past it, or gone, is a dead process. See
+    ``service.storage.instances``.
+    """
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)  # the replica name (DHR_REPLICA_NAME, host-pid)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    alive_until: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
 @dataclass(frozen=True)
@@ -301,6 +322,7 @@ class IdempotencyEntry:
     created_at: datetime = field(default_factory=utcnow)
     state: str = "done"  # one of IDEMPOTENCY_STATES
     claim: str | None = None  # the token of the request holding a pending key
+    owner: str | None = None  # the instance (process) holding a pending key; None: unknown, only its age counts
 
 
 RECORD_FIELDS = tuple(InspectionRecord.__dataclass_fields__)

@@ -39,6 +39,7 @@ from sqlalchemy.pool import StaticPool
 from service.storage.artefacts import ArtefactStore, ArtefactStoreError, LocalArtefactStore
 from service.storage.group_commit import GroupCommit
 from service.storage.idempotency import IdempotencyMethods
+from service.storage.instances import InstanceMethods
 from service.storage.knowledge import ProductKnowledge
 from service.storage.models import (
     ID_RE,
@@ -100,7 +101,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 class InspectionStore(
-    RecordFiles, ReviewMethods, SummaryMethods, ProductKnowledge, RetentionMethods, IdempotencyMethods
+    RecordFiles, ReviewMethods, SummaryMethods, ProductKnowledge, RetentionMethods, IdempotencyMethods, InstanceMethods
 ):
     """Durable inspection records and their PNG artefacts.
 
