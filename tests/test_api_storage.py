@@ -36,7 +36,8 @@ def test_inspections_go_to_the_bucket_and_nothing_to_the_data_dir(tmp_path, s3_b
 
 
 def _references_go_to_the_bucket(client: TestClient, bucket: str) -> None:
-    """Reference images, their features and the memory built from them are objects under the same prefix."""
+    """Reference images, their features, the memory built from them and the gallery's cached thumbnails are objects
+    under the same prefix; removing a reference removes its thumbnail."""
     s3 = boto3.client("s3")
 
     def keys(under: str) -> list[str]:
@@ -56,6 +57,15 @@ def _references_go_to_the_bucket(client: TestClient, bucket: str) -> None:
     assert stored == files[0][1][1]  # the uploaded bytes, exactly
     seg = client.post("/segment", files=[png_file("b.png", 7, (48, 40))], data={"product": "cap"})
     assert seg.status_code == 200 and seg.json()["results"][0]["memory_version"] == version
+
+    thumb = client.get(f"/ui/products/cap/references/{first}.jpg")  # the gallery's: rendered once, cached beside it
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert keys(f"line-7/references/{first}/") == [
+        f"line-7/references/{first}/{n}" for n in ("features.safetensors", "image.bin", "thumb.jpg")
+    ]
+    assert s3.get_object(Bucket=bucket, Key=f"line-7/references/{first}/thumb.jpg")["Body"].read() == thumb.content
+    s3.put_object(Bucket=bucket, Key=f"line-7/references/{first}/thumb.jpg", Body=b"\xff\xd8cached")
+    assert client.get(f"/ui/products/cap/references/{first}.jpg").content == b"\xff\xd8cached"  # not rendered again
 
     assert client.delete(f"/products/cap/references/{first}").status_code == 204
     rebuilt = client.get("/products/cap/references").json()["memory"]["version"]

@@ -1,5 +1,5 @@
 """Console without a browser: open mode, sign-in redirects, CSRF on form posts, thumbnails, the calibration plot,
-the reference gallery's forms.
+the reference gallery's pages, cached thumbnails and forms.
 
 The apps have no weights (nothing loads; records are written straight into the store), except the gallery's, which
 analyses references with the tiny CLIP.
@@ -18,10 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api import create_app
+from service.api.console import views
 from service.api.console.charts import binned_rate_at_or_above, calibration_plot, histogram
 from service.engine.calibration import calibrate
 from service.storage import ProductProfile
-from service.storage.models import CalibrationRecord, utcnow
+from service.storage.models import CalibrationRecord, ReferenceImage, new_inspection_id, utcnow
 from service.storage.reviews import Review
 
 from .api_fixtures import encode, make_record, make_settings, png_file, synthetic_image, wait_ready
@@ -213,7 +214,79 @@ def _thumb_size(data: bytes) -> tuple[int, int]:
     return img.size
 
 
-def test_reference_gallery_forms_need_csrf_and_an_admin_key(tmp_path):
+def _range(html: str) -> str:
+    """The gallery's "references 25 to 48 of 130" line (an en dash between the numbers), with a plain hyphen."""
+    return _text(html, "ref-range").replace("\u2013", "-")
+
+
+def _gallery(client, query: str = "") -> tuple[str, list[str]]:
+    """The product page ``w`` (200) and the reference ids its gallery shows, in order."""
+    r = client.get("/ui/products/w" + query)
+    assert r.status_code == 200, r.text[:300]
+    return r.text, re.findall(r'<li data-id="([0-9a-f]{28})">', r.text)
+
+
+def test_reference_gallery_pages_newest_first_and_thumbnails_are_cached(tmp_path, monkeypatch):
+    """50 references stored straight into the store (40x30 PNGs, one 300x200; placeholder features: the pages never read
+    them): pages of views.GALLERY_PAGE newest first, counts in the text, links only where there is a page, a page
+    past the last clamped, a bad page number 422 like any bad query value; a thumbnail decoded once, then served
+    from the artefact store."""
+    assert views.GALLERY_PAGE == 24
+    with _app(tmp_path) as client:
+        store = client.app.state.ctx.store
+        store.put_product(ProductProfile(name="w", image_threshold=0.5, pixel_threshold=0.5, image_score="max"))
+        png, t0 = encode(synthetic_image(5, (40, 30))), utcnow() - timedelta(hours=1)
+        refs = [
+            ReferenceImage(
+                id=new_inspection_id(t0 + timedelta(seconds=i)),
+                product="w",
+                filename=f"r{i}.png",
+                sha256="0" * 64,
+                width=40,
+                height=30,
+                nbytes=len(png),
+                model_key="k",
+            )
+            for i in range(50)
+        ]
+        big = encode(synthetic_image(6, (300, 200)))  # the seventh's upload: its thumbnail is scaled down
+        store.add_references([(r, big if i == 7 else png, b"feat") for i, r in enumerate(refs)])
+        newest = [r.id for r in reversed(refs)]
+        link = '<a id="ref-{}" rel="{}" href="/ui/products/w{}#references">'
+        html, ids = _gallery(client)
+        assert ids == newest[:24] and _range(html) == "references 1-24 of 50"
+        assert 'id="ref-count" data-count="50"' in html and "(page 1 of 3, newest first)" in html
+        assert link.format("next", "next", "?page=2") in html and 'id="ref-prev"' not in html
+        assert html.count('<input type="hidden" name="page" value="1">') == 24  # each remove form comes back here
+        html, ids = _gallery(client, "?page=2")
+        assert ids == newest[24:48] and _range(html) == "references 25-48 of 50"
+        assert link.format("prev", "prev", "") in html and link.format("next", "next", "?page=3") in html
+        html, ids = _gallery(client, "?page=3")
+        assert ids == newest[48:] == [refs[1].id, refs[0].id] and _range(html) == "references 49-50 of 50"
+        assert link.format("prev", "prev", "?page=2") in html and 'id="ref-next"' not in html
+        clamped, ids = _gallery(client, "?page=999999")
+        assert ids == newest[48:] and 'name="page" value="3"' in clamped and 'id="ref-next"' not in clamped
+        for bad in ("0", "-1", "abc", "2.5", ""):
+            r = client.get(f"/ui/products/w?page={bad}")
+            assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json", bad
+            assert r.json()["detail"].startswith("query.page: ")
+
+        decoded, real = [], views.jpeg_preview
+        monkeypatch.setattr(views, "jpeg_preview", lambda *a, **kw: decoded.append(a[1]) or real(*a, **kw))
+        url, key = f"/ui/products/w/references/{refs[7].id}.jpg", f"references/{refs[7].id}/"
+        first = client.get(url)
+        assert first.status_code == 200 and _thumb_size(first.content) == (128, 85) and decoded == ["r7.png"]
+        assert first.headers["cache-control"] == "private, max-age=86400, immutable"
+        on_disk = tmp_path / "data" / key / "thumb.jpg"  # the default artefact store: the data directory
+        assert on_disk.read_bytes() == first.content and store.read_reference_image(refs[7].id) == big
+        on_disk.write_bytes(b"\xff\xd8cached")  # the second request serves the cached object, decodes nothing
+        second = client.get(url)
+        assert second.status_code == 200 and second.content == b"\xff\xd8cached" and decoded == ["r7.png"]
+        assert client.get(f"/ui/products/other/references/{refs[7].id}.jpg").status_code == 404
+        assert not (tmp_path / "data" / "references" / refs[8].id / "thumb.jpg").exists()  # only what was asked
+
+
+def test_reference_gallery_forms_need_csrf_and_an_admin_key(tmp_path, monkeypatch):
     with TestClient(create_app(make_settings(tmp_path / "data", api_keys="op", admin_keys="ad"))) as client:
         wait_ready(client)
         admin = {"X-API-Key": "ad"}
@@ -238,23 +311,40 @@ def test_reference_gallery_forms_need_csrf_and_an_admin_key(tmp_path):
         assert r.status_code == 303 and r.headers["location"] == "/ui/products/w#references"
         refs = client.get(url[3:], headers=admin).json()
         assert [i["filename"] for i in refs["items"]] == ["a.png", "b.png"] and refs["memory"]["n_references"] == 2
-        page = client.get("/ui/products/w").text
-        assert 'id="ref-count" data-count="2"' in page and page.count('<li data-id="') == 2
         first, second = (i["id"] for i in refs["items"])
+        page, ids = _gallery(client)
+        assert 'id="ref-count" data-count="2"' in page and ids == [second, first]  # newest first
         thumb = client.get(f"/ui/products/w/references/{first}.jpg")
         assert thumb.status_code == 200 and _thumb_size(thumb.content) == (120, 90)
+        folder = tmp_path / "data" / "references"  # the default artefact store: the data directory
+        assert (folder / first / "thumb.jpg").read_bytes() == thumb.content  # cached beside the reference
         assert client.get(f"/ui/products/other/references/{first}.jpg").status_code == 404
 
-        delete = f"/ui/products/w/references/{first}/delete"
+        # one reference a page; a third one (stored directly, with the second's bytes and features) is the newest
+        monkeypatch.setattr(views, "GALLERY_PAGE", 1)
+        store = client.app.state.ctx.store
+        third = replace(store.get_reference("w", second), id=new_inspection_id(), filename="c.png")
+        store.add_references([(third, store.read_reference_image(second), store.read_reference_features(second))])
+        assert [_gallery(client, f"?page={n}")[1] for n in (1, 2, 3)] == [[third.id], [second], [first]]
+        delete = f"/ui/products/w/references/{second}/delete"
         client.cookies.set("dhr_key", "op")
-        assert client.post(delete, data={"csrf": token}).status_code == 403
+        assert client.post(delete, data={"csrf": token, "page": "2"}).status_code == 403
         client.cookies.set("dhr_key", "ad")
-        assert client.post(delete, data={}).status_code == 403
-        r = client.post(delete, data={"csrf": token}, follow_redirects=False)
-        assert r.status_code == 303
+        assert client.post(delete, data={"page": "2"}).status_code == 403
+        r = client.post(delete, data={"csrf": token, "page": "x"})
+        _problem_page(r, 422, "Invalid form", "page: Input should be a valid integer", back="/ui/products/w")
+        r = client.post(delete, data={"csrf": token, "page": "2"}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/ui/products/w?page=2#references"
+        assert _gallery(client, "?page=2")[1] == [first]  # page 2 still exists: the operator is back on it
+        assert (folder / first / "thumb.jpg").is_file() and not (folder / second).exists()
+        r = client.post(f"/ui/products/w/references/{first}/delete", data={"csrf": token, "page": "2"})
+        assert r.status_code == 200 and r.url.path == "/ui/products/w" and r.url.query == b"page=2"
+        assert re.findall(r'<li data-id="([0-9a-f]{28})">', r.text) == [third.id]  # page 2 is gone: the last one
+        assert _range(r.text) == "references 1-1 of 1" and 'id="ref-prev"' not in r.text
+        assert sorted(p.name for p in folder.iterdir()) == [third.id]  # the removed ones' thumbnails went too
         assert client.post(delete, data={"csrf": token}).status_code == 404
         refs = client.get(url[3:], headers=admin).json()
-        assert [i["id"] for i in refs["items"]] == [second] and refs["memory"]["n_references"] == 1
+        assert [i["id"] for i in refs["items"]] == [third.id] and refs["memory"]["n_references"] == 1
 
 
 def test_without_stored_originals_a_false_reject_cannot_become_a_reference(tmp_path):

@@ -246,6 +246,36 @@ def test_reference_gallery_and_calibration_plot(browser, server, api, shots):
     context.close()
 
 
+def test_a_full_gallery_page_fits_and_a_removal_comes_back_to_its_page(browser, server, api):
+    """27 references of "many": page 1 shows the newest 24 and fits the screen; "older" goes to page 2 (the oldest
+    three); removing one there comes back to page 2, which now shows the other two."""
+    assert api.put("/products/many", json={"image_threshold": 0.5, "pixel_threshold": 0.5}).status_code == 200
+    r = api.post("/products/many/references", files=[png_file(f"many-{s}.png", s, (64, 48)) for s in range(30, 57)])
+    assert r.status_code == 201, r.text
+    oldest = [i["id"] for i in r.json()["items"]][:3]  # the API lists oldest first
+    context, page = _signed_in(browser, server, ADMIN)
+    page.goto("/ui/products/many")
+    gallery, shown = page.locator(".gallery li"), page.locator("#ref-range")
+    assert gallery.count() == 24 and shown.inner_text() == "references 1\u201324 of 27"
+    assert page.locator("#ref-prev").count() == 0
+    page.wait_for_function("Array.from(document.querySelectorAll('.gallery img')).every(i => i.naturalWidth > 0)")
+    _fits(page)
+    with page.expect_navigation():
+        page.click("#ref-next")
+    assert [li.get_attribute("data-id") for li in gallery.all()] == oldest[::-1]
+    assert shown.inner_text() == "references 25\u201327 of 27" and page.locator("#ref-next").count() == 0
+    page.once("dialog", lambda dialog: dialog.accept())
+    with page.expect_navigation():
+        gallery.first.locator("button.remove").click()
+    assert page.url == f"{server}/ui/products/many?page=2#references"
+    assert [li.get_attribute("data-id") for li in gallery.all()] == oldest[1::-1]
+    assert (
+        shown.inner_text() == "references 25\u201326 of 26"
+        and page.locator("#ref-count").get_attribute("data-count") == "26"
+    )
+    context.close()
+
+
 def test_operator_cannot_change_thresholds_and_admin_can(browser, server, api, shots):
     context, page = _signed_in(browser, server, OPERATOR)
     page.goto("/ui/products/widget")
@@ -286,6 +316,7 @@ def test_pages_pass_the_w3c_html_checker(server, api, tmp_path):
         "products": "/ui/products",
         "product": "/ui/products/widget",
         "product-calibrated": "/ui/products/gadget",
+        "product-page-2": "/ui/products/many?page=2",
     }
     with httpx.Client(base_url=server, cookies={"dhr_key": ADMIN}) as client:
         for name, path in pages.items():

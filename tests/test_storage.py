@@ -388,6 +388,38 @@ def test_references_and_memories_live_in_the_artefact_store(store, paths):
     assert artefacts.keys("memories/") == []
 
 
+def test_reference_pages_newest_first_and_renderings_go_with_their_reference(store, paths):
+    """The gallery's queries: one page of a product's references newest first (LIMIT/OFFSET), their count, one by
+    id; a rendering cached beside a reference's bytes is removed with it, also when it lands after the removal."""
+    artefacts = paths[1]
+    for name in ("bottle", "cap"):
+        store.put_product(ProductProfile(name=name, image_threshold=0.5, pixel_threshold=0.5, image_score="max"))
+    refs = [replace(_ref(), id=new_inspection_id(T0 + timedelta(seconds=i)), filename=f"{i}.png") for i in range(7)]
+    store.add_references([(r, b"img", b"feat") for r in refs[::-1]] + [(_ref("cap"), b"img", b"feat")])
+    newest = [r.id for r in refs[::-1]]
+    assert [store.count_references(p) for p in ("bottle", "cap", "none")] == [7, 1, 0]
+    pages = [store.list_references("bottle", newest_first=True, limit=3, offset=o) for o in (0, 3, 6, 9)]
+    assert [[r.id for r in page] for page in pages] == [newest[:3], newest[3:6], newest[6:], []]
+    assert [r.id for r in store.list_references("bottle")] == newest[::-1]  # the API's listing: all, oldest first
+    assert store.get_reference("bottle", refs[2].id) == pages[1][1] and pages[1][1].filename == "2.png"
+    assert store.get_reference("cap", refs[2].id) is None and store.get_reference("bottle", "0" * 28) is None
+    assert store.get_reference("bottle", "../x") is None
+
+    ref, prefix = refs[0], f"references/{refs[0].id}/"
+    assert store.read_reference_derived(ref.id, "thumb.jpg") is None
+    store.put_reference_derived(ref, "thumb.jpg", b"\xff\xd8thumb")
+    assert store.read_reference_derived(ref.id, "thumb.jpg") == b"\xff\xd8thumb"
+    assert artefacts.keys(prefix) == [prefix + n for n in ("features.safetensors", "image.bin", "thumb.jpg")]
+    with pytest.raises(ValueError, match="stored file of reference"):
+        store.put_reference_derived(ref, "image.bin", b"x")
+    assert store.read_reference_image(ref.id) == b"img" and store.delete_reference("bottle", ref.id)
+    assert artefacts.keys(prefix) == [] and store.read_reference_derived(ref.id, "thumb.jpg") is None
+    store.put_reference_derived(ref, "thumb.jpg", b"late")  # a rendering finished after the removal: deleted again
+    assert artefacts.keys(prefix) == [] and store.count_references("bottle") == 6
+    if isinstance(artefacts, LocalArtefactStore):
+        assert not (artefacts.root / prefix).exists()
+
+
 @pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
 def test_a_failed_reference_put_leaves_no_object_and_no_row(paths, fail_at):
     failing = FailingPuts(paths[1], fail_at=fail_at)

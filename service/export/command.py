@@ -72,7 +72,7 @@ def product_samples(args: argparse.Namespace) -> tuple[list[tuple[str, bytes]], 
     try:
         if store.get_product(args.product) is None:
             raise UserError(f"--product {args.product}: no such product in the service's database")
-        refs = store.list_references(args.product)[: args.calibration_limit]
+        refs = store.list_references(args.product, limit=args.calibration_limit)
         samples = []
         for ref in refs:
             try:

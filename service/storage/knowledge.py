@@ -4,6 +4,8 @@ The bytes go through the artefact store (a local folder or an S3 bucket, like th
 
     references/<id>/image.bin             the uploaded bytes, exactly as received
     references/<id>/features.safetensors  the model features of that image (bytes made by the engine)
+    references/<id>/<name>                renderings cached beside them (e.g. the console's ``thumb.jpg``; see
+                                          :meth:`ProductKnowledge.put_reference_derived`), removed with the reference
     memories/<version>.safetensors        a product's built normal memory (bytes made by the engine)
 
 With the default local store (its root is ``DHR_DATA_DIR``) these keys are the files the first release of product
@@ -24,9 +26,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
-from service.storage.artefacts import ArtefactStore, LocalArtefactStore
+from service.storage.artefacts import ArtefactMissingError, ArtefactStore, LocalArtefactStore, check_key
 from service.storage.models import (
     ID_RE,
     CalibrationRecord,
@@ -95,13 +97,30 @@ class ProductKnowledge:
             raise
         return stored
 
-    def list_references(self, product: str) -> list[ReferenceImage]:
-        """References of a product, oldest first (ids sort by creation time)."""
+    def list_references(
+        self, product: str, *, newest_first: bool = False, limit: int | None = None, offset: int = 0
+    ) -> list[ReferenceImage]:
+        """References of a product, oldest first (ids sort by creation time), or newest first; ``limit`` rows from
+        ``offset`` on: a page of the console's gallery is one bounded query (LIMIT/OFFSET on the id order)."""
+        order = ReferenceRow.id.desc() if newest_first else ReferenceRow.id
+        query = select(ReferenceRow).where(ReferenceRow.product == product).order_by(order)
         with self._sessions() as session:
-            rows = session.scalars(
-                select(ReferenceRow).where(ReferenceRow.product == product).order_by(ReferenceRow.id)
-            )
+            rows = session.scalars(query.limit(limit).offset(offset or None))
             return [from_row(ReferenceImage, r) for r in rows]
+
+    def count_references(self, product: str) -> int:
+        """How many references ``product`` has (one COUNT over its index)."""
+        query = select(func.count()).select_from(ReferenceRow).where(ReferenceRow.product == product)
+        with self._sessions() as session:
+            return session.scalar(query)
+
+    def get_reference(self, product: str, ref_id: str) -> ReferenceImage | None:
+        """One reference of ``product``; None for another product's, an unknown or a malformed id."""
+        if not ID_RE.match(ref_id or ""):
+            return None
+        with self._sessions() as session:
+            row = session.get(ReferenceRow, ref_id)
+            return None if row is None or row.product != product else from_row(ReferenceImage, row)
 
     def read_reference_features(self, ref_id: str) -> bytes:
         """The feature bytes stored with a reference (ArtefactMissingError when the store lost them)."""
@@ -110,6 +129,26 @@ class ProductKnowledge:
     def read_reference_image(self, ref_id: str) -> bytes:
         """The image bytes of a reference, exactly as uploaded (ArtefactMissingError when the store lost them)."""
         return self.artefacts.get(reference_prefix(ref_id) + IMAGE_FILE)
+
+    def read_reference_derived(self, ref_id: str, name: str) -> bytes | None:
+        """A rendering cached beside a reference's bytes (``references/<id>/<name>``), or None when not cached."""
+        try:
+            return self.artefacts.get(reference_prefix(ref_id) + check_key(name))
+        except ArtefactMissingError:
+            return None
+
+    def put_reference_derived(self, ref: ReferenceImage, name: str, data: bytes) -> None:
+        """Cache a rendering of ``ref`` beside its bytes (an atomic put: a concurrent twin writes the same bytes).
+
+        :meth:`delete_reference` removes the whole prefix, so the rendering goes with its reference; one put after
+        a concurrent removal is deleted again here (the row is checked after the put), so no orphan stays behind.
+        """
+        if name in (IMAGE_FILE, FEATURES_FILE) or not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"{name!r} is a stored file of reference {ref.id}, or its data are not bytes")
+        key = reference_prefix(ref.id) + check_key(name)
+        self.artefacts.put(key, bytes(data))
+        if self.get_reference(ref.product, ref.id) is None:
+            self.artefacts.delete(key)
 
     def delete_reference(self, product: str, ref_id: str) -> bool:
         """Remove a reference of ``product`` (row first, then its files). False when there is no such reference."""

@@ -12,11 +12,13 @@ GET  /ui/inspections/{id}                      one inspection: image layers, reg
 POST /ui/inspections/{id}/review               form: decision, note, reviewer (+ csrf) -> 303 back (or to ``next``)
 POST /ui/inspections/{id}/as-reference         false reject + the original added as a reference (admin only)
 GET  /ui/queue                                 unreviewed review/defect inspections, oldest first, keyboard triage
-GET  /ui/products, /ui/products/{n}            product list; product: thresholds, calibration plot, references
+GET  /ui/products, /ui/products/{n}?page=P     product list; product: thresholds, calibration plot, page P of the
+                                               references (``views.GALLERY_PAGE``, newest first; past the last page:
+                                               the last; P < 1 or not a number: 422 like any bad query value)
 POST /ui/products/{n}/thresholds               admin only: new thresholds
 POST /ui/products/{n}/references               admin only: add references (multipart ``image``), the API's path
-POST /ui/products/{n}/references/{r}/delete    admin only: remove a reference
-GET  /ui/products/{n}/references/{r}.jpg       a reference as a gallery thumbnail
+POST /ui/products/{n}/references/{r}/delete    admin only: remove a reference -> 303 back to the gallery page ``page``
+GET  /ui/products/{n}/references/{r}.jpg       a reference as a gallery thumbnail (rendered once, cached beside it)
 GET  /ui/login, POST /ui/login                 ask for a key once (when keys are configured); POST /ui/logout
                                                forgets it
 GET  /ui/inspections/{id}/{kind}.png           artefacts and ``/ui/thumbs/{id}.jpg`` thumbnails, with the key cookie
@@ -40,7 +42,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from service.storage.artefacts import ArtefactMissingError
 
@@ -60,6 +62,18 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.globals["csrf_field"] = auth.CSRF_FIELD
 FilterText = Annotated[str | None, Query(max_length=200)]
+GalleryPage = Annotated[int, Query(ge=1, description="page of the reference gallery, 1-based")]
+
+
+class GalleryPageIn(BaseModel):
+    """The gallery page a reference was removed from (the delete form's hidden field): where the operator returns."""
+
+    page: int = Field(1, ge=1)
+
+
+def gallery_url(name: str, page: int) -> str:
+    """The product page showing page ``page`` of its references."""
+    return f"/ui/products/{name}" + (f"?page={page}" if page > 1 else "") + "#references"
 
 
 def form_origin(path: str) -> str:
@@ -203,9 +217,9 @@ async def products_page(request: Request, caller: ConsoleCaller, store: Store):
 
 
 @router.get("/products/{name}")
-async def product_page(request: Request, caller: ConsoleCaller, ctx: Context, name: ProductName):
-    page = await asyncio.to_thread(views.product_detail, ctx, name)
-    return render(request, "product.html", caller, **page)
+async def product_page(request: Request, caller: ConsoleCaller, ctx: Context, name: ProductName, page: GalleryPage = 1):
+    detail = await asyncio.to_thread(views.product_detail, ctx, name, page)
+    return render(request, "product.html", caller, **detail)
 
 
 @router.post("/products/{name}/thresholds")
@@ -222,22 +236,22 @@ async def add_references_form(request: Request, caller: ConsoleCaller, ctx: Cont
     async with checked_form(request, lambda: forbid_unless_admin(caller, "add references"), **limits) as form:
         uploads = await read_uploads(form, ctx.settings)
     await store_references(ctx, name, uploads)
-    return RedirectResponse(f"/ui/products/{name}#references", status_code=303)
+    return RedirectResponse(gallery_url(name, 1), status_code=303)  # newest first: the new ones are on page 1
 
 
 @router.post("/products/{name}/references/{ref_id}/delete")
 async def delete_reference_form(
     request: Request, caller: ConsoleCaller, ctx: Context, name: ProductName, ref_id: ReferenceId
 ):
-    async with checked_form(request, lambda: forbid_unless_admin(caller, "remove references")):
-        pass
+    body, _ = await posted(request, GalleryPageIn, lambda: forbid_unless_admin(caller, "remove references"))
     await remove_reference(ctx, name, ref_id)
-    return RedirectResponse(f"/ui/products/{name}#references", status_code=303)
+    return RedirectResponse(gallery_url(name, body.page), status_code=303)  # a page gone since: shows the last
 
 
 @router.get("/products/{name}/references/{ref_id}.jpg")
 async def reference_thumbnail(_: ConsoleCaller, ctx: Context, name: ProductName, ref_id: ReferenceId):
-    """A reference image as a JPEG of at most GALLERY_SIZE pixels (rendered per request; the browser keeps it)."""
+    """A reference image as a JPEG of at most GALLERY_SIZE pixels (rendered on first request and cached in the
+    artefact store beside the reference, see ``views.reference_preview``; the browser keeps it too)."""
     try:
         data = await asyncio.to_thread(views.reference_preview, ctx, name, ref_id)
     except ArtefactMissingError as exc:

@@ -15,7 +15,8 @@ from service.engine.decode import DecodeLimits, decode_image
 from ..settings import Settings
 
 PREVIEW_QUALITY = 85
-GALLERY_SIZE = 192  # reference thumbnails on the product page
+GALLERY_SIZE = 128  # reference thumbnails: the gallery shows them 64 CSS pixels high, at twice the pixel density
+GALLERY_THUMB = "thumb.jpg"  # their cached name beside the reference's bytes
 ORIGINAL_SIZE = 1280  # the inspection page's base layer: 640 CSS pixels wide at twice the pixel density
 ORIGINAL_PREVIEW = "original.jpg"  # its cached name beside the record's artefacts
 

@@ -3,7 +3,8 @@
 Every function returns a plain dict of template variables. Queries per page (each bounded, none scans all rows
 for sorting): line view = latest ``TILES`` records + verdict counts of the last hour + latest ``STRIP`` rejects;
 queue = oldest ``QUEUE_PAGE`` unreviewed rejects + the queue length; inspection = the record + its reviews +
-the product profile.
+the product profile; product = profile, calibration, one page of ``GALLERY_PAGE`` references (newest first,
+LIMIT/OFFSET) + their count.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from service.storage.models import utcnow
 
 from ..schemas import product_out
 from .charts import calibration_plot, stored_calibration_plot
-from .previews import GALLERY_SIZE, ORIGINAL_PREVIEW, ORIGINAL_SIZE, jpeg_preview
+from .previews import GALLERY_SIZE, GALLERY_THUMB, ORIGINAL_PREVIEW, ORIGINAL_SIZE, jpeg_preview
 
 TILES = 24
 STRIP = 10
 QUEUE_PAGE = 50
+GALLERY_PAGE = 24  # reference thumbnails per page of the product page's gallery
 
 
 def by_verdicts(store: InspectionStore, verdicts: tuple[str, ...], limit: int, oldest_first: bool = False, **filters):
@@ -77,10 +79,29 @@ def review_queue(store: InspectionStore) -> dict:
     return {"items": items, "total": store.unreviewed_count(REJECTED)}
 
 
-def product_detail(ctx, name: str) -> dict:
-    """Profile (or the service defaults in force), references, the calibration plot: the histograms of the product's
-    calibration in force (or of its newest one when the thresholds were set by hand since) with the current
-    thresholds, else the reviewed inspections' scores."""
+def gallery_page(store: InspectionStore, name: str, page: int) -> dict:
+    """Page ``page`` (1-based; past the last page: the last) of the product's references, newest first:
+    ``references`` (at most GALLERY_PAGE), ``page``, ``pages`` (at least 1), ``total``, ``first``/``last`` (1-based
+    positions of the page's references in the whole list; 0 when there are none)."""
+    total = store.count_references(name)
+    pages = max(1, -(-total // GALLERY_PAGE))
+    page = min(page, pages)
+    refs = store.list_references(name, newest_first=True, limit=GALLERY_PAGE, offset=(page - 1) * GALLERY_PAGE)
+    first = (page - 1) * GALLERY_PAGE + 1 if refs else 0
+    return {
+        "references": refs,
+        "page": page,
+        "pages": pages,
+        "total": total,
+        "first": first,
+        "last": first + len(refs) - 1 if refs else 0,
+    }
+
+
+def product_detail(ctx, name: str, page: int = 1) -> dict:
+    """Profile (or the service defaults in force), one page of references (``gallery_page``), the calibration plot:
+    the histograms of the product's calibration in force (or of its newest one when the thresholds were set by hand
+    since) with the current thresholds, else the reviewed inspections' scores."""
     store, s = ctx.require_store(), ctx.settings
     profile = store.get_product(name)
     thresholds = {
@@ -111,18 +132,24 @@ def product_detail(ctx, name: str) -> dict:
         "calibration": calibration,
         "plot": plot,
         "scores": scores,
-        "references": store.list_references(name) if profile else [],
+        "gallery": gallery_page(store, name, page) if profile else None,
         "image_scores": get_args(ImageScore),
     }
 
 
 def reference_preview(ctx, name: str, ref_id: str) -> bytes | None:
-    """The gallery thumbnail of one reference of ``name`` (None: no such reference), from its stored bytes."""
+    """The gallery thumbnail of one reference of ``name`` (None: no such reference): a JPEG of at most
+    GALLERY_SIZE pixels rendered from its stored bytes on first request and cached beside them (``thumb.jpg``,
+    removed with the reference)."""
     store = ctx.require_store()
-    ref = next((r for r in store.list_references(name) if r.id == ref_id), None)
+    ref = store.get_reference(name, ref_id)
     if ref is None:
         return None
-    return jpeg_preview(store.read_reference_image(ref_id), ref.filename, ctx.settings, GALLERY_SIZE)
+    cached = store.read_reference_derived(ref_id, GALLERY_THUMB)
+    if cached is None:
+        cached = jpeg_preview(store.read_reference_image(ref_id), ref.filename, ctx.settings, GALLERY_SIZE)
+        store.put_reference_derived(ref, GALLERY_THUMB, cached)
+    return cached
 
 
 def original_preview(ctx, inspection_id: str) -> bytes | None:
