@@ -88,3 +88,40 @@ def test_missing_keys_and_wrong_depth(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"\x00junk")
     with pytest.raises(CheckpointError, match="junk.pth: not a readable torch checkpoint"):
         load_checkpoint(tmp_path / "junk.pth")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad_json.safetensors", "{not json", "metadata 'dhrclip' is not JSON"),
+        ("list_json.safetensors", "[1, 2]", "metadata 'dhrclip' must be a JSON object, got list"),
+        ("int_values.pth", {"ctx_pos": 3, "ctx_neg": 4}, "'ctx_pos' is int, not a tensor"),
+        ("scalars.pth", {"ctx_pos": torch.tensor(1.0), "ctx_neg": torch.tensor(1.0)}, r"'ctx_pos' has shape \(\)"),
+        (
+            "deep_int.pth",
+            {"ctx_pos": torch.zeros(4, 8), "ctx_neg": torch.zeros(4, 8), "compound_prompts_text.0": 5},
+            "'compound_prompts_text.0' is int, not a tensor",
+        ),
+    ],
+)
+def test_malformed_values_are_one_line_naming_the_file(tmp_path, name, content, message):
+    """Odd metadata or non-tensor values were tracebacks (JSONDecodeError, AttributeError, IndexError)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        tensors = {"ctx_pos": torch.zeros(4, 8), "ctx_neg": torch.zeros(4, 8), "deep": torch.zeros(1, 2, 8)}
+        save_file(tensors, str(path), metadata={"dhrclip": content})
+    else:
+        torch.save({"prompt_learner": content}, path)
+    with pytest.raises(CheckpointError, match=f"{name}: .*{message}"):
+        load_checkpoint(path)
+
+
+def test_a_depth_of_another_type_is_named_with_its_type(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"ctx_pos": torch.zeros(4, 8), "ctx_neg": torch.zeros(4, 8), "deep": torch.zeros(1, 2, 8)}
+    save_file(tensors, str(tmp_path / "d.safetensors"), metadata={"dhrclip": json.dumps({"depth": "2"})})
+    with pytest.raises(CheckpointError, match=r"metadata says depth '2' but"):
+        load_checkpoint(tmp_path / "d.safetensors")

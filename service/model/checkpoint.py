@@ -92,7 +92,7 @@ def _validate(ck: PromptCheckpoint, src: str) -> PromptCheckpoint:
     depth = ck.meta.get("depth")
     if depth is not None and depth != ck.deep.shape[0] + 1:
         raise CheckpointError(
-            f"{src}: metadata says depth {depth} but 'deep' has shape {tuple(ck.deep.shape)} "
+            f"{src}: metadata says depth {depth!r} but 'deep' has shape {tuple(ck.deep.shape)} "
             f"(depth {ck.deep.shape[0] + 1})"
         )
     lf = ck.meta.get("layer_features", "final")
@@ -149,7 +149,12 @@ def _load_ours(path: Path) -> PromptCheckpoint:
         raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata 'dhrclip' is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata 'dhrclip' must be a JSON object, got {type(meta).__name__}")
     return PromptCheckpoint(tensors["ctx_pos"], tensors["ctx_neg"], tensors["deep"], meta)
 
 
@@ -164,6 +169,7 @@ def _load_reference(path: Path) -> PromptCheckpoint:
     for k in ("ctx_pos", "ctx_neg"):
         if k not in sd:
             raise CheckpointError(f"{path}: missing key {k!r} in the prompt_learner state dict")
+        _tensor(sd, k, path, min_ndim=1)
     ctx_pos, ctx_neg = (sd[k].float().reshape(-1, sd[k].shape[-1]) for k in ("ctx_pos", "ctx_neg"))
     idx = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"compound_prompts_text\.(\d+)", k)))
     if idx != list(range(len(idx))):
@@ -172,12 +178,22 @@ def _load_reference(path: Path) -> PromptCheckpoint:
     if not idx:
         deep = ctx_pos.new_zeros(0, 1, ctx_pos.shape[1])
     else:
-        shapes = {tuple(sd[f"compound_prompts_text.{i}"].shape) for i in idx}
+        shapes = {tuple(_tensor(sd, f"compound_prompts_text.{i}", path).shape) for i in idx}
         if len(shapes) != 1:
             raise CheckpointError(f"{path}: compound_prompts_text.* have different shapes {sorted(shapes)}")
         deep = torch.stack([sd[f"compound_prompts_text.{i}"].float() for i in idx])
     meta = {"layer_features": "final", "source": {"format": "reference", "file": path.name}}
     return PromptCheckpoint(ctx_pos, ctx_neg, deep, meta)
+
+
+def _tensor(sd: dict, key: str, path: Path, min_ndim: int = 0) -> torch.Tensor:
+    """``sd[key]`` when it is a tensor of at least ``min_ndim`` dimensions, else one line naming file and key."""
+    value = sd[key]
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{path}: {key!r} is {type(value).__name__}, not a tensor")
+    if value.ndim < min_ndim:
+        raise CheckpointError(f"{path}: {key!r} has shape {tuple(value.shape)}; expected (n_ctx, width)")
+    return value
 
 
 def load_checkpoint(path: str | Path) -> PromptCheckpoint:
