@@ -106,3 +106,26 @@ def test_a_plain_value_error_is_a_bug_not_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(command, "run_predict", broken)
     with pytest.raises(ValueError, match="internal bug"):
         main(["predict", str(FIXTURES / "img0_rgb_700x700.png"), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+        ("--batch-size", "-3", "--batch-size must be >= 1, got -3"),
+        ("--threshold", "nan", "--threshold must be in [0, 1], got nan"),
+        ("--threshold", "7", "--threshold must be in [0, 1], got 7.0"),
+        ("--pixel-threshold", "-1", "--pixel-threshold must be in [0, 1], got -1.0"),
+        ("--out", "FILE", "a_file: exists and is not a folder"),
+    ],
+)
+def test_bad_predict_options_are_one_line_before_the_model_loads(tmp_path, capsys, option, value, message):
+    """These were taken silently (batch size <= 0 ran as 1; a NaN threshold judged every image ok) or, for an
+    --out that is a file, a FileExistsError traceback after the model had loaded."""
+    (tmp_path / "a_file").write_text("x")
+    args = ["predict", str(FIXTURES / "img0_rgb_700x700.png"), "--out", str(tmp_path / "o"), *TINY_MODEL_ARGS]
+    args += [option, str(tmp_path / "a_file") if value == "FILE" else value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()

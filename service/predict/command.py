@@ -76,12 +76,27 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, backend=True)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse out-of-range options before the model loads (NaN fails every range check)."""
+    for option, value in (
+        ("--threshold", args.threshold),
+        ("--pixel-threshold", args.pixel_threshold),
+        ("--fusion-weight", args.fusion_weight),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{option} must be in [0, 1], got {value}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Run ``dhrclip predict``: 0 when every image was written, 1 when some could not be read."""
     from service.engine.runner import ModelRunner
 
-    if not 0.0 <= args.fusion_weight <= 1.0:
-        raise UserError(f"--fusion-weight must be in [0, 1], got {args.fusion_weight}")
+    _check_options(args)
     model, info = load_model_from_args(args)
     runner = ModelRunner(model)
     memory, n_refs = None, 0
@@ -181,7 +196,10 @@ def predict_files(paths: list[Path], runner: ModelRunner, info: ModelInfo, opts:
     from service.engine.runner import InferItem
     from service.model import EXTRA_MAPS
 
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        opts.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {opts.out_dir}: cannot create the folder ({e.strerror or e})") from None
     extra = EXTRA_MAPS if opts.save_maps else ()
     used: set[str] = set()
     failures = 0
