@@ -70,6 +70,19 @@ def test_serve_command_rejects_invalid_settings(monkeypatch, capsys, tmp_path):
     assert run_serve(args) == 2 and "file not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["DHR_MAX_UPLOAD_MB", "DHR_RETENTION_DAYS", "DHR_REQUEST_TIMEOUT_S"])
+def test_an_infinite_setting_is_one_line(monkeypatch, capsys, name):
+    """``inf`` passed every bound: DHR_MAX_UPLOAD_MB=inf was an OverflowError traceback at start-up,
+    DHR_RETENTION_DAYS=inf a retention pass failing every hour (only in the log)."""
+    import argparse
+
+    monkeypatch.setenv(name, "inf")
+    args = argparse.Namespace(host="127.0.0.1", port=0, env_file=None, log_level="info")
+    assert run_serve(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dhrclip serve: invalid settings: {name}: ") and "finite" in err and err.count("\n") == 1
+
+
 def test_serve_help_settings_prints_the_table_made_from_the_settings_model(capsys):
     from service.cli import main
 

@@ -42,7 +42,10 @@ _OPTIONAL = (
 class Settings(BaseSettings):
     """Every knob of the service: field ``x`` is the environment variable ``DHR_X``."""
 
-    model_config = SettingsConfigDict(env_prefix="DHR_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # allow_inf_nan=False: "inf" passed every bound (DHR_MAX_UPLOAD_MB=inf overflowed at start-up)
+    model_config = SettingsConfigDict(
+        env_prefix="DHR_", env_file=".env", env_file_encoding="utf-8", extra="ignore", allow_inf_nan=False
+    )
 
     backbone: str | None = Field(
         None, description='CLIP file or "openai"; unset: the single file in model_weights/backbone/, else "openai"'
