@@ -17,7 +17,7 @@ import pytest
 
 from service.storage import InspectionRecord, InspectionStore, ProductProfile, new_inspection_id
 from service.storage.artefacts import ArtefactMissingError, ArtefactStore, LocalArtefactStore, S3ArtefactStore
-from service.storage.models import utcnow
+from service.storage.models import IdempotencyEntry, utcnow
 
 T0 = datetime(2024, 3, 10, 12, 0, 0, 123456, tzinfo=UTC)
 PNG_A = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -253,6 +253,18 @@ def test_retention_by_age_and_count(store, paths):
     assert store.count() == 1 and store.get(recs[5].id) is not None
     assert store.enforce_retention(max_age_days=None, max_count=None, now=now) == 0
     assert store.read_artefact(recs[5].id, "heatmap") == PNG_A
+
+
+def test_retention_by_age_removes_the_idempotency_keys_as_old(store):
+    """A key lives as long as the inspections it answers for: the age limit removes both, a younger key stays."""
+    written = utcnow()  # a key is stamped when its record commits
+    rec = _record(written - timedelta(days=1))
+    store.add(rec, {"heatmap": PNG_A}, IdempotencyEntry("k", "0" * 64, [rec.id]))
+    assert store.get_idempotency("k").inspection_ids == [rec.id]
+    assert store.enforce_retention(max_age_days=7, max_count=None, now=written + timedelta(days=6)) == 0
+    assert store.get_idempotency("k").inspection_ids == [rec.id]
+    assert store.enforce_retention(max_age_days=7, max_count=None, now=written + timedelta(days=8)) == 1
+    assert store.get(rec.id) is None and store.get_idempotency("k") is None
 
 
 def test_failed_artefact_write_leaves_no_row_and_no_artefacts(paths):
