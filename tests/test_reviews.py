@@ -63,6 +63,37 @@ def test_reviews_are_stored_filtered_and_removed_with_their_inspection(store):
     assert store.review_counts() == {"confirm_defect": 0, "false_reject": 0, "escape": 0}
 
 
+def test_console_summaries_count_by_filter_and_class_scores_by_the_latest_review(store):
+    """verdict_counts (since inclusive, product, line), facets, the review-queue length, and scores_by_truth: the
+    newest review decides good/defect, a rejected part without one is unreviewed."""
+    recs = [
+        store.add(_record(0, "defect", score=0.9), {}),
+        store.add(_record(1, "defect", score=0.8), {}),
+        store.add(_record(2, "ok", score=0.1), {}),
+        store.add(_record(3, "ok", score=0.2, line="L2"), {}),
+        store.add(_record(4, "review", score=0.45, product="cap"), {}),
+        store.add(_record(5, "defect", score=0.7, line="L2"), {}),
+        store.add(_record(6, "ok", score=0.3, product="cap", line=None), {}),
+    ]
+    for i, decision in ((0, "false_reject"), (0, "confirm_defect"), (1, "confirm_defect"), (1, "false_reject")):
+        store.add_review(Review(inspection_id=recs[i].id, decision=decision))
+    store.add_review(Review(inspection_id=recs[2].id, decision="escape"))
+    assert store.verdict_counts() == {"ok": 3, "review": 1, "defect": 3}
+    assert store.verdict_counts(product="bottle") == {"ok": 2, "review": 0, "defect": 3}
+    assert store.verdict_counts(line="L2") == {"ok": 1, "review": 0, "defect": 1}
+    assert store.verdict_counts(since=recs[3].created_at) == {"ok": 2, "review": 1, "defect": 1}
+    assert store.verdict_counts(since=recs[2].created_at, product="bottle", line="L1") == {
+        "ok": 1,
+        "review": 0,
+        "defect": 0,
+    }
+    assert store.facets() == {"products": ["bottle", "cap"], "lines": ["L1", "L2"]}  # no None line
+    assert store.unreviewed_count(("review", "defect")) == 2
+    # newest first: 0.7 unreviewed, 0.2 good (ok), 0.1 escape, 0.8 false reject last, 0.9 confirmed last
+    assert store.scores_by_truth("bottle") == {"good": [0.2, 0.8], "defect": [0.1, 0.9], "unreviewed": [0.7]}
+    assert store.scores_by_truth("bottle", limit=2) == {"good": [0.2], "defect": [], "unreviewed": [0.7]}
+
+
 def test_invalid_reviews_write_nothing(store):
     ok_rec = store.add(_record(0, "ok"), {})
     bad_rec = store.add(_record(1, "defect"), {})
