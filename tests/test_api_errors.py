@@ -113,6 +113,15 @@ def test_422_for_invalid_form_and_query_values(client):
     assert_problem(client.post("/segment?output=jpeg", files=one), 422)
     assert_problem(client.post("/segment?output=mask", files=one * 2), 422, "One image needed")
     assert_problem(client.post("/segment", files=one * 2, headers={"Accept": "image/png"}), 406)
+    # form fields in the query, or a misspelt field, would be ignored without a word: both are refused, by name
+    body = assert_problem(client.post("/segment?include=mask&product=p", files=one), 422, "Invalid request")
+    assert [e["loc"] for e in body["errors"]] == ["query.include", "query.product"]
+    assert "multipart form field" in body["errors"][0]["msg"]
+    body = assert_problem(client.post("/segment", files=one, data={"prodcut": "p", "line": "l1"}), 422)
+    assert [e["loc"] for e in body["errors"]] == ["body.prodcut"]
+    assert (
+        body["errors"][0]["msg"] == "unknown field; the form takes image, product, line, part_id, image_score, include"
+    )
     for params in (
         {"limit": 0},
         {"limit": 501},

@@ -99,6 +99,17 @@ def segment_body() -> dict:
 
 
 def parse_fields(form) -> SegmentForm:
+    """The form's text fields as :class:`SegmentForm`; 422 for a field it does not take (a misspelt ``product``
+    would otherwise inspect with the defaults)."""
+    unknown = [name for name in dict.fromkeys(form.keys()) if name != "image" and name not in SegmentForm.model_fields]
+    if unknown:
+        taken = ", ".join(["image", *SegmentForm.model_fields])
+        raise RequestValidationError(
+            [
+                {"loc": ("body", n), "msg": f"unknown field; the form takes {taken}", "type": "extra_forbidden"}
+                for n in unknown
+            ]
+        )
     raw = {}
     for name in SegmentForm.model_fields:
         value = form.get(name)
@@ -220,6 +231,7 @@ async def segment(
     ),
 ):
     t_start = time.perf_counter()
+    refuse_form_fields_in_query(request)
     job = admit(engine, 1)  # a place before the body is read: a busy service refuses at the door
     try:
         return await segment_admitted(request, ctx, engine, response, job, output, key, t_start)
@@ -227,12 +239,23 @@ async def segment(
         job.close()
 
 
+def refuse_form_fields_in_query(request: Request) -> None:
+    """422 for a query parameter other than ``output``: ``?include=mask`` or ``?product=x`` would otherwise be
+    ignored without a word (they are form fields)."""
+    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name != "output"]
+    if unknown:
+        msg = "not a query parameter of /segment: send it as a multipart form field (the query takes only output)"
+        raise RequestValidationError([{"loc": ("query", n), "msg": msg, "type": "extra_forbidden"} for n in unknown])
+
+
 async def segment_admitted(request, ctx, engine, response, job, output, key, t_start):
     """/segment once the request holds its place in the engine (``job``, closed by the caller)."""
     settings = ctx.settings
     async with request.form(max_files=settings.queue_size + 1) as form:
+        uploads = await read_uploads(
+            form, settings
+        )  # first: a file under another name is "no image", not "unknown field"
         fields = parse_fields(form)
-        uploads = await read_uploads(form, settings)
     request.state.n_images = len(uploads)
     png_kind = output or ("overlay" if png_wanted(request.headers.get("accept")) else None)
     if png_kind and len(uploads) != 1:
