@@ -11,6 +11,7 @@ import time
 import pytest
 
 from service.engine.batcher import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
+from service.engine.fair_queue import FairQueue, Pending
 
 
 class Recorder:
@@ -357,3 +358,31 @@ def test_several_functions_run_batches_at_once_each_in_its_own_thread():
     assert sorted(s.worker for s in stats) == [0, 1]
     with pytest.raises(ValueError, match="one per process_batch"):
         DynamicBatcher([held, free], max_batch_size=1, max_wait_ms=0, queue_size=1, executor=[None])
+
+
+def test_fair_queue_serves_keys_round_robin_and_counts_removals():
+    """The waiting line itself: round-robin over keys (a key that was served goes last), push_front puts the given
+    items ahead by key in their order, remove() (a caller cancelled while queued) frees its place in the count."""
+
+    def item(name: str) -> Pending:
+        return Pending(item=name, future=None, enqueued=0.0, timings=None, key=name[0])
+
+    q = FairQueue()
+    a1, a2, b1, a3, c1 = (item(n) for n in ("a1", "a2", "b1", "a3", "c1"))
+    for p in (a1, a2, b1, a3, c1):
+        q.append(p)
+    q.remove(a2)
+    assert len(q) == 4
+    with pytest.raises(ValueError):
+        q.remove(a2)
+    assert [q.popleft().item for _ in range(4)] == ["a1", "b1", "c1", "a3"]
+    assert len(q) == 0 and not q
+    q.append(lone := item("d1"))
+    q.remove(lone)  # its key leaves the rotation with it
+    assert len(q) == 0 and not q
+    for name in ("b2", "a6", "b3"):
+        q.append(item(name))
+    q.push_front([item("a4"), item("c2"), item("a5")])
+    assert len(q) == 6
+    assert [q.popleft().item for _ in range(4)] == ["a4", "c2", "b2", "a5"]
+    assert [p.item for p in q.drain()] == ["b3", "a6"] and len(q) == 0 and not q
