@@ -109,6 +109,36 @@ def test_diagonal_pixels_are_one_region_with_8_connectivity():
     assert regions[0].bbox == (1, 1, 3, 3) and regions[0].area == 3
 
 
+def test_regions_sort_by_max_score_then_area_then_top_then_left():
+    m = np.zeros((10, 20), np.float32)
+    m[7:9, 12:14] = 0.9  # D: the highest score
+    m[5:8, 5:8] = 0.8  # C: 9 px
+    m[1:3, 1:3] = 0.8  # B: 4 px at y 1, x 1
+    m[1:3, 15:17] = 0.8  # A: 4 px at y 1, x 15
+    m[4:6, 0:2] = 0.8  # E: 4 px at y 4, x 0
+    regions = find_regions(m, m > 0)
+    assert [(r.bbox[:2], r.area) for r in regions] == [
+        ((12, 7), 4),
+        ((5, 5), 9),
+        ((1, 1), 4),
+        ((15, 1), 4),
+        ((0, 4), 4),
+    ]
+
+
+def test_a_ragged_outline_is_simplified_to_at_most_64_points():
+    """A comb of 50 teeth 20 px tall: its contour keeps the teeth at the first tolerance (0.5 % of the ~2400 px
+    perimeter = 12 px < 20 px), about 200 points; the tolerance doubles until 64 points or fewer remain."""
+    mask = np.zeros((40, 210), bool)
+    mask[25:35, 5:205] = True
+    for x in range(5, 205, 4):
+        mask[5:25, x : x + 2] = True
+    (region,) = find_regions(np.where(mask, 0.8, 0.0).astype(np.float32), mask)
+    assert region.bbox == (5, 5, 200, 30) and region.area == 50 * 40 + 2000
+    assert 4 <= len(region.polygon) <= 64
+    assert all(5 <= px < 205 and 5 <= py < 35 for px, py in region.polygon)
+
+
 def test_heatmap_uses_absolute_scale():
     image = _gray_image(9, 13)
     zero = postprocess(np.zeros((4, 4), np.float32), image, include=("heatmap",))
