@@ -56,7 +56,6 @@ def start_moto(port: int, log=None) -> subprocess.Popen:
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """URL of a running moto S3 server; the AWS variables of this process point at it for the session."""
-    pytest.importorskip("boto3")
     port = free_port()
     with open(tmp_path_factory.mktemp("moto") / "moto.log", "wb") as log:
         proc = start_moto(port, log)

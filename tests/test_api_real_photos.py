@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -26,7 +25,6 @@ def real_photos() -> list:
     return files
 
 
-@pytest.mark.skipif(not REAL_DEFECTS.is_dir(), reason="shared real_defects set not present")
 def test_every_real_photo_is_inspected(tmp_path):
     files = real_photos()
     assert len(files) == 78

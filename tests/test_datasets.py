@@ -17,7 +17,6 @@ from .paths import REAL_DEFECTS
 
 REAL = REAL_DEFECTS
 DATASETS = ("magnetic_tile", "steel_sd900", "bsdata")
-needs_real = pytest.mark.skipif(not (REAL / "meta.json").is_file(), reason=f"{REAL} not present")
 
 
 def manifest() -> dict[Path, dict]:
@@ -30,7 +29,6 @@ def copy_without_meta(src: Path, dst: Path) -> Path:
     return dst
 
 
-@needs_real
 def test_top_level_meta_counts():
     test = load_dataset(REAL)
     assert {c: len(s) for c, s in test.items()} == {"magnetic_tile": 40, "steel_sd900": 15, "bsdata": 8}
@@ -61,7 +59,6 @@ def test_top_level_meta_counts():
     assert first.img_path.is_absolute()
 
 
-@needs_real
 def test_classes_and_limit():
     got = load_dataset(REAL, classes=["bsdata", "magnetic_tile"], limit=3)
     assert list(got) == ["bsdata", "magnetic_tile"] and [len(v) for v in got.values()] == [3, 3]
@@ -73,7 +70,6 @@ def test_classes_and_limit():
         load_dataset(REAL, split="val")
 
 
-@needs_real
 @pytest.mark.parametrize("name", DATASETS)
 def test_single_class_tree_matches_shipped_meta(tmp_path, name):
     tree = copy_without_meta(REAL / name, tmp_path / name)  # a class folder with train/ or test/ directly
@@ -98,7 +94,6 @@ def test_single_class_tree_matches_shipped_meta(tmp_path, name):
             assert rel == ref
 
 
-@needs_real
 def test_multi_class_tree(tmp_path):
     tree = copy_without_meta(REAL, tmp_path / "real")
     got = load_dataset(tree, split="all")
@@ -106,21 +101,18 @@ def test_multi_class_tree(tmp_path):
     assert list(got) == sorted(got)
 
 
-@needs_real
 @pytest.mark.parametrize("name", DATASETS)
 def test_write_meta_json_round_trips(tmp_path, name):
     out = write_meta_json(REAL / name, out=tmp_path / "meta.json")
     assert out.read_bytes() == (REAL / name / "meta.json").read_bytes()  # same text, byte for byte
 
 
-@needs_real
 def test_build_meta_top_level_matches_shipped():
     shipped = json.loads((REAL / "meta.json").read_text())
     assert build_meta(REAL) == shipped
     assert list(build_meta(REAL, classes=list(shipped["test"]))["test"]) == ["magnetic_tile", "steel_sd900", "bsdata"]
 
 
-@needs_real
 def test_load_mask_matches_manifest():
     rows = manifest()
     for samples in load_dataset(REAL, split="all").values():
@@ -131,7 +123,6 @@ def test_load_mask_matches_manifest():
             assert int(mask.sum()) == int(row["defect_pixels"]) and (mask.any() == bool(s.anomaly))
 
 
-@needs_real
 def test_load_mask_resize_matches_torchvision_reference():
     for s in load_dataset(REAL, classes=["magnetic_tile"])["magnetic_tile"][15:25]:
         grey = np.asarray(Image.open(s.mask_path).convert("L"))

@@ -11,17 +11,15 @@ import pytest
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray.exceptions import ActorDiedError
+from ray.serve.schema import ServeDeploySchema
+from starlette.requests import Request as StarletteRequest
+
+from service.deploy import ray_serve
+from service.deploy.ray_serve import DEPLOYMENT, Gateway, Inspector, call_asgi, deployment_options
 
 from .api_fixtures import make_settings
 from .paths import ROOT
-
-pytest.importorskip("ray.serve")
-from ray.exceptions import ActorDiedError  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
-from starlette.requests import Request as StarletteRequest  # noqa: E402
-
-from service.deploy import ray_serve  # noqa: E402
-from service.deploy.ray_serve import DEPLOYMENT, Gateway, Inspector, call_asgi, deployment_options  # noqa: E402
 
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve_config.yaml"
 RAYSERVICE = ROOT / "deploy" / "ray" / "rayservice.yaml"
@@ -66,7 +64,8 @@ def test_serve_config_and_rayservice_are_valid():
     import ray
 
     assert cluster["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate
+
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
         pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": group["template"]}

@@ -414,7 +414,6 @@ def test_user_errors_are_clear(tmp_path):
 
 
 def test_cli_main_end_to_end(tmp_path, capsys):
-    pytest.importorskip("service.api.server", reason="dhrclip's parser imports the serve command")
     from service.cli import main
 
     out = tmp_path / "r.json"

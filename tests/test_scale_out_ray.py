@@ -23,8 +23,6 @@ from .databases import fresh_database_url, postgres_url
 from .paths import REF_PROMPTS, ROOT, TINY_CLIP
 from .ray_cluster import RayServe
 
-pytest.importorskip("ray.serve")
-
 REFRESH_S = 5.0  # DHR_STATE_REFRESH_S of the replicas (the default): the bound of the threshold test
 CLOCK_SLACK_S = 0.2  # the client's and the replicas' readings of the same monotonic clock, and the PUT's commit
 REPLICA = "x-dhr-replica"
