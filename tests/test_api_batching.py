@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api import create_app
 from service.engine.runner import ModelRunner
@@ -34,15 +35,39 @@ def test_concurrent_requests_share_batches_and_keep_their_own_results(tmp_path):
                     for i, img in enumerate(images)
                 )
             )
-            return responses, engine.batcher.batches_total - before
+            metrics = (await client.get("/metrics")).text
+            return responses, engine.batcher.batches_total - before, metrics
 
-    responses, batches = asyncio.run(main())
+    responses, batches, metrics = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * n
     assert batches < n and len(hook.sizes) == batches  # fewer model calls than requests
     assert max(hook.sizes) >= 2
     results = [r.json()["results"][0] for r in responses]
     assert [x["filename"] for x in results] == [f"c{i}.png" for i in range(n)]
     assert sum(1 for x in results if x["timing_ms"]["batch_size"] >= 2) >= 2
+    # the batch histograms hold one observation per model call: its size, the wait of its oldest image (the
+    # largest queue time of its results) and its run time (each result of a batch reports the batch's)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    by_batch: dict[tuple[float, int], float] = {}
+    for t in (x["timing_ms"] for x in results):
+        key = (t["inference"], t["batch_size"])
+        by_batch[key] = max(by_batch.get(key, 0.0), t["queue"])
+    assert sorted(size for _, size in by_batch) == sorted(hook.sizes)
+    for name in ("dhr_batch_size", "dhr_batch_wait_seconds", "dhr_inference_seconds"):
+        assert samples[(f"{name}_count", ())] == len(hook.sizes), name
+    assert samples[("dhr_batch_size_sum", ())] == n
+    assert samples[("dhr_inference_seconds_sum", ())] == pytest.approx(sum(r for r, _ in by_batch) / 1e3, abs=1e-5)
+    assert samples[("dhr_batch_wait_seconds_sum", ())] == pytest.approx(sum(by_batch.values()) / 1e3, abs=1e-5)
+    segment = (("method", "POST"), ("route", "/segment"), ("status", "200"))
+    assert samples[("dhr_http_request_duration_seconds_count", segment)] == n
+    assert (
+        samples[("dhr_http_request_duration_seconds_sum", segment)]
+        >= sum(x["timing_ms"]["total"] for x in results) / 1e3
+    )
 
     model, _ = load_model(TINY_CLIP, REF_PROMPTS, preset=PRESET, device="cpu")
     runner = ModelRunner(model)
