@@ -171,3 +171,19 @@ def test_false_reject_adds_the_stored_original_as_a_reference(tmp_path, monkeypa
         _problem(client.post(f"/inspections/{recs[2].id}/review", json=body), 404, "not-found", recs[2].id)
         listed = client.get("/products/weave/references").json()
         assert [i["id"] for i in listed["items"]] == [ref_id] and listed["memory"]["n_references"] == 1
+
+
+def test_calibrate_refuses_unknown_fields_and_booleans_it_cannot_read(tmp_path):
+    """use_references=on (an HTML checkbox) or any other word was read as false: with good files the product was
+    calibrated on them alone instead of 422 ambiguous; a misspelt target_frr was ignored (the default applied)."""
+    with TestClient(create_app(make_settings(tmp_path / "data"))) as client:
+        wait_ready(client)
+        assert client.put("/products/weave", json={"image_threshold": 0.5, "pixel_threshold": 0.5}).status_code == 200
+        good = _files("good", [5, 6])
+        r = client.post("/products/weave/calibrate", data={"use_references": "on"}, files=good)
+        _problem(r, 422, "invalid-calibration", "send 'good' files or use_references=true, not both")
+        r = client.post("/products/weave/calibrate", data={"use_references": "maybe"}, files=good)
+        _problem(r, 422, "validation-error", "use_references must be true or false, got 'maybe'")
+        r = client.post("/products/weave/calibrate", data={"target_fr": "0.2"}, files=good)
+        _problem(r, 422, "validation-error", "body.target_fr: unknown field")
+        assert client.get("/products/weave").json()["calibration"] is None

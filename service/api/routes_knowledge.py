@@ -34,7 +34,7 @@ from .knowledge import leave_one_out, product_memory, rebuild_memory
 from .pipeline import Upload, admit, analyse_all
 from .problems import Problem, problem_responses
 from .routes_inspections import ProductName
-from .routes_segment import read_uploads
+from .routes_segment import read_uploads, refuse_unknown_fields
 from .schemas import ProductOut, ReferenceList, memory_out, product_out, reference_out
 from .security import Caller, require_admin_key, require_api_key
 from .state import ServiceContext
@@ -143,6 +143,10 @@ async def delete_reference(
     return Response(status_code=204)
 
 
+# the multipart fields of POST /products/{name}/calibrate (files: good, defect)
+CALIBRATE_FIELDS = ("good", "defect", "use_references", "target_frr", "review_frr", "pixel_quantile", "image_score")
+
+
 def _form_float(form, field: str, default: float | None) -> float | None:
     raw = form.get(field)
     if raw is None or (isinstance(raw, str) and not raw.strip()):
@@ -151,6 +155,17 @@ def _form_float(form, field: str, default: float | None) -> float | None:
         return float(raw)
     except (TypeError, ValueError):
         raise Problem(422, "Invalid request", f"{field} must be a number, got {raw!r}", "validation-error") from None
+
+
+def _form_bool(form, field: str) -> bool:
+    """A checkbox-like field: true/1/yes/on or false/0/no/off (any case), absent or empty false; else 422."""
+    raw = form.get(field)
+    word = raw.strip().lower() if isinstance(raw, str) else raw
+    if word in (None, "", "false", "0", "no", "off"):
+        return False
+    if word in ("true", "1", "yes", "on"):
+        return True
+    raise Problem(422, "Invalid request", f"{field} must be true or false, got {raw!r}", "validation-error")
 
 
 async def _scores_and_maps(ctx, engine, profile, form, use_references: bool, image_score: str):
@@ -205,6 +220,7 @@ async def calibrate_product(request: Request, name: ProductName, _: Caller = Dep
     async with _lock(ctx, name):
         profile = await _profile(ctx, name)
         async with request.form(max_files=ctx.settings.queue_size + 1) as form:
+            refuse_unknown_fields(form, CALIBRATE_FIELDS)
             target_frr = _form_float(form, "target_frr", DEFAULT_TARGET_FRR)
             review_frr = _form_float(form, "review_frr", None)
             pixel_quantile = _form_float(form, "pixel_quantile", DEFAULT_PIXEL_QUANTILE)
@@ -213,7 +229,7 @@ async def calibrate_product(request: Request, name: ProductName, _: Caller = Dep
                 raise Problem(
                     422, "Invalid request", f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}", "calib"
                 )
-            use_references = str(form.get("use_references") or "false").strip().lower() in ("1", "true", "yes")
+            use_references = _form_bool(form, "use_references")
             good, maps, defects = await _scores_and_maps(ctx, engine, profile, form, use_references, image_score)
         try:
             cal = calibrate(

@@ -98,18 +98,18 @@ def segment_body() -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
+def refuse_unknown_fields(form, taken: tuple[str, ...]) -> None:
+    """422 naming each form field not in ``taken``: a misspelt field is never ignored."""
+    unknown = [name for name in dict.fromkeys(form.keys()) if name not in taken]
+    if unknown:
+        msg = f"unknown field; the form takes {', '.join(taken)}"
+        raise RequestValidationError([{"loc": ("body", n), "msg": msg, "type": "extra_forbidden"} for n in unknown])
+
+
 def parse_fields(form) -> SegmentForm:
     """The form's text fields as :class:`SegmentForm`; 422 for a field it does not take (a misspelt ``product``
     would otherwise inspect with the defaults)."""
-    unknown = [name for name in dict.fromkeys(form.keys()) if name != "image" and name not in SegmentForm.model_fields]
-    if unknown:
-        taken = ", ".join(["image", *SegmentForm.model_fields])
-        raise RequestValidationError(
-            [
-                {"loc": ("body", n), "msg": f"unknown field; the form takes {taken}", "type": "extra_forbidden"}
-                for n in unknown
-            ]
-        )
+    refuse_unknown_fields(form, ("image", *SegmentForm.model_fields))
     raw = {}
     for name in SegmentForm.model_fields:
         value = form.get(name)
