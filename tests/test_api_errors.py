@@ -183,3 +183,12 @@ def test_openapi_lists_the_routes(client):
     }
     assert form["properties"]["image"]["minItems"] == 1
     assert form["properties"]["include"]["type"] == "string"
+
+
+def test_an_unknown_list_filter_is_422_not_the_whole_list(client):
+    """?prodcut=x was ignored: the list (or the CSV export) of every product came back as if filtered."""
+    for path in ("/inspections", "/inspections.csv"):
+        body = assert_problem(client.get(path, params={"prodcut": "x", "product": "x"}), 422, path=path)
+        assert [e["loc"] for e in body["errors"]] == ["query.prodcut"], body
+    r = client.get("/inspections", params={"product": "x", "limit": 5, "order": "oldest"})
+    assert r.status_code == 200 and r.json() == {"items": [], "next_cursor": None}

@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.inspection import ARTEFACT_KINDS, Verdict
 from service.storage import InspectionStore, ProductProfile
@@ -70,7 +70,9 @@ def _aware(value: datetime | None, name: str) -> datetime | None:
 
 class InspectionFilters(BaseModel):
     """Query filters shared by ``GET /inspections`` and ``GET /inspections.csv`` (keyword arguments of
-    ``InspectionStore.list``)."""
+    ``InspectionStore.list``). An unknown parameter is a 422: a misspelt filter would list everything."""
+
+    model_config = ConfigDict(extra="forbid")
 
     product: str | None = Field(None, max_length=NAME_MAX, pattern=NAME_PATTERN)
     line: str | None = Field(None, max_length=NAME_MAX, pattern=NAME_PATTERN)
@@ -93,6 +95,18 @@ class InspectionFilters(BaseModel):
         }
 
 
+class PageQuery(InspectionFilters):
+    """The query of ``GET /inspections``: the filters and the page (one model, so that extras are refused)."""
+
+    limit: int = Field(50, ge=1, le=500)
+    cursor: str | None = Field(
+        None,
+        max_length=CURSOR_MAX,
+        pattern=CURSOR_PATTERN,
+        description="next_cursor of the previous page (opaque; 422 when it is not one)",
+    )
+
+
 def list_page(store: InspectionStore, filters: dict, limit: int, cursor: str | None):
     """One page of records with their reviews: ``([(record, [reviews])], next_cursor)``; 422 for a bad cursor."""
     try:
@@ -107,16 +121,9 @@ def list_page(store: InspectionStore, filters: dict, limit: int, cursor: str | N
 async def list_inspections(
     request: Request,
     store: Store,
-    filters: Annotated[InspectionFilters, Query()],
-    limit: int = Query(50, ge=1, le=500),
-    cursor: str | None = Query(
-        None,
-        max_length=CURSOR_MAX,
-        pattern=CURSOR_PATTERN,
-        description="next_cursor of the previous page (opaque; 422 when it is not one)",
-    ),
+    query: Annotated[PageQuery, Query()],
 ):
-    page, next_cursor = await asyncio.to_thread(list_page, store, filters.store_kwargs(), limit, cursor)
+    page, next_cursor = await asyncio.to_thread(list_page, store, query.store_kwargs(), query.limit, query.cursor)
     return InspectionPage(items=[_out(r, request, reviews) for r, reviews in page], next_cursor=next_cursor)
 
 
