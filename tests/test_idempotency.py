@@ -57,6 +57,10 @@ def test_same_key_with_another_body_is_409(client):
     assert other.status_code == 409 and other.json()["type"] == "urn:dhrclip:problem:idempotency-key-reused"
     fields = client.post("/segment", files=[png_file("a.png", 3)], data={"line": "L2"}, headers=headers)
     assert fields.status_code == 409
+    renamed = client.post("/segment", files=[png_file("b.png", 3)], headers=headers)  # same bytes, another name
+    assert renamed.status_code == 409 and renamed.json()["type"] == "urn:dhrclip:problem:idempotency-key-reused"
+    as_png = client.post("/segment?output=mask", files=[png_file("a.png", 3)], headers=headers)  # another answer
+    assert as_png.status_code == 409 and as_png.headers["content-type"] == "application/problem+json"
 
 
 def test_a_png_answer_is_replayed_byte_for_byte(client):
