@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_app
+from service.api import create_app, routes_reviews
 from service.storage import InspectionRecord, InspectionStore
 from service.storage.reviews import MAX_NOTE_CHARS, Review, ReviewNotAllowed
 
@@ -114,11 +114,19 @@ def _app(tmp_path, **kw):
     return TestClient(create_app(make_settings(tmp_path / "data", backbone=str(tmp_path / "none.pt"), **kw)))
 
 
-def test_review_route_json_list_csv_and_metrics(tmp_path):
+def test_review_route_json_list_csv_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(routes_reviews, "CSV_PAGE", 3)  # the export reads the store a page at a time: two pages here
+    two_regions = [
+        {"bbox": [0, 0, 2, 2], "area": 4, "area_ratio": 4 / 48, "max_score": 0.9, "mean_score": 0.8, "polygon": []},
+        {"bbox": [4, 4, 1, 1], "area": 1, "area_ratio": 1 / 48, "max_score": 0.7, "mean_score": 0.7, "polygon": []},
+    ]
     with _app(tmp_path) as client:
         store = client.app.state.ctx.store
         ok_rec = store.add(_record(0, "ok", filename="=HYPERLINK(1).png"), {})
-        bad = [store.add(_record(i, "defect", filename=f"p{i}.png"), {}) for i in (1, 2, 3)]
+        bad = [
+            store.add(_record(i, "defect", filename=f"p{i}.png", regions=two_regions if i == 1 else []), {})
+            for i in (1, 2, 3)
+        ]
 
         r = client.post(
             f"/inspections/{bad[0].id}/review", json={"decision": "false_reject", "note": "oil, not a dent"}
@@ -136,13 +144,23 @@ def test_review_route_json_list_csv_and_metrics(tmp_path):
         assert [x["id"] for x in todo.json()["items"]] == [bad[1].id, bad[2].id]
         done = client.get("/inspections", params={"reviewed": "true"}).json()["items"]
         assert [x["id"] for x in done] == [bad[0].id, ok_rec.id] and done[1]["reviews"][0]["decision"] == "escape"
+        # a second look: the export shows the newest review of an inspection
+        r = client.post(f"/inspections/{bad[0].id}/review", json={"decision": "confirm_defect", "note": "a dent"})
+        assert r.status_code == 201
+        newest = store.reviews_of([bad[0].id])[bad[0].id][-1]
 
         r = client.get("/inspections.csv", params={"order": "oldest"})
         assert r.status_code == 200 and r.headers["content-type"] == "text/csv; charset=utf-8"
         rows = list(csv.DictReader(io.StringIO(r.text)))
         assert [x["id"] for x in rows] == [ok_rec.id, *(b.id for b in bad)]
         assert rows[0]["filename"] == "'=HYPERLINK(1).png" and rows[0]["review_decision"] == "escape"
-        assert rows[1]["review_note"] == "oil, not a dent" and rows[1]["score"] == "0.75"
+        assert (rows[1]["review_decision"], rows[1]["review_note"], rows[1]["score"]) == (
+            "confirm_defect",
+            "a dent",
+            "0.75",
+        )
+        assert rows[1]["reviewed_at"] == newest.created_at.isoformat() and rows[1]["regions"] == "2"
+        assert rows[0]["reviewer"] == "QE Bob" and rows[2]["regions"] == "0"
         assert rows[2]["review_decision"] == "" and rows[2]["filename"] == "p2.png"
         filtered = client.get("/inspections.csv", params={"reviewed": "false", "verdict": "defect"}).text
         assert [x["id"] for x in csv.DictReader(io.StringIO(filtered))] == [bad[2].id, bad[1].id]
@@ -150,7 +168,7 @@ def test_review_route_json_list_csv_and_metrics(tmp_path):
         metrics = client.get("/metrics").text
         assert 'dhr_reviews_total{decision="false_reject"} 1.0' in metrics
         assert 'dhr_reviews_total{decision="escape"} 1.0' in metrics
-        assert 'dhr_reviews_total{decision="confirm_defect"} 0.0' in metrics
+        assert 'dhr_reviews_total{decision="confirm_defect"} 1.0' in metrics
 
 
 def test_forged_reviews_get_a_clear_4xx_and_write_nothing(tmp_path):
