@@ -342,3 +342,29 @@ def test_run_train_user_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and str(good / "b.jpg") in err and "cannot read image" in err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--lr", "nan", "lr > 0"),
+        ("--lr", "inf", "lr > 0"),
+        ("--n-ctx", "0", "n_ctx >= 1"),
+        ("--depth", "0", "depth >= 1"),
+        ("--t-n-ctx", "13", "0 <= t_n_ctx <= n_ctx"),
+        ("--out", "FILE", "a_file: exists and is not a folder"),
+    ],
+)
+def test_bad_train_options_are_one_line_before_the_backbone_loads(tmp_path, capsys, option, value, message):
+    """These were tracebacks (ValueError of the optimizer or of PromptLearner, FileExistsError) after the backbone
+    had loaded; --lr inf was taken and trained to NaN."""
+    from service.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    argv = ["train", "--data", str(REAL / "steel_sd900"), "--backbone", str(tmp_path / "never-read.pt")]
+    argv += ["--out", str(tmp_path / "o"), "--epochs", "1", "--no-progress", "--device", "cpu"]
+    argv += [option, str(tmp_path / "a_file") if value == "FILE" else value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dhrclip train: ") and message in err[0], err
+    assert not (tmp_path / "o").exists()

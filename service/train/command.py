@@ -87,15 +87,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise TrainError(f"--limit must be >= 1, got {args.limit}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise TrainError(f"--out {args.out}: exists and is not a folder")
     device = resolve_device(args.device)
-    root = Path(args.data).expanduser().absolute()
-    by_class = load_dataset(
-        root, split=args.split, classes=parse_classes(args.classes), limit=args.limit, seed=args.seed
-    )
-    for cls, items in by_class.items():
-        if line := balance_warning(cls, items):
-            print(f"dhrclip train: warning: {line}", file=sys.stderr)
-    samples = [s for items in by_class.values() for s in items]
     cfg = DHRConfig(preset=get_preset(args.preset), layer_features=args.layer_features)
     cache = "none" if args.no_cache else "disk" if args.cache_dir else "memory"
     settings = TrainSettings(
@@ -112,6 +106,14 @@ def run_train(args: argparse.Namespace) -> int:
         cache=cache,
         cache_dir=args.cache_dir,
     )
+    root = Path(args.data).expanduser().absolute()
+    by_class = load_dataset(
+        root, split=args.split, classes=parse_classes(args.classes), limit=args.limit, seed=args.seed
+    )
+    for cls, items in by_class.items():
+        if line := balance_warning(cls, items):
+            print(f"dhrclip train: warning: {line}", file=sys.stderr)
+    samples = [s for items in by_class.values() for s in items]
     backbone, _ = find_backbone(args.backbone, Path(args.model_weights_dir))
     clip, info = load_backbone(backbone, allow_download=args.allow_download)
     data = {"root": str(root), "split": args.split, "classes": list(by_class), "limit": args.limit}

@@ -3,6 +3,7 @@ options (and their defaults) without loading torch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from service.errors import UserError
@@ -35,9 +36,14 @@ class TrainSettings:
     cache_dir: str | None = None
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf:  # NaN fails the comparison too
             raise TrainError(
-                f"need epochs >= 1, batch_size >= 1 and lr > 0, got {self.epochs}, {self.batch_size}, {self.lr}"
+                f"need epochs >= 1, batch_size >= 1 and lr > 0 (finite), got {self.epochs}, {self.batch_size}, "
+                f"{self.lr}"
+            )
+        if self.n_ctx < 1 or self.depth < 1 or not 0 <= self.t_n_ctx <= self.n_ctx:
+            raise TrainError(
+                f"need n_ctx >= 1, depth >= 1 and 0 <= t_n_ctx <= n_ctx, got {self.n_ctx}, {self.depth}, {self.t_n_ctx}"
             )
         if self.precision not in PRECISIONS:
             raise TrainError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
