@@ -305,3 +305,13 @@ def test_vit_l_336_random_export_runs_on_onnxruntime(tmp_path):
         f"score {scores:.2e}"
     )
     assert size_mib > 1000 and maps <= 1e-4 and scores <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino-int8"])
+def test_an_out_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, capsys, fmt):
+    """Was a FileExistsError traceback once the model had loaded and the graph had been traced."""
+    (tmp_path / "a_file").write_text("x")
+    args = ["export", "--format", fmt, "--out", str(tmp_path / "a_file"), "--backbone", str(tmp_path / "never.pt")]
+    assert main([*args, *(["--calibration", str(GOOD)] if fmt != "onnx" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dhrclip export: --out {tmp_path / 'a_file'}: exists and is not a folder\n"

@@ -241,3 +241,16 @@ def test_visa_csv(tmp_path):
     (tmp_path / "pcb1/Data/Masks/Anomaly/000.png").unlink()
     with pytest.raises(DatasetError, match=r"pcb1/Data/Masks/Anomaly/000\.png: mask file not found"):
         load_dataset(tmp_path)
+
+
+def test_data_index_to_an_unwritable_place_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """--out in a missing folder or naming a folder was a FileNotFoundError / IsADirectoryError traceback."""
+    from service.cli import main
+
+    root = tmp_path / "widget"
+    shutil.copytree(REAL / "steel_sd900", root, ignore=shutil.ignore_patterns("meta.json"))
+    for out, why in ((tmp_path / "missing" / "meta.json", "No such file or directory"), (root, "Is a directory")):
+        assert main(["data", "index", str(root), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"dhrclip data: {out}: cannot write the index ({why})"], err
+    assert not (root / "meta.json").exists() and not list(tmp_path.rglob("*.tmp"))

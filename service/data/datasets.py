@@ -167,7 +167,13 @@ def write_meta_json(root: str | Path, out: str | Path | None = None, meta: dict 
     root = Path(root).expanduser().absolute()
     out = root / "meta.json" if out is None else Path(out)
     meta = build_meta(root) if meta is None else meta
-    out.write_text(json.dumps(meta, indent=4) + "\n", encoding="utf-8")
+    tmp = out.with_name(out.name + ".tmp")
+    try:  # through a temporary file: a failed write never leaves a half-written index in place
+        tmp.write_text(json.dumps(meta, indent=4) + "\n", encoding="utf-8")
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DatasetError(f"{out}: cannot write the index ({e.strerror or e})") from None
     return out
 
 

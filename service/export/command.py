@@ -107,6 +107,8 @@ def calibration_samples(args: argparse.Namespace) -> tuple[list[tuple[str, bytes
 def run_export(args: argparse.Namespace) -> int:
     if args.calibration_limit < 1:
         raise UserError(f"--calibration-limit must be >= 1, got {args.calibration_limit}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a folder")
     if args.format == "onnx":
         if args.product or args.calibration or args.from_export:
             raise UserError("--product / --calibration / --from make --format openvino-int8; onnx takes none of them")
