@@ -391,3 +391,24 @@ def test_refused_thresholds_form_is_a_page_and_the_api_still_answers_problem_jso
         )
         assert api.status_code == 422 and api.headers["content-type"] == "application/problem+json"
         assert "image_threshold" in api.json()["detail"]
+
+
+def test_the_thresholds_form_keeps_what_it_does_not_show(tmp_path):
+    """The form sends image/pixel threshold and score only: saving it reset the review zone to none and the fusion
+    weight to 0.5 without a word (parts meant for review passed as ok)."""
+    with _app(tmp_path) as client:
+        store = client.app.state.ctx.store
+        store.put_product(
+            ProductProfile(
+                name="w", image_threshold=0.5, pixel_threshold=0.5, image_score="reference",
+                review_threshold=0.3, fusion_weight=0.8,
+            )
+        )  # fmt: skip
+        token = _csrf(client.get("/ui/products/w").text)
+        form = {"image_threshold": "0.6", "pixel_threshold": "0.4", "image_score": "map_max", "csrf": token}
+        assert client.post("/ui/products/w/thresholds", data=form, follow_redirects=False).status_code == 303
+        p = store.get_product("w")
+        assert (p.image_threshold, p.pixel_threshold, p.image_score) == (0.6, 0.4, "map_max")
+        assert (p.review_threshold, p.fusion_weight) == (0.3, 0.8)
+        r = client.post("/ui/products/w/thresholds", data={**form, "image_threshold": "0.2"})
+        _problem_page(r, 422, "Invalid form", "review_threshold 0.3 &gt; image_threshold 0.2", back="/ui/products/w")

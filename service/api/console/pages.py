@@ -138,11 +138,19 @@ async def checked_form(request: Request, authorise: Callable[[], None] | None = 
         yield form
 
 
-async def posted(request: Request, model: type[BaseModel], authorise: Callable[[], None] | None = None, **fixed: str):
-    """A console form post: ``checked_form``, then the fields of ``model`` (``fixed`` ones replacing the form's)
-    validated (422 problem naming them). Returns ``(model instance, the form's "next" field or None)``."""
+async def posted(
+    request: Request,
+    model: type[BaseModel],
+    authorise: Callable[[], None] | None = None,
+    kept: dict | None = None,
+    **fixed: str,
+):
+    """A console form post: ``checked_form``, then the fields of ``model`` (``kept`` ones where the form has none,
+    ``fixed`` ones replacing the form's) validated (422 problem naming them). Returns ``(model instance, the form's
+    "next" field or None)``."""
     async with checked_form(request, authorise) as form:
-        fields = {k: form.get(k) for k in model.model_fields if isinstance(form.get(k), str)} | fixed
+        sent = {k: form.get(k) for k in model.model_fields if isinstance(form.get(k), str)}
+        fields = (kept or {}) | sent | fixed
         next_url = form.get("next")
     try:
         body = model(**fields)
@@ -224,7 +232,10 @@ async def product_page(request: Request, caller: ConsoleCaller, ctx: Context, na
 
 @router.post("/products/{name}/thresholds")
 async def thresholds_form(request: Request, caller: ConsoleCaller, store: Store, name: ProductName):
-    body, _ = await posted(request, ProductIn, lambda: forbid_unless_admin(caller, "change thresholds"))
+    # the form shows the thresholds and the score; the review zone and the fusion weight stay as they are
+    existing = await asyncio.to_thread(store.get_product, name)
+    kept = {k: getattr(existing, k) for k in ("review_threshold", "fusion_weight")} if existing else {}
+    body, _ = await posted(request, ProductIn, lambda: forbid_unless_admin(caller, "change thresholds"), kept)
     await save_product(store, name, body)
     return RedirectResponse(f"/ui/products/{name}", status_code=303)
 
