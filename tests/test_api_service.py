@@ -70,6 +70,25 @@ def test_serve_command_rejects_invalid_settings(monkeypatch, capsys, tmp_path):
     assert run_serve(args) == 2 and "file not found" in capsys.readouterr().err
 
 
+def test_a_misspelt_setting_is_named_not_ignored(monkeypatch, capsys, caplog, tmp_path):
+    """DHR_PRESTE=fast (a typo) was ignored without a word: the service ran with the default preset. In an env file
+    it is refused (every line of it is meant as a setting); in the environment it is a warning at start-up."""
+    import argparse
+
+    env_file = tmp_path / "service.env"
+    env_file.write_text("DHR_PRESET=fast\nDHR_PRESTE=fast\nDHR_THREAD_POLICY=passive\nOTHER=1\n")
+    args = argparse.Namespace(host="127.0.0.1", port=0, env_file=str(env_file), log_level="info")
+    assert run_serve(args) == 2
+    assert capsys.readouterr().err == (
+        f"dhrclip serve: --env-file {env_file}: DHR_PRESTE is not a setting (dhrclip serve --help-settings)\n"
+    )
+    monkeypatch.setenv("DHR_PRESTE", "fast")
+    monkeypatch.setenv("dhr_max_batchsize", "4")
+    with caplog.at_level("WARNING", logger="dhrclip.api"):
+        create_app(make_settings(tmp_path))
+    assert "DHR_MAX_BATCHSIZE, DHR_PRESTE: not settings, ignored" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["DHR_MAX_UPLOAD_MB", "DHR_RETENTION_DAYS", "DHR_REQUEST_TIMEOUT_S"])
 def test_an_infinite_setting_is_one_line(monkeypatch, capsys, name):
     """``inf`` passed every bound: DHR_MAX_UPLOAD_MB=inf was an OverflowError traceback at start-up,

@@ -13,6 +13,8 @@ response carries X-Request-ID and produces one JSON line on the ``dhrclip.access
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,9 +28,11 @@ from .console import install_console
 from .docs import install_docs, install_truthful_openapi
 from .metrics import Metrics
 from .problems import install_problem_handlers
-from .settings import Settings
+from .settings import Settings, unknown_variables
 from .state import Loader, ServiceContext
 from .weights import load_weights
+
+logger = logging.getLogger("dhrclip.api")
 
 DESCRIPTION = """Zero-shot industrial anomaly segmentation with DHR-CLIP.
 
@@ -48,6 +52,10 @@ def create_app(settings: Settings | None = None, load: Loader = load_weights) ->
     """
     thread_policy = apply_thread_policy()  # the same policy as the CLI (service/runtime.py); applied once
     settings = settings if settings is not None else Settings()
+    if unknown := unknown_variables(os.environ):
+        logger.warning(
+            "environment variables %s: not settings, ignored (dhrclip serve --help-settings)", ", ".join(unknown)
+        )
     metrics = Metrics(replica=settings.resolved_replica_name())
     ctx = ServiceContext(settings, metrics=metrics, load=load)  # status "loading" until the lifespan loads
 

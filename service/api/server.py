@@ -76,9 +76,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``dhrclip serve``: returns the exit status (0 after a clean shutdown, 2 for invalid settings)."""
+    from dotenv import dotenv_values
     from pydantic import ValidationError
 
-    from .settings import Settings, settings_error_line, settings_table
+    from .settings import Settings, settings_error_line, settings_table, unknown_variables
 
     if getattr(args, "help_settings", False):
         print(settings_table())
@@ -86,6 +87,13 @@ def run_serve(args: argparse.Namespace) -> int:
     env_file = getattr(args, "env_file", None)
     if env_file and not Path(env_file).is_file():
         print(f"dhrclip serve: --env-file {env_file}: file not found", file=sys.stderr)
+        return 2
+    if env_file and (unknown := unknown_variables(dotenv_values(env_file))):
+        print(
+            f"dhrclip serve: --env-file {env_file}: {', '.join(unknown)} "
+            f"{'is not a setting' if len(unknown) == 1 else 'are not settings'} (dhrclip serve --help-settings)",
+            file=sys.stderr,
+        )
         return 2
     try:
         settings = Settings(_env_file=env_file) if env_file else Settings()

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine import BackendName, ImageScore, PrecisionChoice, PresetName
 from service.engine.options import COMPILE, PREPROCESS, CompileMode, PreprocessMode
+from service.runtime import POLICY_ENV
 from service.storage.artefacts import parse_artefact_url
 from service.storage.store import default_database_url
 
@@ -253,6 +254,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return default_database_url(self.data_dir)
+
+
+def unknown_variables(names) -> list[str]:
+    """The ``DHR_*`` names among ``names`` (any case) that no setting reads, upper-cased and sorted: a misspelt
+    variable would otherwise be ignored without a word. ``DHR_THREAD_POLICY`` is read before torch loads."""
+    known = {f"DHR_{name.upper()}" for name in Settings.model_fields} | {POLICY_ENV}
+    return sorted({n.upper() for n in names if n.upper().startswith("DHR_") and n.upper() not in known})
 
 
 def settings_error_line(exc: Exception) -> str:
