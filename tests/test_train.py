@@ -368,3 +368,17 @@ def test_bad_train_options_are_one_line_before_the_backbone_loads(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dhrclip train: ") and message in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00junk", None])
+def test_resume_from_an_unreadable_optimizer_state_is_one_line(clip_info, samples, tmp_path, content):
+    """A truncated or foreign optimizer_epoch_NNN.pt was an EOFError/UnpicklingError/KeyError traceback."""
+    clip, info = clip_info
+    _train(clip, info, samples, tmp_path / "r", epochs=1)
+    opt = tmp_path / "r" / "optimizer_epoch_001.pt"
+    if content is None:
+        torch.save({"not_optimizer": 1}, opt)
+    else:
+        opt.write_bytes(content)
+    with pytest.raises(TrainError, match=f"{opt}: unreadable optimizer state .*cannot resume"):
+        _train(clip, info, samples, tmp_path / "r", resume=True)

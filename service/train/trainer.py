@@ -169,8 +169,12 @@ def _resume(out_dir: Path, learner: PromptLearner, optimizer, expected: dict) ->
         learner.ctx_pos.copy_(ck.ctx_pos)
         learner.ctx_neg.copy_(ck.ctx_neg)
         learner.deep.copy_(ck.deep)
-    state = torch.load(opt_path, map_location=learner.ctx_pos.device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        state = torch.load(opt_path, map_location=learner.ctx_pos.device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:  # noqa: BLE001 - any reader or shape failure is one line naming the file
+        cause = (str(e).splitlines() or [""])[0]  # torch's weights-only refusal runs to many lines
+        raise TrainError(f"{opt_path}: unreadable optimizer state ({type(e).__name__}: {cause}); cannot resume") from e
     return epoch, list(old.get("epoch_losses", []))[:epoch]
 
 
