@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from service.data import DatasetError, load_dataset, load_mask
+from service.errors import UserError
 from service.evaluate.command import (
     add_evaluate_arguments,
     check_report,
@@ -411,6 +412,10 @@ def test_user_errors_are_clear(tmp_path):
         run_evaluate(_args(limit=0))
     with pytest.raises(ValueError, match="is a directory"):
         run_evaluate(_args(report=str(tmp_path)))
+    (tmp_path / "a_file").write_text("x")  # under a file: was a NotADirectoryError traceback after the whole run
+    for report in (tmp_path / "a_file" / "r.json", tmp_path / "a_file" / "sub" / "r.json"):
+        with pytest.raises(UserError, match=f"--report {report}: {tmp_path / 'a_file'} is not a folder"):
+            run_evaluate(_args(report=str(report)))
 
 
 def test_cli_main_end_to_end(tmp_path, capsys):

@@ -112,6 +112,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report_path = Path(args.report).expanduser() if args.report else None
     if report_path is not None and report_path.is_dir():
         raise UserError(f"--report {report_path}: is a directory, expected a file name")
+    if report_path is not None:  # checked now: a run of hours must not end on a path it cannot write
+        blocking = next((p for p in report_path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise UserError(f"--report {report_path}: {blocking} is not a folder")
     root = Path(args.data).expanduser().absolute()
     by_class = load_dataset(root, split="test", classes=parse_classes(args.classes), limit=args.limit, seed=args.seed)
     if not by_class:
