@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 
 import numpy as np
 from fastapi.testclient import TestClient
@@ -68,6 +69,12 @@ def test_references_memory_calibration_and_restart(tmp_path):
         assert "notes.txt" in r.json()["detail"]
         listed = client.get("/products/weave/references").json()
         assert len(listed["items"]) == 3 and listed["memory"]["version"] == memory["version"]  # nothing added
+        # the refused request's good image may be inside a model call already: that call runs to its end (only
+        # queued images are cancelled), and until it ends admission refuses a lone image (wait > half a call)
+        batcher, deadline = client.app.state.ctx.engine.batcher, time.monotonic() + 30
+        while batcher.in_flight:
+            assert time.monotonic() < deadline, "the refused request's batch never ended"
+            time.sleep(0.01)
 
         seg = client.post("/segment", data={"product": "weave"}, files=_files("image", [21, 20], foreign=True))
         bad_score = seg.json()["results"][1]["score"]
