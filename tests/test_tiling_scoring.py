@@ -78,13 +78,28 @@ def test_token_probs_and_reference_score_by_hand():
 
 
 def test_prepare_image_modes():
-    g16 = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
+    g16 = Image.fromarray(np.array([[0, 257 * 100, 257 * 200, 65535]], dtype=np.uint16))
     assert g16.mode in ("I;16", "I")
     out = np.asarray(prepare_image(g16))
-    assert out.tolist() == [[0, 100, 255]]  # scaled by 1/257, never clipped
+    assert out.tolist() == [[0, 100, 200, 255]]  # scaled by 1/257 (1/256 would give 201 and clip 256), never clipped
     rgba = Image.new("RGBA", (2, 1), (200, 100, 50, 0))
     rgba.putpixel((1, 0), (200, 100, 50, 255))
     assert np.asarray(prepare_image(rgba)).tolist() == [[[0, 0, 0], [200, 100, 50]]]  # composited on black
+    f32 = Image.fromarray(np.array([[-1.0, 0.0, 3.0]], dtype=np.float32))  # float: min-max to [0, 255]
+    assert f32.mode == "F" and np.asarray(prepare_image(f32)).tolist() == [[0, 64, 255]]  # 63.75 rounds to 64
+    flat = Image.fromarray(np.full((1, 2), 5.0, dtype=np.float32))
+    assert np.asarray(prepare_image(flat)).tolist() == [[0, 0]]
+    wide = Image.fromarray(np.array([[0, 100_000, 200_000]], dtype=np.int32))  # 32-bit beyond 16 bits: min-max
+    assert wide.mode == "I" and np.asarray(prepare_image(wide)).tolist() == [[0, 128, 255]]
+    la = Image.new("LA", (2, 1), (200, 0))
+    la.putpixel((1, 0), (200, 255))
+    out = prepare_image(la)
+    assert out.mode == "L" and np.asarray(out).tolist() == [[0, 200]]  # grey with alpha: composited, stays grey
+    clear = Image.new("P", (2, 1))
+    clear.putpalette([10, 20, 30, 40, 50, 60] * 128)
+    clear.putpixel((1, 0), 1)
+    clear.info["transparency"] = 0  # palette entry 0 is transparent: composited on black too
+    assert np.asarray(prepare_image(clear)).tolist() == [[[0, 0, 0], [40, 50, 60]]]
     pal = Image.new("P", (1, 1))
     pal.putpalette([10, 20, 30] * 256)
     assert prepare_image(pal).mode == "RGB" and np.asarray(prepare_image(pal))[0, 0].tolist() == [10, 20, 30]
