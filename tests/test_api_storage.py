@@ -97,6 +97,22 @@ def test_unreachable_postgres_is_one_line_and_503(tmp_path, caplog):
     assert not (tmp_path / "data" / "inspections.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("nonsense", "Could not parse SQLAlchemy URL from given URL string"),
+        ("postgresql://dhr:secret@db:notaport/x", "invalid literal for int() with base 10: 'notaport'"),
+    ],
+)
+def test_an_unparseable_database_url_is_one_line_and_503(tmp_path, caplog, url, cause):
+    """Was an ArgumentError/ValueError traceback that stopped the start-up (the URL is not echoed: it may hold a
+    password)."""
+    settings = make_settings(tmp_path / "data", database_url=url)
+    with caplog.at_level(logging.ERROR, logger="dhrclip.api"), TestClient(create_app(settings)) as client:
+        reason = f"storage unavailable: the database URL cannot be parsed ({cause})"
+        _assert_unready_with(client, caplog, reason)
+
+
 def test_unknown_bucket_is_one_line_and_503(tmp_path, s3_endpoint, caplog):
     settings = make_settings(tmp_path / "data", artefact_url="s3://no-such-bucket-dhr/p")
     with caplog.at_level(logging.ERROR, logger="dhrclip.api"), TestClient(create_app(settings)) as client:

@@ -32,7 +32,7 @@ from typing import Self
 
 from sqlalchemy import and_, create_engine, event, func, or_, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -341,7 +341,10 @@ def open_store(
 
     Raises StorageUnavailableError (one line, password hidden) otherwise; nothing falls back to another store.
     """
-    shown = make_url(database_url).render_as_string(hide_password=True)
+    try:
+        shown = make_url(database_url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError) as exc:  # not echoed: the string may hold a password
+        raise StorageUnavailableError(f"the database URL cannot be parsed ({exc})") from None
     try:
         store = InspectionStore(database_url, artefacts, refresh_s)
     except (SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: a schema the migrations refuse
