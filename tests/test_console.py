@@ -139,6 +139,9 @@ def test_thumbnails_are_rendered_once_and_go_with_their_record(tmp_path):
         assert store.enforce_retention(None, max_count=1) == 1
         assert not store.artefacts.exists(cached) and store.read_artefact(new.id, "overlay") is not None
         assert client.get(f"/ui/thumbs/{old.id}.jpg").status_code == 404
+        png = encode(synthetic_image(5, (400, 100)))  # wider than a thumbnail: long side scaled to 192, aspect kept
+        wide = store.add(make_record(utcnow(), "defect", width=400, height=100), {"overlay": png})
+        assert _thumb_size(client.get(f"/ui/thumbs/{wide.id}.jpg").content) == (192, 48)
 
 
 def test_the_original_layer_is_a_cached_jpeg_of_the_stored_upload(tmp_path):
