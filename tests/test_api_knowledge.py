@@ -194,3 +194,21 @@ def test_calibrate_refuses_unknown_fields_and_booleans_it_cannot_read(tmp_path):
         r = client.post("/products/weave/calibrate", data={"target_fr": "0.2"}, files=good)
         _problem(r, 422, "validation-error", "body.target_fr: unknown field")
         assert client.get("/products/weave").json()["calibration"] is None
+
+
+def test_a_lost_original_is_named_as_lost_not_as_never_stored(tmp_path, caplog):
+    """The store had lost the original of an inspection that lists it: the answer was 409 "stored without its
+    uploaded image (DHR_STORE_ORIGINALS=false ...)", hiding the damage; now the artefact route's answer: 500
+    artefact-missing naming the file, logged as a damaged store. Nothing is written."""
+    with TestClient(create_app(make_settings(tmp_path / "data")), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert client.put("/products/weave", json={"image_threshold": 0.5, "pixel_threshold": 0.5}).is_success
+        store = client.app.state.ctx.store
+        rec = store.add(make_record(utcnow(), "defect", product="weave"), {"original": _texture(5)})
+        key = store.artefact_key(rec.id, "original")
+        store.artefacts.delete(key)
+        body = {"decision": "false_reject", "add_reference": True}
+        with caplog.at_level("ERROR", logger="dhrclip.api"):
+            _problem(client.post(f"/inspections/{rec.id}/review", json=body), 500, "artefact-missing", key)
+        assert "damaged artefact store" in caplog.text
+        assert store.reviews_of([rec.id]) == {} and client.get("/products/weave/references").json()["items"] == []

@@ -151,6 +151,18 @@ async def get_artefact(store: Store, kind: str, inspection_id: InspectionId):
     return await artefact_response(store, inspection_id, kind)
 
 
+async def read_stored(read, *args):
+    """``read(*args)`` in a thread: 500 (logged) when the artefact store lost what the record lists (a damaged
+    store), 503 when it cannot be reached."""
+    try:
+        return await asyncio.to_thread(read, *args)
+    except ArtefactMissingError as exc:
+        logger.error("damaged artefact store: %s", exc)
+        raise Problem(500, "Artefact missing", str(exc), "artefact-missing") from None
+    except ArtefactStoreError as exc:
+        raise service_unavailable(str(exc), 5, "artefact-store-unavailable", "Artefact store unavailable") from None
+
+
 async def artefact_response(store: InspectionStore, inspection_id: str, kind: str) -> Response:
     """The PNG of one kind (rendered on first request): 404 unknown kind or id, 500 when the artefact store lost
     what it is rendered from, 503 when the store cannot be reached."""
@@ -158,13 +170,7 @@ async def artefact_response(store: InspectionStore, inspection_id: str, kind: st
         raise Problem(
             404, "Artefact not found", f"unknown artefact {kind!r}; choose {', '.join(ARTEFACT_KINDS)}", "not-found"
         )
-    try:
-        data = await asyncio.to_thread(stored_png, store, inspection_id, kind)
-    except ArtefactMissingError as exc:
-        logger.error("damaged artefact store: %s", exc)
-        raise Problem(500, "Artefact missing", str(exc), "artefact-missing") from None
-    except ArtefactStoreError as exc:
-        raise service_unavailable(str(exc), 5, "artefact-store-unavailable", "Artefact store unavailable") from None
+    data = await read_stored(stored_png, store, inspection_id, kind)
     if data is None:
         raise Problem(404, "Artefact not found", f"no {kind}.png for inspection {inspection_id!r}", "not-found")
     disposition = f'inline; filename="{inspection_id}-{kind}.png"'

@@ -25,14 +25,13 @@ from fastapi.responses import StreamingResponse
 
 from service.inspection import DECISION_VERDICTS
 from service.storage import InspectionStore
-from service.storage.artefacts import ArtefactMissingError
 from service.storage.models import ReferenceImage
 from service.storage.reviews import Review, ReviewNotAllowed
 
 from .deps import Context, Store
 from .pipeline import Upload
 from .problems import Problem, problem_responses
-from .routes_inspections import InspectionFilters, InspectionId, list_page
+from .routes_inspections import InspectionFilters, InspectionId, list_page, read_stored
 from .routes_knowledge import remove_reference, store_references
 from .schemas import ReviewIn, ReviewOut
 from .security import Caller, forbid_unless_admin, require_api_key
@@ -85,10 +84,7 @@ async def reference_from_inspection(ctx: ServiceContext, inspection_id: str, cal
         )
     if not record.product:
         raise Problem(409, "No product", f"inspection {inspection_id} names no product to add it to", "no-product")
-    try:
-        data = await asyncio.to_thread(store.read_artefact, inspection_id, "original")
-    except ArtefactMissingError:
-        data = None
+    data = await read_stored(store.read_artefact, inspection_id, "original")  # None: never stored
     if data is None:
         raise Problem(
             409,
@@ -142,7 +138,7 @@ async def submit_review(ctx: ServiceContext, inspection_id: str, body: ReviewIn,
     "/inspections/{inspection_id}/review",
     status_code=201,
     response_model=ReviewOut,
-    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 503, 504),
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 415, 422, 500, 503, 504),
 )
 async def post_review(
     body: ReviewIn, ctx: Context, inspection_id: InspectionId, caller: Caller = Depends(require_api_key)
