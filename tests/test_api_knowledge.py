@@ -212,3 +212,25 @@ def test_a_lost_original_is_named_as_lost_not_as_never_stored(tmp_path, caplog):
             _problem(client.post(f"/inspections/{rec.id}/review", json=body), 500, "artefact-missing", key)
         assert "damaged artefact store" in caplog.text
         assert store.reviews_of([rec.id]) == {} and client.get("/products/weave/references").json()["items"] == []
+
+
+def test_references_are_all_or_nothing_when_the_storage_fails(tmp_path, monkeypatch):
+    """A storage failure while adding references was a bare 500; when the memory rebuild failed, the references
+    stayed stored while the memory in use did not hold them. Now 503 storage-unavailable and nothing is kept."""
+
+    with TestClient(create_app(make_settings(tmp_path / "data")), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert client.put("/products/weave", json={"image_threshold": 0.5, "pixel_threshold": 0.5}).is_success
+        store = client.app.state.ctx.store
+
+        def full_disk(*args):
+            raise OSError(28, "No space left on device")
+
+        for target in ("add_references", "set_memory"):
+            with monkeypatch.context() as m:
+                m.setattr(store, target, full_disk)
+                r = client.post("/products/weave/references", files=_files("image", [1, 2]))
+            _problem(r, 503, "storage-unavailable", "the references could not be stored (OSError); nothing was kept")
+            listed = client.get("/products/weave/references").json()
+            assert listed == {"items": [], "memory": None}, target
+            assert list(store.artefacts.keys("references/")) == [], target

@@ -243,11 +243,14 @@ def rendered_kinds(asked: tuple[str, ...], keep_original: bool) -> tuple[str, ..
     return asked if keep_original or "overlay" in asked else (*asked, "overlay")
 
 
-def storage_problem(exc: BaseException) -> Problem:
+STORAGE_ERRORS = (OSError, ArtefactStoreError, SQLAlchemyError)  # a full disk, a lost database or bucket
+
+
+def storage_problem(exc: BaseException, what: str = "the inspection") -> Problem:
     """503 for a storage failure (nothing of the request was kept: ``add_many`` is all or nothing); the cause is
     logged, not sent (it may name server paths)."""
-    logger.error("inspection not stored, the request is refused: %s: %s", type(exc).__name__, exc)
-    detail = f"the inspection could not be stored ({type(exc).__name__}); nothing was kept: retry later"
+    logger.error("%s not stored, the request is refused: %s: %s", what, type(exc).__name__, exc)
+    detail = f"{what} could not be stored ({type(exc).__name__}); nothing was kept: retry later"
     return service_unavailable(detail, STORAGE_RETRY_S, slug="storage-unavailable", title="Storage unavailable")
 
 
@@ -269,7 +272,7 @@ def store_all(
         stored = store.add_many(
             [(r, artefacts_of(a, keep_original)) for r, a in zip(records, analysed, strict=True)], idempotency
         )
-    except (OSError, ArtefactStoreError, SQLAlchemyError) as exc:  # a full disk, a lost database or bucket
+    except STORAGE_ERRORS as exc:
         raise storage_problem(exc) from exc
     t1 = time.perf_counter()
     return [(record, _ms(t1 - t0), t1) for record in stored]

@@ -31,7 +31,7 @@ from service.storage import ProductProfile
 from service.storage.models import CalibrationRecord, ReferenceImage
 
 from .knowledge import leave_one_out, product_memory, rebuild_memory
-from .pipeline import Upload, admit, analyse_all
+from .pipeline import STORAGE_ERRORS, Upload, admit, analyse_all, storage_problem
 from .problems import Problem, problem_responses
 from .routes_inspections import ProductName
 from .routes_segment import read_uploads, refuse_unknown_fields
@@ -98,9 +98,23 @@ async def store_references(ctx: ServiceContext, name: str, uploads: list[Upload]
         for a in analysed
     ]
     async with _lock(ctx, name):
-        stored = await asyncio.to_thread(store.add_references, items)
-        await asyncio.to_thread(rebuild_memory, engine, store, name)
+        try:
+            stored = await asyncio.to_thread(store.add_references, items)  # all or nothing itself
+        except STORAGE_ERRORS as exc:
+            raise storage_problem(exc, "the references") from exc
+        try:
+            await asyncio.to_thread(rebuild_memory, engine, store, name)
+        except BaseException as exc:  # the memory in use must hold every stored reference: take them back
+            await asyncio.shield(asyncio.to_thread(_delete_references, store, name, [r.id for r in stored]))
+            if isinstance(exc, STORAGE_ERRORS):
+                raise storage_problem(exc, "the references") from exc
+            raise
     return stored
+
+
+def _delete_references(store, name: str, ids: list[str]) -> None:
+    for ref_id in ids:
+        store.delete_reference(name, ref_id)
 
 
 async def remove_reference(ctx: ServiceContext, name: str, ref_id: str) -> None:
