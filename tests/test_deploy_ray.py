@@ -188,3 +188,16 @@ def test_a_new_replica_is_healthy_once_its_model_loaded_or_failed(monkeypatch, a
 
     asyncio.run(Inspector.check_health(SimpleNamespace(app=app)))
     assert seen == answers[:polls]
+
+
+def test_invalid_settings_are_one_line_before_a_cluster_starts(monkeypatch, capsys):
+    """Were a pydantic ValidationError traceback from app(), after ray.init and serve.start."""
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("deploy must not start")
+
+    monkeypatch.setattr(ray_serve, "deploy", no_cluster)
+    monkeypatch.setenv("DHR_PRECISION", "fp8")
+    assert ray_serve.main(["--address", "local"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ray_serve: invalid settings: DHR_PRECISION: ") and err.count("\n") == 1, err

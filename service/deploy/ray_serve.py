@@ -42,6 +42,7 @@ import threading
 import time
 import uuid
 
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -52,7 +53,7 @@ from starlette.responses import Response
 from service.api.access_log import REQUEST_ID_HEADER, too_large
 from service.api.app import create_app
 from service.api.problems import service_unavailable
-from service.api.settings import Settings
+from service.api.settings import Settings, settings_error_line
 
 logger = logging.getLogger("dhrclip.deploy")
 
@@ -270,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         "--block", action="store_true", help="stay in the foreground until Ctrl-C or SIGTERM, then shut Serve down"
     )
     args = parser.parse_args(argv)
+    try:
+        Settings()  # checked before a cluster starts: the builder and every replica read the same variables
+    except ValidationError as exc:
+        print(f"ray_serve: {settings_error_line(exc)}", file=sys.stderr)
+        return 2
     try:
         out = deploy(args.address, args.host, args.port, args.timeout, logs=args.block)
     except (RuntimeError, TimeoutError, ConnectionError) as exc:
