@@ -234,3 +234,29 @@ def test_references_are_all_or_nothing_when_the_storage_fails(tmp_path, monkeypa
             listed = client.get("/products/weave/references").json()
             assert listed == {"items": [], "memory": None}, target
             assert list(store.artefacts.keys("references/")) == [], target
+
+
+def test_a_removal_whose_memory_cannot_be_rebuilt_keeps_the_reference(tmp_path, monkeypatch):
+    """The reference was deleted first: when the memory rebuild then failed (500), the memory in use kept judging
+    with the deleted image and a retry was 404. Now the memory without it is built first; a failure is 503 with the
+    reference and the memory as they were, and the retry completes."""
+    with TestClient(create_app(make_settings(tmp_path / "data")), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert client.put("/products/weave", json={"image_threshold": 0.5, "pixel_threshold": 0.5}).is_success
+        added = client.post("/products/weave/references", files=_files("image", [1, 2])).json()
+        first, version = added["items"][0]["id"], added["memory"]["version"]
+        store = client.app.state.ctx.store
+
+        def full_disk(*args):
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as m:
+            m.setattr(store, "set_memory", full_disk)
+            r = client.delete(f"/products/weave/references/{first}")
+        _problem(r, 503, "storage-unavailable", "the removal could not be stored (OSError)")
+        listed = client.get("/products/weave/references").json()
+        assert len(listed["items"]) == 2 and listed["memory"]["version"] == version
+        assert client.delete(f"/products/weave/references/{first}").status_code == 204
+        listed = client.get("/products/weave/references").json()
+        assert [i["id"] for i in listed["items"]] == [added["items"][1]["id"]]
+        assert listed["memory"]["n_references"] == 1 and listed["memory"]["version"] != version

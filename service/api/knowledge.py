@@ -36,10 +36,13 @@ def product_memory(engine: Engine, store: InspectionStore, profile: ProductProfi
     return engine.memories.get(version, lambda: memory_from_bytes(store.read_memory(version)))
 
 
-def reference_features(engine: Engine, store: InspectionStore, product: str) -> tuple[list[str], list]:
-    """Ids and stored features of a product's references; 409 when some were analysed by another model."""
+def reference_features(
+    engine: Engine, store: InspectionStore, product: str, without: str | None = None
+) -> tuple[list[str], list]:
+    """Ids and stored features of a product's references (but ``without``); 409 when some were analysed by another
+    model."""
     key = model_key(engine.info)
-    refs = store.list_references(product)
+    refs = [r for r in store.list_references(product) if r.id != without]
     foreign = [r.id for r in refs if r.model_key != key]
     if foreign:
         raise Problem(
@@ -52,9 +55,10 @@ def reference_features(engine: Engine, store: InspectionStore, product: str) -> 
     return [r.id for r in refs], [features_from_bytes(store.read_reference_features(r.id)) for r in refs]
 
 
-def rebuild_memory(engine: Engine, store: InspectionStore, product: str) -> ProductProfile:
-    """Make the product's memory match its references (none: no memory); returns the updated profile."""
-    ids, features = reference_features(engine, store, product)
+def rebuild_memory(engine: Engine, store: InspectionStore, product: str, without: str | None = None) -> ProductProfile:
+    """Make the product's memory match its references (but ``without``, about to be removed; none: no memory);
+    returns the updated profile."""
+    ids, features = reference_features(engine, store, product, without)
     if not ids:
         return store.set_memory(product, None)
     cap = engine.cfg.memory_max_tokens

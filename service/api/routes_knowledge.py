@@ -118,13 +118,20 @@ def _delete_references(store, name: str, ids: list[str]) -> None:
 
 
 async def remove_reference(ctx: ServiceContext, name: str, ref_id: str) -> None:
-    """Delete one reference of ``name`` and rebuild its memory; 404 for an unknown product or reference."""
+    """Delete one reference of ``name``, its memory rebuilt without it first (a failure leaves both as they were,
+    503; a failed delete after it leaves a memory without the reference, which a retry completes); 404 for an
+    unknown product or reference."""
     engine, store = ctx.require_engine(), ctx.require_store()
     await _profile(ctx, name)
     async with _lock(ctx, name):
-        if not await asyncio.to_thread(store.delete_reference, name, ref_id):
+        refs = await asyncio.to_thread(store.list_references, name)
+        if ref_id not in {r.id for r in refs}:
             raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
-        await asyncio.to_thread(rebuild_memory, engine, store, name)
+        try:
+            await asyncio.to_thread(rebuild_memory, engine, store, name, ref_id)
+            await asyncio.to_thread(store.delete_reference, name, ref_id)
+        except STORAGE_ERRORS as exc:
+            raise storage_problem(exc, "the removal") from exc
 
 
 @router.post(
