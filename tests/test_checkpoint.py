@@ -125,3 +125,25 @@ def test_a_depth_of_another_type_is_named_with_its_type(tmp_path):
     save_file(tensors, str(tmp_path / "d.safetensors"), metadata={"dhrclip": json.dumps({"depth": "2"})})
     with pytest.raises(CheckpointError, match=r"metadata says depth '2' but"):
         load_checkpoint(tmp_path / "d.safetensors")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """--out a file was a FileExistsError traceback; a write failing half-way left ``<name>.tmp`` behind."""
+    from service.cli import main
+    from service.model import checkpoint
+
+    (tmp_path / "a_file").write_text("x")
+    assert main(["weights", "import", str(REF_PROMPTS), "--out", str(tmp_path / "a_file")]) == 2
+    out = tmp_path / "a_file" / "prompt_learner_checkpoint.safetensors"
+    assert capsys.readouterr().err == f"dhrclip weights: {out}: cannot write it (File exists)\n"
+
+    def half_written(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", half_written)
+    with pytest.raises(
+        CheckpointError, match=r"prompt_learner_checkpoint.safetensors: cannot write it \(No space left on device\)"
+    ):
+        import_reference(REF_PROMPTS, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []

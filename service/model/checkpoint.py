@@ -9,6 +9,7 @@ A checkpoint *directory* means its newest ``*.safetensors``. The reference's ``{
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -104,7 +105,6 @@ def _validate(ck: PromptCheckpoint, src: str) -> PromptCheckpoint:
 def save_checkpoint(ck: PromptCheckpoint, path: str | Path) -> Path:
     """Write ``path`` (a ``.safetensors`` file) atomically; returns it. ``ck.meta`` is completed with the sizes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(ck.meta)
     meta.update(
         format=FORMAT, n_ctx=ck.ctx_pos.shape[0], depth=ck.deep.shape[0] + 1, t_n_ctx=ck.deep.shape[1], width=ck.width
@@ -113,8 +113,16 @@ def save_checkpoint(ck: PromptCheckpoint, path: str | Path) -> Path:
     _validate(PromptCheckpoint(ck.ctx_pos, ck.ctx_neg, ck.deep, meta), str(path))
     tensors = {"ctx_pos": ck.ctx_pos.contiguous(), "ctx_neg": ck.ctx_neg.contiguous(), "deep": ck.deep.contiguous()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"dhrclip": json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"dhrclip": json.dumps(meta, sort_keys=True)})
+        tmp.replace(path)
+    except BaseException as e:  # a failed write leaves no temporary file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write it ({e.strerror or e})") from None
+        raise
     ck.meta, ck.path, ck.sha256 = meta, str(path), sha256_file(path)
     return path
 
