@@ -315,3 +315,12 @@ def test_an_out_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, caps
     assert main([*args, *(["--calibration", str(GOOD)] if fmt != "onnx" else [])]) == 2
     err = capsys.readouterr().err
     assert err == f"dhrclip export: --out {tmp_path / 'a_file'}: exists and is not a folder\n"
+
+
+def test_a_sidecar_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+    """json.dump failing half-way (here: a value JSON cannot hold) left a tmpXXXX.tmp in the export folder."""
+    from service.engine.export import _write_json
+
+    with pytest.raises(TypeError):
+        _write_json(tmp_path, {"format": "x", "bad": object()})
+    assert list(tmp_path.iterdir()) == []

@@ -144,7 +144,12 @@ def derived_sidecar(exp: Exported, out_dir: Path, graph: Path, quantization: dic
 def _write_json(out_dir: Path, meta: dict) -> Path:
     path = out_dir / SIDECAR
     with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
-        json.dump(meta, f, indent=1)
+        try:
+            json.dump(meta, f, indent=1)
+        except BaseException:
+            f.close()
+            Path(f.name).unlink(missing_ok=True)  # a failed write leaves no temporary file behind
+            raise
     Path(f.name).replace(path)  # readers never see half a sidecar
     return path
 
