@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service.engine.knowledge import MemoryCache
 from service.model import build_model, load_views
 from service.model import memory as mem
 from service.model.dhrclip import EXTRA_MAPS
@@ -137,3 +138,25 @@ def test_cap_memory_keeps_the_cap_and_is_deterministic():
     assert cap_memory(m, 1000).whole is m.whole  # under the cap: unchanged
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
         cap_memory(m, 0)
+
+
+def test_memory_cache_evicts_the_least_recently_used_and_loads_each_version_once():
+    loads: list[str] = []
+
+    def loader(version: str):
+        def load() -> NormalMemory:
+            loads.append(version)
+            return NormalMemory(torch.full((1, 1, 2), float(len(loads))), torch.zeros(1, 1, 2))
+
+        return load
+
+    cache = MemoryCache("cpu", capacity=2)
+    a = cache.get("a", loader("a"))
+    cache.get("b", loader("b"))
+    assert cache.get("a", loader("a")) is a and loads == ["a", "b"]  # a hit: not loaded again, now most recent
+    cache.get("c", loader("c"))  # evicts b, the least recently used
+    assert cache.versions() == ["a", "c"]
+    cache.get("b", loader("b"))
+    assert loads == ["a", "b", "c", "b"] and cache.versions() == ["c", "b"]
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        MemoryCache("cpu", capacity=0)
