@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import time
@@ -114,8 +115,13 @@ def test_references_memory_calibration_and_restart(tmp_path):
             > cal["pixel_good_level"]
             == product["pixel_good_level"]
         )
-        before = client.post("/segment", data={"product": "weave"}, files=_files("image", [22])).json()["results"][0]
+        before = client.post(
+            "/segment", data={"product": "weave", "include": "heatmap"}, files=_files("image", [22])
+        ).json()["results"][0]
         assert before["calibration_version"] == cal["version"]
+        # rendered later from the stored map with the calibration's colour anchor: the bytes answered inline
+        stored_heatmap = client.get(before["links"]["heatmap"]).content
+        assert stored_heatmap == base64.b64decode(before["images"]["heatmap"])
 
     with TestClient(create_app(settings)) as client:  # restart on the same data dir and database
         wait_ready(client)
