@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import event
 
 from service.storage import InspectionStore
-from service.storage.models import IdempotencyEntry, utcnow
+from service.storage.idempotency import IdempotencyEntry
+from service.storage.models import utcnow
 
 from .api_fixtures import make_record
 

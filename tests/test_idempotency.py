@@ -20,8 +20,7 @@ from service.api.idempotency import fingerprint
 from service.api.pipeline import Upload
 from service.api.routes_segment import SegmentForm
 from service.storage import InspectionRecord, InspectionStore
-from service.storage.idempotency import ClaimLostError
-from service.storage.models import IdempotencyEntry
+from service.storage.idempotency import ClaimLostError, IdempotencyEntry
 from service.storage.schema import alembic_config
 
 from .api_fixtures import make_settings, png_file, wait_ready

@@ -17,7 +17,8 @@ import pytest
 
 from service.storage import InspectionRecord, InspectionStore, ProductProfile, new_inspection_id
 from service.storage.artefacts import ArtefactMissingError, ArtefactStore, LocalArtefactStore, S3ArtefactStore
-from service.storage.models import IdempotencyEntry, utcnow
+from service.storage.idempotency import IdempotencyEntry
+from service.storage.models import utcnow
 
 T0 = datetime(2024, 3, 10, 12, 0, 0, 123456, tzinfo=UTC)
 PNG_A = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4

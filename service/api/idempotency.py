@@ -25,8 +25,7 @@ import hashlib
 import json
 
 from service.storage import InspectionRecord, InspectionStore
-from service.storage.idempotency import ClaimLostError
-from service.storage.models import IdempotencyEntry
+from service.storage.idempotency import ClaimLostError, IdempotencyEntry
 
 from .pipeline import Upload
 from .problems import Problem

@@ -42,7 +42,7 @@ from service.engine.runner import AbandonedError, Engine, ImageResult, InferItem
 from service.inspection import Thresholds, verdict
 from service.storage import InspectionRecord, InspectionStore
 from service.storage.artefacts import ArtefactStoreError
-from service.storage.models import IdempotencyEntry
+from service.storage.idempotency import IdempotencyEntry
 
 from .problems import ClientDisconnected, Problem, image_problem, service_unavailable
 

@@ -34,7 +34,7 @@ from .knowledge import leave_one_out, product_memory, rebuild_memory
 from .pipeline import STORAGE_ERRORS, Upload, admit, analyse_all, storage_problem
 from .problems import Problem, problem_responses
 from .routes_inspections import ProductName
-from .routes_segment import read_uploads, refuse_unknown_fields
+from .routes_segment import read_uploads, refuse_unknown
 from .schemas import ProductOut, ReferenceList, memory_out, product_out, reference_out
 from .security import Caller, require_admin_key, require_api_key
 from .state import ServiceContext
@@ -124,8 +124,7 @@ async def remove_reference(ctx: ServiceContext, name: str, ref_id: str) -> None:
     engine, store = ctx.require_engine(), ctx.require_store()
     await _profile(ctx, name)
     async with _lock(ctx, name):
-        refs = await asyncio.to_thread(store.list_references, name)
-        if ref_id not in {r.id for r in refs}:
+        if await asyncio.to_thread(store.get_reference, name, ref_id) is None:
             raise Problem(404, "Reference not found", f"product {name!r} has no reference {ref_id!r}", "not-found")
         try:
             await asyncio.to_thread(rebuild_memory, engine, store, name, ref_id)
@@ -241,7 +240,7 @@ async def calibrate_product(request: Request, name: ProductName, _: Caller = Dep
     async with _lock(ctx, name):
         profile = await _profile(ctx, name)
         async with request.form(max_files=ctx.settings.queue_size + 1) as form:
-            refuse_unknown_fields(form, CALIBRATE_FIELDS)
+            refuse_unknown(form.keys(), CALIBRATE_FIELDS)
             target_frr = _form_float(form, "target_frr", DEFAULT_TARGET_FRR)
             review_frr = _form_float(form, "review_frr", None)
             pixel_quantile = _form_float(form, "pixel_quantile", DEFAULT_PIXEL_QUANTILE)

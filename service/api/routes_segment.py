@@ -98,18 +98,19 @@ def segment_body() -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-def refuse_unknown_fields(form, taken: tuple[str, ...]) -> None:
-    """422 naming each form field not in ``taken``: a misspelt field is never ignored."""
-    unknown = [name for name in dict.fromkeys(form.keys()) if name not in taken]
+def refuse_unknown(names, taken: tuple[str, ...], where: str = "body", msg: str | None = None) -> None:
+    """422 naming each of ``names`` (form fields, or query parameters with ``where="query"``) not in ``taken``: a
+    misspelt or misplaced field is never ignored."""
+    unknown = [name for name in dict.fromkeys(names) if name not in taken]
     if unknown:
-        msg = f"unknown field; the form takes {', '.join(taken)}"
-        raise RequestValidationError([{"loc": ("body", n), "msg": msg, "type": "extra_forbidden"} for n in unknown])
+        msg = msg or f"unknown field; the form takes {', '.join(taken)}"
+        raise RequestValidationError([{"loc": (where, n), "msg": msg, "type": "extra_forbidden"} for n in unknown])
 
 
 def parse_fields(form) -> SegmentForm:
     """The form's text fields as :class:`SegmentForm`; 422 for a field it does not take (a misspelt ``product``
     would otherwise inspect with the defaults)."""
-    refuse_unknown_fields(form, ("image", *SegmentForm.model_fields))
+    refuse_unknown(form.keys(), ("image", *SegmentForm.model_fields))
     raw = {}
     for name in SegmentForm.model_fields:
         value = form.get(name)
@@ -242,19 +243,16 @@ async def segment(
 def refuse_form_fields_in_query(request: Request) -> None:
     """422 for a query parameter other than ``output``: ``?include=mask`` or ``?product=x`` would otherwise be
     ignored without a word (they are form fields)."""
-    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name != "output"]
-    if unknown:
-        msg = "not a query parameter of /segment: send it as a multipart form field (the query takes only output)"
-        raise RequestValidationError([{"loc": ("query", n), "msg": msg, "type": "extra_forbidden"} for n in unknown])
+    msg = "not a query parameter of /segment: send it as a multipart form field (the query takes only output)"
+    refuse_unknown(request.query_params.keys(), ("output",), "query", msg)
 
 
 async def segment_admitted(request, ctx, engine, response, job, output, key, t_start):
     """/segment once the request holds its place in the engine (``job``, closed by the caller)."""
     settings = ctx.settings
     async with request.form(max_files=settings.queue_size + 1) as form:
-        uploads = await read_uploads(
-            form, settings
-        )  # first: a file under another name is "no image", not "unknown field"
+        # the files first: a file under another name is "no image", not "unknown field"
+        uploads = await read_uploads(form, settings)
         fields = parse_fields(form)
     request.state.n_images = len(uploads)
     png_kind = output or ("overlay" if png_wanted(request.headers.get("accept")) else None)

@@ -265,10 +265,8 @@ def unknown_variables(names) -> list[str]:
     """The ``DHR_*`` names among ``names`` (any case) that no setting reads (nor ``OTHER_READERS``), upper-cased and
     sorted: a misspelt variable would otherwise be ignored without a word."""
     known = {f"DHR_{name.upper()}" for name in Settings.model_fields}
-    return sorted(
-        {n.upper() for n in names if n.upper().startswith("DHR_") and n.upper() not in known}
-        - {n.upper() for n in names if n.upper().startswith(OTHER_READERS)}
-    )
+    upper = {n.upper() for n in names}
+    return sorted(n for n in upper if n.startswith("DHR_") and n not in known and not n.startswith(OTHER_READERS))
 
 
 def settings_error_line(exc: Exception) -> str:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from service.cli_options import add_model_arguments, load_model_from_args
-from service.errors import UserError
+from service.errors import UserError, check_out_folder
 
 FORMATS = ("onnx", "openvino-int8")
 
@@ -107,8 +107,7 @@ def calibration_samples(args: argparse.Namespace) -> tuple[list[tuple[str, bytes
 def run_export(args: argparse.Namespace) -> int:
     if args.calibration_limit < 1:
         raise UserError(f"--calibration-limit must be >= 1, got {args.calibration_limit}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out}: exists and is not a folder")
+    check_out_folder("--out", args.out)
     if args.format == "onnx":
         if args.product or args.calibration or args.from_export:
             raise UserError("--product / --calibration / --from make --format openvino-int8; onnx takes none of them")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.cli_options import add_model_arguments, load_model_from_args
-from service.errors import UserError
+from service.errors import UserError, check_out_folder
 from service.inspection import ARTEFACT_KINDS, Thresholds, verdict
 from service.model.config import DEFAULT_FUSION_WEIGHT, IMAGE_SCORES
 
@@ -87,9 +87,7 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UserError(f"{option} must be in [0, 1], got {value}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
+    check_out_folder("--out", args.out)
 
 
 def run_predict(args: argparse.Namespace) -> int:

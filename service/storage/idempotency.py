@@ -22,17 +22,31 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import replace
-from datetime import timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.storage.models import IdempotencyEntry, IdempotencyRow, utcnow
+from service.storage.models import IdempotencyRow, utcnow
 
 FIELDS = ("key", "fingerprint", "inspection_ids", "created_at", "state", "claim", "owner")
 PENDING, DONE = "pending", "done"
+
+
+@dataclass(frozen=True)
+class IdempotencyEntry:
+    """One key as its row holds it (``FIELDS``)."""
+
+    key: str
+    fingerprint: str  # 64 hex digits
+    inspection_ids: list[str]
+    created_at: datetime = field(default_factory=utcnow)
+    state: str = DONE  # PENDING or DONE
+    claim: str | None = None  # the token of the request holding a pending key
+    owner: str | None = None  # the instance (process) holding a pending key; None: unknown, only its age counts
+
 
 logger = logging.getLogger("dhrclip.storage")
 

@@ -273,9 +273,6 @@ class CalibrationRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
-IDEMPOTENCY_STATES = ("pending", "done")
-
-
 class IdempotencyRow(Base):
     """One ``Idempotency-Key`` of /segment: the SHA-256 of what was sent and the inspections it created.
 
@@ -312,17 +309,6 @@ class InstanceRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     alive_until: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
-
-
-@dataclass(frozen=True)
-class IdempotencyEntry:
-    key: str
-    fingerprint: str  # 64 hex digits
-    inspection_ids: list[str]
-    created_at: datetime = field(default_factory=utcnow)
-    state: str = "done"  # one of IDEMPOTENCY_STATES
-    claim: str | None = None  # the token of the request holding a pending key
-    owner: str | None = None  # the instance (process) holding a pending key; None: unknown, only its age counts
 
 
 RECORD_FIELDS = tuple(InspectionRecord.__dataclass_fields__)

@@ -38,13 +38,12 @@ from sqlalchemy.pool import StaticPool
 
 from service.storage.artefacts import ArtefactStore, ArtefactStoreError, LocalArtefactStore
 from service.storage.group_commit import GroupCommit
-from service.storage.idempotency import IdempotencyMethods
+from service.storage.idempotency import IdempotencyEntry, IdempotencyMethods
 from service.storage.instances import InstanceMethods
 from service.storage.knowledge import ProductKnowledge
 from service.storage.models import (
     ID_RE,
     VERDICTS,
-    IdempotencyEntry,
     InspectionRecord,
     InspectionRow,
     ProductProfile,

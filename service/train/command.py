@@ -17,6 +17,7 @@ from pathlib import Path
 
 from service.cli_options import add_model_arguments
 from service.data.splits import SPLITS
+from service.errors import check_out_folder
 from service.model.config import LAYER_FEATURES, DHRConfig, get_preset
 
 from .settings import FEATURE_DTYPE_NAMES, TrainError, TrainSettings
@@ -87,8 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise TrainError(f"--limit must be >= 1, got {args.limit}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise TrainError(f"--out {args.out}: exists and is not a folder")
+    check_out_folder("--out", args.out, TrainError)
     device = resolve_device(args.device)
     cfg = DHRConfig(preset=get_preset(args.preset), layer_features=args.layer_features)
     cache = "none" if args.no_cache else "disk" if args.cache_dir else "memory"
